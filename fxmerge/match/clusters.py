@@ -1,0 +1,71 @@
+"""Cluster assignments shared by every matcher, and their merge / unmerge matrices.
+
+Every matcher works on the units of all K models concatenated: model k's units are the global
+indices ``offsets[k] .. offsets[k + 1]``.  A matcher's answer is a *label* per global unit, the
+index of the merged feature (cluster) the unit belongs to; ``merge_matrices`` turns labels into
+the (M_k, U_k) pairs the merging engine consumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fxmerge.errors import ConfigError
+
+
+def unit_offsets(sizes: Sequence[int]) -> np.ndarray:
+    """Start of each model's units in the concatenation.
+
+    Returns an int64 array of shape (K + 1,): model k owns global units offsets[k] .. offsets[k + 1].
+    """
+    return np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
+
+
+def unit_models(sizes: Sequence[int]) -> np.ndarray:
+    """The model each global unit comes from: an int64 array of shape (N,)."""
+    return np.repeat(np.arange(len(sizes), dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+
+
+def labels_by_smallest_member(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters so that cluster order follows the smallest global index of their members.
+
+    labels: (N,) arbitrary non-negative cluster ids.  Returns (N,) ids 0 .. C-1 where cluster 0 holds
+    unit 0, cluster 1 holds the first unit not in cluster 0, and so on.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    # np.unique's return_index gives the first (= smallest) unit of each id; ranking those orders the ids.
+    unique_ids, first_unit, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank_of_unique = np.empty(len(unique_ids), dtype=np.int64)
+    rank_of_unique[np.argsort(first_unit, kind="stable")] = np.arange(len(unique_ids))
+    return rank_of_unique[inverse.reshape(-1)]
+
+
+def merge_matrices(
+    labels: np.ndarray, sizes: Sequence[int], target_width: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Merge / unmerge matrices of a cluster assignment.
+
+    labels: (N,) cluster index in 0 .. target_width-1 of every global unit; every cluster non-empty.
+    Returns one (M_k, U_k) per model, float64: M_k (target_width, n_k) averages the cluster members
+    (M_k[c, i] = 1/|c| with |c| counted over all models), U_k (n_k, target_width) copies the merged
+    feature back (U_k[i, c] = 1), so that sum_k M_k @ U_k is the identity of size target_width.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    cluster_sizes = np.bincount(labels, minlength=target_width)
+    if len(cluster_sizes) != target_width or np.any(cluster_sizes == 0):
+        # A matcher bug, not a user error, but ConfigError keeps the caller's handling in one place.
+        raise ConfigError(
+            f"internal: cluster labels do not cover exactly {target_width} non-empty clusters "
+            f"(cluster sizes {cluster_sizes.tolist()})"
+        )
+    offsets = unit_offsets(sizes)
+    matrices: list[tuple[np.ndarray, np.ndarray]] = []
+    for k, n_k in enumerate(sizes):
+        model_labels = labels[offsets[k] : offsets[k + 1]]
+        unmerge = np.zeros((n_k, target_width), dtype=np.float64)
+        unmerge[np.arange(n_k), model_labels] = 1.0
+        merge = unmerge.T / cluster_sizes[:, None]
+        matrices.append((np.ascontiguousarray(merge), unmerge))
+    return matrices

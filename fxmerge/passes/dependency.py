@@ -1,0 +1,1408 @@
+"""Dependency analysis: which parameter axes must be permuted (or zipped) together.
+
+The pass walks a shape-annotated GraphModule in topological order and gives every dimension of
+every tensor value a ``Layout`` (see ``fxmerge.groups``). Each op kind has a rule that either
+*preserves* layouts (activations, norms), *produces* new spaces (a conv's output channels),
+*unifies* layouts (residual add, a linear layer reading its input), *concatenates*, *splits* or
+*reshapes* them. Parameters met through ``call_module`` or ``get_attr`` get fresh spaces that
+the rules unify with the activations they meet.
+
+It fails closed: an op without a rule fixes every space of its tensor inputs (no permutation)
+and warns with the node name; ``strict=True`` raises ``UnsupportedOpError`` instead. The model
+inputs are opaque and the model outputs are fixed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxmerge.errors import UnsupportedOpError
+from fxmerge.groups import (
+    AxisRef,
+    ChannelSpace,
+    Layout,
+    Opaque,
+    Role,
+    ShapeLiteral,
+    Tap,
+)
+from fxmerge.passes.spaces import SpaceTable, Unrepresentable, normalize_piece, opaque_layout
+
+
+@dataclass
+class _Tensor:
+    """What the analysis knows about a tensor value: its shape and one layout per dimension."""
+
+    shape: tuple[int, ...]
+    dims: list[Layout]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _opaque_tensor(shape: Sequence[int]) -> _Tensor:
+    return _Tensor(tuple(shape), [opaque_layout(n) for n in shape])
+
+
+# ----------------------------------------------------------------------------------------------
+# Op tables
+# ----------------------------------------------------------------------------------------------
+
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+)
+
+_ELEMENTWISE_FUNCTIONS: set[Any] = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+    F.sigmoid, torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish,
+    F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    torch.exp, torch.neg, operator.neg, operator.pos, torch.abs, torch.sqrt, torch.rsqrt,
+    torch.square, torch.clamp, torch.clip, torch.clone, F.softmax, F.log_softmax, torch.softmax,
+    torch.log_softmax, F.normalize, torch.erf, torch.log, torch.sin, torch.cos, torch.nan_to_num,
+}
+
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach",
+    "float", "double", "half", "bfloat16", "to", "type_as", "softmax", "log_softmax", "exp",
+    "neg", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "sqrt", "rsqrt", "square", "erf",
+    "log", "sin", "cos", "cpu", "cuda", "requires_grad_", "nan_to_num",
+}
+
+_BINARY_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul,
+    torch.multiply, torch.div, torch.divide, torch.true_divide, torch.maximum, torch.minimum,
+    torch.where, torch.pow, operator.pow, torch.masked_fill,
+}
+
+_BINARY_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
+    "maximum", "minimum", "masked_fill", "masked_fill_", "where", "__add__", "__mul__",
+    "__radd__", "__rmul__",
+}
+
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod", "nansum", "nanmean"}
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
+
+_PERMUTE = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"}
+
+_SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "type", "is_contiguous", "get_device"}
+
+_POOL_MODULES: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: -1,
+    nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2, nn.ZeroPad2d: 2, nn.ReflectionPad2d: 2,
+    nn.ReplicationPad2d: 2, nn.ConstantPad2d: 2, nn.LPPool2d: 2,
+}
+
+_POOL_FUNCTIONS: dict[Any, int] = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
+    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+    F.interpolate: -1, F.upsample: -1,
+}
+for _name in ("max_pool1d", "max_pool2d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"):
+    if hasattr(torch, _name):
+        _POOL_FUNCTIONS[getattr(torch, _name)] = 1 if "1d" in _name else 2
+
+
+def _target_name(node: Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return f"Tensor.{target}"
+    if node.op == "call_module":
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None) or str(target)
+    return f"{module}.{name}" if module else name
+
+
+def _torchvision_function(name: str) -> Any:
+    """A torch.fx-wrapped torchvision function by dotted name, or None if torchvision lacks it."""
+    try:
+        import importlib
+
+        module_name, attr = name.rsplit(".", 1)
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+_STOCHASTIC_DEPTH = _torchvision_function("torchvision.ops.stochastic_depth.stochastic_depth")
+_SWIN_ATTENTION = _torchvision_function("torchvision.models.swin_transformer.shifted_window_attention")
+_SWIN_BIAS = _torchvision_function("torchvision.models.swin_transformer._get_relative_position_bias")
+_SWIN_MERGE_PAD = _torchvision_function("torchvision.models.swin_transformer._patch_merging_pad")
+if _STOCHASTIC_DEPTH is not None:
+    _ELEMENTWISE_FUNCTIONS.add(_STOCHASTIC_DEPTH)
+
+
+# ----------------------------------------------------------------------------------------------
+# The analysis result
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Result of ``analyze``: the channel spaces (groups) of one model and how to rewrite it.
+
+    ``param_layouts[name][axis]`` is the layout of that parameter axis in *leaf space ids*
+    (``None``: never permuted). ``space_ids[group.name]`` is the leaf id of a group, so that
+    transforms keyed by id can be applied with ``fxmerge.passes.rewrite``.
+    """
+
+    graph_module: GraphModule
+    groups: tuple[ChannelSpace, ...]
+    space_ids: dict[str, int]
+    space_sizes: dict[int, int]
+    param_layouts: dict[str, tuple[Layout | None, ...]]
+    param_roles: dict[str, tuple[Role, ...]]
+    aliases: dict[str, str]
+    shape_literals: tuple[ShapeLiteral, ...]
+    warnings: tuple[str, ...] = field(default=())
+    layer_channel_groups: frozenset[str] = field(default=frozenset())
+
+    def group(self, name: str) -> ChannelSpace:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(f"no group named {name!r}; groups: {[g.name for g in self.groups]}")
+
+    @property
+    def free_groups(self) -> tuple[ChannelSpace, ...]:
+        return tuple(g for g in self.groups if not g.fixed)
+
+    def coverage(self) -> float:
+        """Fraction of hidden channels that belong to permutable groups.
+
+        Hidden channels: groups that are a channel axis of some layer (conv, linear, norm,
+        attention), excluding the model's input and output channels. Sequence or position axes
+        of embeddings are not channels and are not counted.
+        """
+        hidden = [g for g in self.groups if g.name in self.layer_channel_groups and not _is_boundary(g)]
+        total = sum(g.size for g in hidden)
+        free = sum(g.size for g in hidden if not g.fixed)
+        return free / total if total else 1.0
+
+    def summary(self) -> str:
+        """A readable table: group, size, kind, #producers, #consumers, fixed/why."""
+        rows = [("group", "size", "kind", "prod", "cons", "status")]
+        for g in self.groups:
+            status = f"fixed: {g.reason}" if g.fixed else "free"
+            rows.append((g.name, str(g.size), g.kind, str(len(g.producers)), str(len(g.consumers)), status))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        free = sum(1 for g in self.groups if not g.fixed)
+        lines.append(f"{len(self.groups)} groups, {free} permutable; hidden-channel coverage {self.coverage():.1%}")
+        for message in self.warnings:
+            lines.append(f"warning: {message}")
+        return "\n".join(lines)
+
+
+_BOUNDARY_REASONS = ("model input", "model output")
+
+
+def _is_boundary(group: ChannelSpace) -> bool:
+    return bool(group.reason) and any(r in group.reason for r in _BOUNDARY_REASONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk
+# ----------------------------------------------------------------------------------------------
+
+
+class _Analyzer:
+    def __init__(self, gm: GraphModule, state_names: dict[str, str], strict: bool) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.state_names = state_names  # every state_dict key -> canonical key
+        self.strict = strict
+        self.table = SpaceTable()
+        self.env: dict[Node, Any] = {}
+        self.params: dict[str, _Tensor] = {}
+        self.roles: dict[tuple[str, int], Role] = {}
+        self.warnings: list[str] = []
+        self.taps: list[tuple[str, int, Layout]] = []
+        self.channel_layouts: list[Layout] = []
+        self.literals: list[tuple[str, tuple[int | str, ...], int, Layout]] = []
+
+    # -- helpers --------------------------------------------------------------------------------
+    def param(self, name: str) -> _Tensor | None:
+        """The layouts of a parameter/buffer by qualified name (fresh spaces on first use)."""
+        canonical = self.state_names.get(name)
+        if canonical is None:
+            return None
+        if canonical not in self.params:
+            tensor = self.gm.get_parameter(name) if _is_parameter(self.gm, name) else self.gm.get_buffer(name)
+            dims: list[Layout] = []
+            for axis, size in enumerate(tensor.shape):
+                if size > 1 and tensor.is_floating_point():
+                    dims.append(((self.table.new(size, f"{canonical}[{axis}]"),),))
+                else:
+                    dims.append(opaque_layout(size))
+            self.params[canonical] = _Tensor(tuple(tensor.shape), dims)
+        return self.params[canonical]
+
+    def module_param(self, target: str, attr: str) -> _Tensor | None:
+        return self.param(f"{target}.{attr}" if target else attr)
+
+    def make_opaque(self, tensor: _Tensor, axis: int, reason: str) -> None:
+        """Declare a parameter axis that is never a channel axis (kernel taps, lookup rows)."""
+        self.table.fix_all(self.table.spaces_of(tensor.dims[axis]), reason)
+        tensor.dims[axis] = opaque_layout(tensor.shape[axis])
+
+    def set_role(self, name: str, axis: int, role: Role) -> None:
+        canonical = self.state_names.get(name)
+        if canonical is not None:
+            self.roles[(canonical, axis)] = role
+
+    def unify(self, a: Layout, b: Layout, node: Node) -> None:
+        self.table.unify(a, b, f"coupled at {node.name} ({_target_name(node)})")
+
+    def layer_axis(self, layout: Layout) -> Layout:
+        """Note a layout as the channel axis of a layer (for coverage figures); returns it."""
+        self.channel_layouts.append(layout)
+        return layout
+
+    def fix_tensor(self, value: Any, reason: str) -> None:
+        for tensor in _tensors_in(value):
+            for layout in tensor.dims:
+                self.table.fix_all(self.table.spaces_of(layout), reason)
+
+    def fix_param_tensors(self, target: str, reason: str) -> None:
+        module = self.modules.get(target)
+        if module is None:
+            return
+        for pname, _ in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
+            tensor = self.param(f"{target}.{pname}")
+            if tensor is not None:
+                self.fix_tensor(tensor, reason)
+
+    def meta_shape(self, node: Node) -> Any:
+        meta = node.meta.get("tensor_meta")
+        return _shapes_of(meta)
+
+    def fail_closed(self, node: Node, why: str) -> Any:
+        message = f"node '{node.name}' ({node.op} {_target_name(node)}): {why}; its channels are kept fixed"
+        if self.strict:
+            raise UnsupportedOpError(message)
+        warnings.warn(message, stacklevel=3)
+        self.warnings.append(message)
+        reason = f"unsupported op at {node.name} ({_target_name(node)})"
+        for arg in _flatten_args((node.args, node.kwargs)):
+            if isinstance(arg, Node):
+                self.fix_tensor(self.env.get(arg), reason)
+        if node.op == "call_module":
+            self.fix_param_tensors(str(node.target), reason)
+        return _opaque_like(self.meta_shape(node))
+
+    def model_input(self, node: Node) -> Any:
+        """Input dims are fixed spaces (not opaque) so that what they couple to says why it is fixed."""
+        shapes = self.meta_shape(node)
+        if not (isinstance(shapes, tuple) and all(isinstance(s, int) for s in shapes)):
+            return _opaque_like(shapes)
+        dims: list[Layout] = []
+        for axis, size in enumerate(shapes):
+            if size > 1:
+                space = self.table.new(size, f"input {node.name}[{axis}]")
+                self.table.fix(space, f"model input {node.name}")
+                dims.append(((space,),))
+            else:
+                dims.append(opaque_layout(size))
+        return _Tensor(shapes, dims)
+
+    def value(self, arg: Any) -> Any:
+        if isinstance(arg, Node):
+            return self.env.get(arg)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                result: Any = self.model_input(node)
+            elif node.op == "get_attr":
+                result = self.param(str(node.target))
+                if result is None:  # a constant that is not part of the state: never permuted
+                    result = _opaque_like(self.meta_shape(node))
+            elif node.op == "output":
+                for tensor in _tensors_in(self.value(node.args)):
+                    for layout in tensor.dims:
+                        self.table.fix_all(self.table.spaces_of(layout), "model output")
+                continue
+            else:
+                try:
+                    result = self.apply_rule(node)
+                except Unrepresentable as error:
+                    result = self.fail_closed(node, f"layout not representable ({error})")
+                result = self._check(node, result)
+            self.env[node] = result
+            for tensor_index, tensor in enumerate(_tensors_in(result)):
+                if tensor_index == 0 and isinstance(result, _Tensor):
+                    for dim, layout in enumerate(tensor.dims):
+                        if self.table.spaces_of(layout):
+                            self.taps.append((node.name, dim, layout))
+
+    def _check(self, node: Node, result: Any) -> Any:
+        """Guard every rule: the layouts it returns must match the recorded shapes."""
+        shapes = self.meta_shape(node)
+        if shapes is None:
+            return result
+        if isinstance(shapes, tuple) and shapes and isinstance(shapes[0], int) or shapes == ():
+            ok = isinstance(result, _Tensor) and result.shape == shapes and len(result.dims) == len(shapes)
+            if ok:
+                sizes = [self._layout_extent(layout) for layout in result.dims]
+                ok = tuple(sizes) == tuple(shapes)
+            if not ok:
+                return self.fail_closed(node, "internal shape mismatch in rule")
+        return result
+
+    def _layout_extent(self, layout: Layout) -> int:
+        return sum(self.table.piece_extent(p) for p in layout)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def apply_rule(self, node: Node) -> Any:
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            return self.module_rule(node, module)
+        args = self.value(node.args)
+        kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
+        target = node.target
+        if node.op == "call_method":
+            return self.method_rule(node, str(target), args, kwargs)
+        return self.function_rule(node, target, args, kwargs)
+
+    def function_rule(self, node: Node, target: Any, args: tuple, kwargs: dict) -> Any:
+        if not any(_tensors_in((args, kwargs))):
+            # Pure Python/shape arithmetic (x.shape[1] * 2, torch._assert, zeros(...)) carries no
+            # channels of any input; a fresh tensor from it is a constant.
+            return _opaque_like(self.meta_shape(node))
+        if target in _ELEMENTWISE_FUNCTIONS:
+            return self.preserve(args[0] if args else next(iter(kwargs.values())))
+        if target in _BINARY_FUNCTIONS:
+            return self.broadcast(node, list(args) + [v for k, v in kwargs.items() if k != "alpha"])
+        if target is operator.getitem:
+            return self.getitem(node, args[0], args[1])
+        if target is getattr:
+            return None
+        if target in (torch.cat, torch.concat, torch.concatenate):
+            return self.cat(node, args[0], _arg(args, kwargs, 1, "dim", 0))
+        if target is torch.stack:
+            return self.stack(node, args[0], _arg(args, kwargs, 1, "dim", 0))
+        if target in _RESHAPE_FUNCTIONS:
+            return self.reshape(node, args[0])
+        if target in (torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t):
+            return self.permute_dims(node, target.__name__, args[0], args[1:], kwargs)
+        if target in (torch.chunk, torch.split, torch.tensor_split, torch.unbind):
+            return self.split(node, args[0])
+        if target in (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm):
+            return self.reduce(node, args[0], _arg(args, kwargs, 1, "dim", None), target.__name__)
+        if target in (torch.max, torch.min):
+            return self.max_min(node, args, kwargs)
+        if target in _POOL_FUNCTIONS:
+            if kwargs.get("return_indices"):
+                return self.fail_closed(node, "pooling indices depend on channel order")
+            return self.spatial(node, args[0], _POOL_FUNCTIONS[target])
+        if target is F.pad:
+            return self.pad(node, args[0], _arg(args, kwargs, 1, "pad", ()))
+        if target is torch.roll:
+            return self.roll(node, args[0], _arg(args, kwargs, 2, "dims", None))
+        if target in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
+            return self.matmul(node, args[0], args[1])
+        if target is F.linear:
+            return self.functional_linear(node, args, kwargs)
+        if target is F.layer_norm:
+            return self.functional_layer_norm(node, args, kwargs)
+        if target is F.group_norm:
+            return self.functional_group_norm(node, args, kwargs)
+        if target is F.batch_norm:
+            return self.functional_batch_norm(node, args, kwargs)
+        if target in (F.conv1d, F.conv2d, F.conv3d):
+            return self.functional_conv(node, args, kwargs)
+        if target is F.embedding:
+            weight = _arg(args, kwargs, 1, "weight", None)
+            return self.embedding_out(node, weight)
+        if target is F.scaled_dot_product_attention:
+            return self.sdpa(node, args, kwargs)
+        if target in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like):
+            return _opaque_like(self.meta_shape(node))
+        if target is torch.flatten:
+            return self.reshape(node, args[0])
+        if target is torch.broadcast_to:
+            return self.expand(node, args[0])
+        if _SWIN_ATTENTION is not None and target is _SWIN_ATTENTION:
+            return self.swin_attention(node)
+        if _SWIN_BIAS is not None and target is _SWIN_BIAS:
+            return self.swin_position_bias(node, args[0])
+        if _SWIN_MERGE_PAD is not None and target is _SWIN_MERGE_PAD:
+            return self.swin_merge_pad(node, args[0])
+        return self.fail_closed(node, "no rule for this function")
+
+    def method_rule(self, node: Node, name: str, args: tuple, kwargs: dict) -> Any:
+        self_value = args[0]
+        if not isinstance(self_value, _Tensor):
+            return None if self.meta_shape(node) is None else _opaque_like(self.meta_shape(node))
+        if name in _SHAPE_QUERIES:
+            return None
+        if name in _ELEMENTWISE_METHODS:
+            return self.preserve(self_value)
+        if name in _BINARY_METHODS:
+            return self.broadcast(node, list(args) + list(kwargs.values()))
+        if name in _RESHAPE_METHODS:
+            return self.reshape(node, self_value)
+        if name in _PERMUTE:
+            return self.permute_dims(node, name, self_value, args[1:], kwargs)
+        if name in ("chunk", "split", "tensor_split", "unbind"):
+            return self.split(node, self_value)
+        if name in _REDUCTIONS:
+            return self.reduce(node, self_value, _arg(args, kwargs, 1, "dim", None), name)
+        if name in ("max", "min"):
+            return self.max_min(node, args, kwargs)
+        if name in ("expand", "expand_as", "broadcast_to"):
+            return self.expand(node, self_value)
+        if name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zero_"):
+            return _opaque_like(self.meta_shape(node))
+        if name == "roll":
+            return self.roll(node, self_value, _arg(args, kwargs, 2, "dims", None))
+        if name in ("matmul", "bmm", "mm", "__matmul__"):
+            return self.matmul(node, self_value, args[1])
+        if name == "__getitem__":
+            return self.getitem(node, self_value, args[1])
+        return self.fail_closed(node, "no rule for this method")
+
+    # -- generic rules ----------------------------------------------------------------------------
+    def preserve(self, value: Any) -> Any:
+        if isinstance(value, _Tensor):
+            return _Tensor(value.shape, list(value.dims))
+        return value
+
+    def broadcast(self, node: Node, operands: list[Any]) -> Any:
+        shape = self.meta_shape(node)
+        tensors = [t for t in operands if isinstance(t, _Tensor)]
+        out_dims: list[Layout] = []
+        for out_dim, size in enumerate(shape):
+            layouts = []
+            for tensor in tensors:
+                dim = out_dim - (len(shape) - tensor.ndim)
+                if dim >= 0 and tensor.shape[dim] == size and size > 1:
+                    layouts.append(tensor.dims[dim])
+            for other in layouts[1:]:
+                self.unify(layouts[0], other, node)
+            out_dims.append(layouts[0] if layouts else opaque_layout(size))
+        return _Tensor(tuple(shape), out_dims)
+
+    def getitem(self, node: Node, container: Any, index: Any) -> Any:
+        if isinstance(container, (tuple, list)):
+            return container[index]
+        if not isinstance(container, _Tensor):
+            return None
+        shape = self.meta_shape(node)
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(isinstance(i, (_Tensor, list)) or (not isinstance(i, (int, slice)) and i not in (None, Ellipsis)) for i in items):
+            return self.fail_closed(node, "advanced (tensor) indexing")
+        explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items = items[:at] + [slice(None)] * (container.ndim - explicit) + items[at + 1 :]
+        items += [slice(None)] * (container.ndim - sum(1 for i in items if i is not None))
+        out_dims: list[Layout] = []
+        in_dim = 0
+        reason = f"indexed at {node.name}"
+        for item in items:
+            if item is None:
+                out_dims.append(opaque_layout(1))
+                continue
+            layout = container.dims[in_dim]
+            if isinstance(item, int):
+                self.table.fix_all(self.table.spaces_of(layout), reason)
+            elif item == slice(None):
+                out_dims.append(layout)
+            else:
+                self.table.fix_all(self.table.spaces_of(layout), reason)
+                out_dims.append(opaque_layout(shape[len(out_dims)]))
+            in_dim += 1
+        return _Tensor(tuple(shape), out_dims)
+
+    def cat(self, node: Node, tensors: Sequence[Any], dim: int) -> Any:
+        tensors = [t for t in tensors if isinstance(t, _Tensor)]
+        shape = self.meta_shape(node)
+        dim = dim % len(shape)
+        out_dims: list[Layout] = []
+        for d, size in enumerate(shape):
+            if d == dim:
+                pieces = tuple(p for t in tensors for p in t.dims[d] if t.shape[d] > 0)
+                out_dims.append(pieces)
+            else:
+                for t in tensors[1:]:
+                    self.unify(tensors[0].dims[d], t.dims[d], node)
+                out_dims.append(tensors[0].dims[d])
+        return _Tensor(tuple(shape), out_dims)
+
+    def stack(self, node: Node, tensors: Sequence[Any], dim: int) -> Any:
+        tensors = [t for t in tensors if isinstance(t, _Tensor)]
+        shape = self.meta_shape(node)
+        dim = dim % len(shape)
+        for t in tensors[1:]:
+            for a, b in zip(tensors[0].dims, t.dims):
+                self.unify(a, b, node)
+        dims = list(tensors[0].dims)
+        dims.insert(dim, opaque_layout(shape[dim]))
+        return _Tensor(tuple(shape), dims)
+
+    def reshape(self, node: Node, tensor: _Tensor) -> Any:
+        out_shape = tuple(self.meta_shape(node))
+        dims = self._reshape_layouts(node, tensor, out_shape)
+        result = _Tensor(out_shape, dims)
+        self._record_literals(node, result)
+        return result
+
+    def _reshape_layouts(self, node: Node, tensor: _Tensor, out_shape: tuple[int, ...]) -> list[Layout]:
+        table = self.table
+        in_dims = [(s, tensor.dims[i]) for i, s in enumerate(tensor.shape) if s != 1]
+        out_positions = [i for i, s in enumerate(out_shape) if s != 1]
+        out_sizes = [out_shape[i] for i in out_positions]
+        result: list[Layout] = [opaque_layout(1)] * len(out_shape)
+        i = j = 0
+        while i < len(in_dims) or j < len(out_sizes):
+            i0, j0 = i, j
+            prod_in = in_dims[i][0] if i < len(in_dims) else 1
+            prod_out = out_sizes[j] if j < len(out_sizes) else 1
+            i += 1
+            j += 1
+            while prod_in != prod_out:
+                if prod_in < prod_out:
+                    prod_in *= in_dims[i][0]
+                    i += 1
+                else:
+                    prod_out *= out_sizes[j]
+                    j += 1
+            merged: Layout = ((),)
+            for _, layout in in_dims[i0:i]:
+                merged = self._times(table.expand(merged), table.expand(layout))
+            chunk = out_sizes[j0:j]
+            if len(chunk) == 1:
+                result[out_positions[j0]] = merged
+                continue
+            if len(merged) != 1:
+                table.fix_all(table.spaces_of(merged), f"reshape at {node.name} splits concatenated channels")
+                for k, size in enumerate(chunk):
+                    result[out_positions[j0 + k]] = opaque_layout(size)
+                continue
+            groups = table.cut(merged[0], chunk)
+            if groups is None:
+                table.fix_all(table.spaces_of(merged), f"reshape at {node.name} does not factor the channels")
+                groups = [normalize_piece((Opaque(s),)) for s in chunk]
+            for k, group in enumerate(groups):
+                result[out_positions[j0 + k]] = (group,)
+        return result
+
+    def _times(self, outer: Layout, inner: Layout) -> Layout:
+        return tuple(normalize_piece(p) for p in self.table._times(list(outer), list(inner)))
+
+    def _record_literals(self, node: Node, result: _Tensor) -> None:
+        """Remember integer size arguments that equal a channel extent (a width change rewrites them)."""
+        if node.op != "call_method" or str(node.target) not in ("view", "reshape", "expand", "unflatten"):
+            return
+        sizes = node.args[1:]
+        base = 1
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes, base = tuple(sizes[0]), None  # type: ignore[assignment]
+        if str(node.target) == "unflatten":
+            return
+        for k, value in enumerate(sizes):
+            if isinstance(value, int) and value > 1 and k < len(result.dims):
+                layout = result.dims[k]
+                if self.table.spaces_of(layout):
+                    path = (1 + k,) if base is not None else (1, k)
+                    self.literals.append((node.name, path, value, layout))
+
+    def permute_dims(self, node: Node, name: str, tensor: _Tensor, rest: tuple, kwargs: dict) -> Any:
+        n = tensor.ndim
+        order = list(range(n))
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            dims = kwargs.get("dims", dims)
+            order = [d % n for d in dims]
+        elif name in ("transpose", "swapaxes", "swapdims"):
+            a, b = (rest[0] % n, rest[1] % n) if len(rest) >= 2 else (kwargs["dim0"] % n, kwargs["dim1"] % n)
+            order[a], order[b] = order[b], order[a]
+        elif name == "t":
+            order = order[::-1]
+        else:  # movedim / moveaxis
+            source, destination = (rest[0], rest[1]) if len(rest) >= 2 else (kwargs["source"], kwargs["destination"])
+            source = [source] if isinstance(source, int) else list(source)
+            destination = [destination] if isinstance(destination, int) else list(destination)
+            source = [s % n for s in source]
+            destination = [d % n for d in destination]
+            remaining = [d for d in range(n) if d not in source]
+            order = [-1] * n
+            for s, d in zip(source, destination):
+                order[d] = s
+            it = iter(remaining)
+            order = [o if o >= 0 else next(it) for o in order]
+        return _Tensor(tuple(tensor.shape[o] for o in order), [tensor.dims[o] for o in order])
+
+    def split(self, node: Node, tensor: _Tensor) -> Any:
+        shapes = self.meta_shape(node)
+        if node.target in ("unbind", torch.unbind):
+            dim = _arg(node.args, node.kwargs, 1, "dim", 0) % tensor.ndim
+            self.table.fix_all(self.table.spaces_of(tensor.dims[dim]), f"unbound at {node.name}")
+            rest = tensor.dims[:dim] + tensor.dims[dim + 1 :]
+            return tuple(_Tensor(tuple(s), list(rest)) for s in shapes)
+        dim = _arg(node.args, node.kwargs, 2, "dim", 0) % tensor.ndim
+        sizes = [s[dim] for s in shapes]
+        bounds = list(itertools_accumulate(sizes))
+        layout = self.table.expand(tensor.dims[dim])
+        split = self.table.split_layout(layout, bounds)
+        outputs = []
+        if split is None:
+            self.table.fix_all(self.table.spaces_of(layout), f"split at {node.name} cuts through channels")
+            return tuple(_opaque_tensor(s) for s in shapes)
+        split = self.table.expand(split)
+        offset = 0
+        pieces = list(split)
+        for shape in shapes:
+            taken: list = []
+            extent = 0
+            while extent < shape[dim]:
+                piece = pieces.pop(0)
+                taken.append(piece)
+                extent += self.table.piece_extent(piece)
+            dims = list(tensor.dims)
+            dims[dim] = tuple(taken) if taken else opaque_layout(0)
+            outputs.append(_Tensor(tuple(shape), dims))
+            offset += shape[dim]
+        return tuple(outputs)
+
+    def reduce(self, node: Node, tensor: _Tensor, dim: Any, name: str) -> Any:
+        shape = self.meta_shape(node)
+        if dim is None:
+            reduced = set(range(tensor.ndim))
+        else:
+            reduced = {d % tensor.ndim for d in ([dim] if isinstance(dim, int) else dim)}
+        keepdim = len(shape) == tensor.ndim
+        dims = []
+        for d in range(tensor.ndim):
+            if d in reduced:
+                if keepdim:
+                    dims.append(opaque_layout(1))
+            else:
+                dims.append(tensor.dims[d])
+        return _Tensor(tuple(shape), dims)
+
+    def max_min(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        tensor = args[0]
+        other = _arg(args, kwargs, 1, "dim", None)
+        if isinstance(other, _Tensor):
+            return self.broadcast(node, [tensor, other])
+        shapes = self.meta_shape(node)
+        if other is None:
+            return _opaque_like(shapes)
+        values_shape = shapes[0]
+        values = self.reduce(_ShapeOverride(node, values_shape), tensor, other, "max")
+        self.table.fix_all(self.table.spaces_of(tensor.dims[other % tensor.ndim]), f"arg-max/min at {node.name}")
+        return (values, _Tensor(tuple(values_shape), list(values.dims)))
+
+    def spatial(self, node: Node, tensor: _Tensor, spatial_dims: int) -> Any:
+        """Pooling, resizing, padding: channel and batch dims kept, spatial dims new."""
+        shape = self.meta_shape(node)
+        if spatial_dims < 0:
+            spatial_dims = max(tensor.ndim - 2, 1)
+        keep = tensor.ndim - spatial_dims
+        for d in range(keep, tensor.ndim):
+            self.table.fix_all(self.table.spaces_of(tensor.dims[d]), f"spatial op at {node.name}")
+        dims = list(tensor.dims[:keep]) + [opaque_layout(s) for s in shape[keep:]]
+        return _Tensor(tuple(shape), dims)
+
+    def pad(self, node: Node, tensor: _Tensor, pad: Sequence[int]) -> Any:
+        shape = self.meta_shape(node)
+        dims = list(tensor.dims)
+        for k in range(len(pad) // 2):
+            d = tensor.ndim - 1 - k
+            if pad[2 * k] or pad[2 * k + 1] or shape[d] != tensor.shape[d]:
+                self.table.fix_all(self.table.spaces_of(dims[d]), f"padded at {node.name}")
+                dims[d] = opaque_layout(shape[d])
+        return _Tensor(tuple(shape), dims)
+
+    def roll(self, node: Node, tensor: _Tensor, dims: Any) -> Any:
+        if dims is None:
+            return self.fail_closed(node, "roll over the flattened tensor")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        for d in dims:
+            self.table.fix_all(self.table.spaces_of(tensor.dims[d % tensor.ndim]), f"rolled at {node.name}")
+        return self.preserve(tensor)
+
+    def expand(self, node: Node, tensor: _Tensor) -> Any:
+        shape = self.meta_shape(node)
+        lead = len(shape) - tensor.ndim
+        dims = []
+        for d, size in enumerate(shape):
+            src = d - lead
+            if src >= 0 and tensor.shape[src] == size:
+                dims.append(tensor.dims[src])
+            else:
+                dims.append(opaque_layout(size))
+        self._record_literals(node, _Tensor(tuple(shape), dims))
+        return _Tensor(tuple(shape), dims)
+
+    def matmul(self, node: Node, a: Any, b: Any) -> Any:
+        if not (isinstance(a, _Tensor) and isinstance(b, _Tensor)) or a.ndim < 2 or b.ndim < 1:
+            return self.fail_closed(node, "matmul of this rank")
+        shape = self.meta_shape(node)
+        if b.ndim == 1:
+            self.unify(a.dims[-1], b.dims[0], node)
+            return _Tensor(tuple(shape), list(a.dims[:-1]))
+        self.unify(a.dims[-1], b.dims[-2], node)
+        batch = len(shape) - 2
+        dims: list[Layout] = []
+        for d in range(batch):
+            layouts = []
+            for t in (a, b):
+                src = d - (batch - (t.ndim - 2))
+                if src >= 0 and t.shape[src] == shape[d] and shape[d] > 1:
+                    layouts.append(t.dims[src])
+            for other in layouts[1:]:
+                self.unify(layouts[0], other, node)
+            dims.append(layouts[0] if layouts else opaque_layout(shape[d]))
+        dims += [a.dims[-2], b.dims[-1]]
+        return _Tensor(tuple(shape), dims)
+
+    # -- layers -------------------------------------------------------------------------------------
+    def linear_like(
+        self, node: Node, x: _Tensor, weight_name: str | None, bias_name: str | None, weight: _Tensor | None = None
+    ) -> _Tensor:
+        """y[..., o] = sum_i W[o, i] x[..., i] + b[o]."""
+        if weight is None:
+            weight = self.param(weight_name) if weight_name else None
+        shape = self.meta_shape(node)
+        if weight is None:
+            self.fix_tensor(x, f"linear at {node.name} with an untracked weight")
+            return _opaque_tensor(shape)
+        self.unify(weight.dims[1], self.layer_axis(x.dims[-1]), node)
+        if weight_name:
+            self.set_role(weight_name, 1, "in")
+        out = self.layer_axis(weight.dims[0])
+        if bias_name and self.param(bias_name) is not None:
+            self.unify(self.param(bias_name).dims[0], out, node)  # type: ignore[union-attr]
+        return _Tensor(tuple(shape), list(x.dims[:-1]) + [out])
+
+    def conv_like(
+        self,
+        node: Node,
+        x: _Tensor,
+        weight_name: str,
+        bias_name: str | None,
+        groups: int,
+        spatial_dims: int,
+        transposed: bool = False,
+    ) -> _Tensor:
+        """Conv weight (out, in/groups, *k); transposed conv weight (in, out/groups, *k)."""
+        shape = self.meta_shape(node)
+        weight = self.param(weight_name)
+        channel = x.ndim - spatial_dims - 1
+        if weight is None:
+            self.fix_tensor(x, f"conv at {node.name} with an untracked weight")
+            return _opaque_tensor(shape)
+        in_axis, out_axis = (0, 1) if transposed else (1, 0)
+        self.set_role(weight_name, in_axis, "in")
+        in_channels = x.shape[channel]
+        out_channels = shape[channel]
+        for axis in range(2, weight.ndim):
+            self.make_opaque(weight, axis, "kernel taps")
+        x_layout = self.layer_axis(x.dims[channel])
+        self.layer_axis(weight.dims[out_axis])
+        if groups == 1:
+            self.unify(weight.dims[in_axis], x_layout, node)
+            out_layout: Layout = weight.dims[out_axis]
+        else:
+            # Channels split into groups x per-group, row-major: the group index is shared by the
+            # input and the output (a group permutation), the per-group indices are independent.
+            in_per_group = in_channels // groups
+            expanded = self.table.expand(x_layout)
+            if len(expanded) != 1:
+                self.fix_tensor(x, f"grouped conv at {node.name} over concatenated channels")
+                expanded = self.table.expand(x.dims[channel])
+                cut = None
+            else:
+                cut = self.table.cut(expanded[0], [groups, in_per_group])
+            if cut is None:
+                self.table.fix_all(self.table.spaces_of(x_layout), f"grouped conv at {node.name}")
+                self.table.fix_all(self.table.spaces_of(weight.dims[out_axis]), f"grouped conv at {node.name}")
+                self.table.fix_all(self.table.spaces_of(weight.dims[in_axis]), f"grouped conv at {node.name}")
+                out_layout = opaque_layout(out_channels)
+            else:
+                group_piece, per_group_piece = cut
+                self.unify(weight.dims[in_axis], (per_group_piece,), node)
+                w_axis = weight.dims[0] if not transposed else weight.dims[1]
+                # weight rows are (groups x out_per_group) for conv; for transposed conv the rows are
+                # the inputs and the columns the outputs per group.
+                if not transposed:
+                    rows = self.table.expand(w_axis)
+                    out_per_group = out_channels // groups
+                    rcut = self.table.cut(rows[0], [groups, out_per_group]) if len(rows) == 1 else None
+                    if rcut is None:
+                        self.table.fix_all(self.table.spaces_of(w_axis), f"grouped conv at {node.name}")
+                        out_layout = opaque_layout(out_channels)
+                    else:
+                        self.unify((rcut[0],), (group_piece,), node)
+                        out_layout = weight.dims[0]
+                else:
+                    self.fix_tensor(x, f"grouped transposed conv at {node.name}")
+                    self.fix_tensor(weight, f"grouped transposed conv at {node.name}")
+                    out_layout = opaque_layout(out_channels)
+        if bias_name and self.param(bias_name) is not None:
+            self.unify(self.param(bias_name).dims[0], out_layout, node)  # type: ignore[union-attr]
+        dims = list(x.dims[:channel]) + [out_layout] + [opaque_layout(s) for s in shape[channel + 1 :]]
+        for d in range(channel + 1, x.ndim):
+            self.table.fix_all(self.table.spaces_of(x.dims[d]), f"spatial dims of conv {node.name}")
+        return _Tensor(tuple(shape), dims)
+
+    def norm_params(self, node: Node, layout_dims: Sequence[Layout], names: Sequence[str]) -> None:
+        """Unify the trailing axes of each named vector/tensor parameter with ``layout_dims``."""
+        for name in names:
+            tensor = self.param(name)
+            if tensor is None:
+                continue
+            for axis in range(tensor.ndim):
+                if tensor.shape[axis] > 1:
+                    self.unify(tensor.dims[axis], layout_dims[axis - tensor.ndim + len(layout_dims)] if tensor.ndim <= len(layout_dims) else layout_dims[axis], node)
+
+    def group_structure(self, node: Node, layout: Layout, groups: int) -> None:
+        """GroupNorm: refine channels into groups x channels-per-group (groups move as blocks)."""
+        total = self._layout_extent(layout)
+        if groups in (1, total):
+            return
+        expanded = self.table.expand(layout)
+        cut = self.table.cut(expanded[0], [groups, total // groups]) if len(expanded) == 1 else None
+        if cut is None:
+            self.table.fix_all(self.table.spaces_of(layout), f"GroupNorm at {node.name} over concatenated channels")
+
+    def module_rule(self, node: Node, module: nn.Module) -> Any:
+        target = str(node.target)
+        args = self.value(node.args)
+        kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        p = lambda attr: f"{target}.{attr}"  # noqa: E731
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return self.preserve(x)
+        if isinstance(module, nn.Linear):
+            return self.linear_like(node, x, p("weight"), p("bias"))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv_like(node, x, p("weight"), p("bias"), module.groups, len(module.kernel_size))
+        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            return self.conv_like(node, x, p("weight"), p("bias"), module.groups, len(module.kernel_size), transposed=True)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)):
+            channel = 1 if x.ndim > 1 else 0
+            layout = self.layer_axis(x.dims[channel])
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                tensor = self.param(p(attr))
+                if tensor is not None:
+                    self.unify(tensor.dims[0], layout, node)
+            return self.preserve(x)
+        if isinstance(module, nn.LayerNorm):
+            trailing = [self.layer_axis(d) for d in x.dims[x.ndim - len(module.normalized_shape) :]]
+            for attr in ("weight", "bias"):
+                tensor = self.param(p(attr))
+                if tensor is not None:
+                    for axis, layout in enumerate(trailing):
+                        self.unify(tensor.dims[axis], layout, node)
+            return self.preserve(x)
+        if isinstance(module, nn.GroupNorm):
+            layout = x.dims[1]
+            for attr in ("weight", "bias"):
+                tensor = self.param(p(attr))
+                if tensor is not None:
+                    self.unify(tensor.dims[0], layout, node)
+            self.group_structure(node, layout, module.num_groups)
+            return self.preserve(x)
+        if isinstance(module, nn.Embedding):
+            weight = self.param(p("weight"))
+            return self.embedding_out(node, weight)
+        if isinstance(module, nn.PReLU):
+            weight = self.param(p("weight"))
+            if weight is not None and weight.shape[0] > 1:
+                self.unify(weight.dims[0], x.dims[1 if x.ndim > 1 else 0], node)
+            return self.preserve(x)
+        if isinstance(module, (nn.Flatten, nn.Unflatten)):
+            return self.reshape(node, x)
+        if type(module) in _POOL_MODULES:
+            if getattr(module, "return_indices", False):
+                return self.fail_closed(node, "pooling indices depend on channel order")
+            return self.spatial(node, x, _POOL_MODULES[type(module)])
+        if isinstance(module, nn.MultiheadAttention):
+            return self.multihead_attention(node, module, args, kwargs)
+        return self.fail_closed(node, f"no rule for module type {type(module).__name__}")
+
+    def embedding_out(self, node: Node, weight: _Tensor | None) -> Any:
+        shape = self.meta_shape(node)
+        if weight is None:
+            return _opaque_tensor(shape)
+        # rows are looked up by data-dependent indices: never permuted
+        self.make_opaque(weight, 0, f"embedding rows at {node.name}")
+        dims = [opaque_layout(s) for s in shape[:-1]] + [weight.dims[1]]
+        return _Tensor(tuple(shape), dims)
+
+    # -- functional layers ------------------------------------------------------------------------
+    def _attr_name(self, arg: Any) -> str | None:
+        node = arg if isinstance(arg, Node) else None
+        return str(node.target) if node is not None and node.op == "get_attr" else None
+
+    def functional_linear(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight", None)
+        bias = _arg(args, kwargs, 2, "bias", None)
+        weight_name = self._attr_name(_arg(node.args, node.kwargs, 1, "weight", None))
+        bias_name = self._attr_name(_arg(node.args, node.kwargs, 2, "bias", None))
+        if not isinstance(weight, _Tensor):
+            return self.fail_closed(node, "linear with a non-tensor weight")
+        if weight_name is None:
+            # a computed weight: couple it like a parameter but it has no role of its own
+            self.unify(weight.dims[1], x.dims[-1], node)
+            out = weight.dims[0]
+        else:
+            self.unify(weight.dims[1], x.dims[-1], node)
+            self.set_role(weight_name, 1, "in")
+            out = weight.dims[0]
+        if isinstance(bias, _Tensor):
+            self.unify(bias.dims[0], out, node)
+        return _Tensor(tuple(self.meta_shape(node)), list(x.dims[:-1]) + [out])
+
+    def functional_conv(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        weight_name = self._attr_name(_arg(node.args, node.kwargs, 1, "weight", None))
+        bias_name = self._attr_name(_arg(node.args, node.kwargs, 2, "bias", None))
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        if weight_name is None or self.param(weight_name) is None:
+            return self.fail_closed(node, "convolution with a computed weight")
+        spatial = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]  # type: ignore[index]
+        return self.conv_like(node, args[0], weight_name, bias_name, groups, spatial)
+
+    def functional_layer_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        x = args[0]
+        normalized = _arg(args, kwargs, 1, "normalized_shape", ())
+        normalized = [normalized] if isinstance(normalized, int) else list(normalized)
+        trailing = [self.layer_axis(d) for d in x.dims[x.ndim - len(normalized) :]]
+        for position, key in ((2, "weight"), (3, "bias")):
+            tensor = _arg(args, kwargs, position, key, None)
+            if isinstance(tensor, _Tensor):
+                for axis, layout in enumerate(trailing):
+                    self.unify(tensor.dims[axis], layout, node)
+        for k, value in enumerate(normalized):
+            if value > 1 and self.table.spaces_of(trailing[k]):
+                path = (1, k) if "normalized_shape" not in node.kwargs else ("normalized_shape", k)
+                self.literals.append((node.name, path, value, trailing[k]))
+        return self.preserve(x)
+
+    def functional_group_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        x = args[0]
+        groups = _arg(args, kwargs, 1, "num_groups", 1)
+        for position, key in ((2, "weight"), (3, "bias")):
+            tensor = _arg(args, kwargs, position, key, None)
+            if isinstance(tensor, _Tensor):
+                self.unify(tensor.dims[0], x.dims[1], node)
+        self.group_structure(node, x.dims[1], groups)
+        return self.preserve(x)
+
+    def functional_batch_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        x = args[0]
+        for position, key in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+            tensor = _arg(args, kwargs, position, key, None)
+            if isinstance(tensor, _Tensor):
+                self.unify(tensor.dims[0], x.dims[1], node)
+        return self.preserve(x)
+
+    # -- attention ----------------------------------------------------------------------------------
+    def _head_spaces(self, prefix: str, heads: int, head_dim: int) -> tuple[int, int, int]:
+        table = self.table
+        return (
+            table.new(heads, f"{prefix}:heads", "heads"),
+            table.new(head_dim, f"{prefix}:qk", "head_channels"),
+            table.new(head_dim, f"{prefix}:v", "head_channels"),
+        )
+
+    def multihead_attention(self, node: Node, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
+        names = ("query", "key", "value")
+        q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(names))
+        target = str(node.target)
+        p = lambda attr: f"{target}.{attr}"  # noqa: E731
+        heads_space, qk, vv = self._head_spaces(target, module.num_heads, module.head_dim)
+        qk_layout: Layout = ((heads_space, qk),)
+        v_layout: Layout = ((heads_space, vv),)
+        for mask_key, position in (("key_padding_mask", 3), ("attn_mask", 5)):
+            mask = _arg(args, kwargs, position, mask_key, None)
+            if isinstance(mask, _Tensor):
+                self.fix_tensor(mask, f"attention mask of {target}")
+        for layout in (qk_layout, v_layout, q.dims[-1], k.dims[-1], v.dims[-1]):
+            self.layer_axis(layout)
+        if module._qkv_same_embed_dim:
+            self.unify(q.dims[-1], k.dims[-1], node)
+            self.unify(q.dims[-1], v.dims[-1], node)
+            rows = qk_layout + qk_layout + v_layout
+            weight = self.param(p("in_proj_weight"))
+            self.unify(weight.dims[0], rows, node)  # type: ignore[union-attr]
+            self.unify(weight.dims[1], q.dims[-1], node)  # type: ignore[union-attr]
+            self.set_role(p("in_proj_weight"), 1, "in")
+            bias = self.param(p("in_proj_bias"))
+            if bias is not None:
+                self.unify(bias.dims[0], rows, node)
+        else:
+            for name, source, layout in (("q_proj_weight", q, qk_layout), ("k_proj_weight", k, qk_layout), ("v_proj_weight", v, v_layout)):
+                weight = self.param(p(name))
+                self.unify(weight.dims[0], layout, node)  # type: ignore[union-attr]
+                self.unify(weight.dims[1], source.dims[-1], node)  # type: ignore[union-attr]
+                self.set_role(p(name), 1, "in")
+            bias = self.param(p("in_proj_bias"))
+            if bias is not None:
+                self.unify(bias.dims[0], qk_layout + qk_layout + v_layout, node)
+        for name, layout in (("bias_k", qk_layout), ("bias_v", v_layout)):
+            extra = self.param(p(name))
+            if extra is not None:
+                self.unify(extra.dims[-1], layout, node)
+        out_weight = self.param(p("out_proj.weight"))
+        self.unify(out_weight.dims[1], v_layout, node)  # type: ignore[union-attr]
+        self.set_role(p("out_proj.weight"), 1, "in")
+        out_layout = out_weight.dims[0]  # type: ignore[union-attr]
+        out_bias = self.param(p("out_proj.bias"))
+        if out_bias is not None:
+            self.unify(out_bias.dims[0], out_layout, node)
+        shapes = self.meta_shape(node)
+        attn_output = _Tensor(tuple(shapes[0]), list(q.dims[:-1]) + [out_layout])
+        weights_shape = shapes[1] if len(shapes) > 1 else None
+        attn_weights: Any = None
+        if weights_shape is not None:
+            dims = [opaque_layout(s) for s in weights_shape]
+            if len(weights_shape) == q.ndim + 1 or (q.ndim == 2 and len(weights_shape) == 3):
+                head_axis = len(weights_shape) - 3
+                dims[head_axis] = ((heads_space,),)
+            attn_weights = _Tensor(tuple(weights_shape), dims)
+        return (attn_output, attn_weights)
+
+    def sdpa(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
+        mask = _arg(args, kwargs, 3, "attn_mask", None)
+        if isinstance(mask, _Tensor):
+            self.fix_tensor(mask, f"attention mask at {node.name}")
+        if kwargs.get("enable_gqa"):
+            return self.fail_closed(node, "grouped-query attention")
+        shape = self.meta_shape(node)
+        self.unify(q.dims[-1], self.layer_axis(k.dims[-1]), node)  # the q.k contraction
+        self.layer_axis(v.dims[-1])
+        self.unify(k.dims[-2], v.dims[-2], node)  # keys and values share their sequence axis
+        batch = len(shape) - 2
+        dims: list[Layout] = []
+        for d in range(batch):
+            layouts = [t.dims[d - (batch - (t.ndim - 2))] for t in (q, k, v) if d - (batch - (t.ndim - 2)) >= 0 and t.shape[d - (batch - (t.ndim - 2))] == shape[d] and shape[d] > 1]
+            for other in layouts[1:]:
+                self.unify(layouts[0], other, node)
+            dims.append(layouts[0] if layouts else opaque_layout(shape[d]))
+        dims += [q.dims[-2], v.dims[-1]]
+        return _Tensor(tuple(shape), dims)
+
+    def swin_attention(self, node: Node) -> Any:
+        bound = _bind(node)
+        x = self.env[bound["input"]]
+        heads = bound["num_heads"]
+        channels = x.shape[-1]
+        names = {key: self._attr_name(bound.get(key)) for key in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias", "logit_scale")}
+        if names["qkv_weight"] is None or names["proj_weight"] is None:
+            return self.fail_closed(node, "window attention with computed weights")
+        heads_space, qk, vv = self._head_spaces(node.name, heads, channels // heads)
+        rows: Layout = ((heads_space, qk), (heads_space, qk), (heads_space, vv))
+        self.layer_axis(rows)
+        self.layer_axis(x.dims[-1])
+        qkv = self.param(names["qkv_weight"])
+        self.unify(qkv.dims[0], rows, node)  # type: ignore[union-attr]
+        self.unify(qkv.dims[1], x.dims[-1], node)  # type: ignore[union-attr]
+        self.set_role(names["qkv_weight"], 1, "in")
+        if names["qkv_bias"]:
+            self.unify(self.param(names["qkv_bias"]).dims[0], rows, node)  # type: ignore[union-attr]
+        proj = self.param(names["proj_weight"])
+        self.unify(proj.dims[1], ((heads_space, vv),), node)  # type: ignore[union-attr]
+        self.set_role(names["proj_weight"], 1, "in")
+        out_layout = proj.dims[0]  # type: ignore[union-attr]
+        if names["proj_bias"]:
+            self.unify(self.param(names["proj_bias"]).dims[0], out_layout, node)  # type: ignore[union-attr]
+        if names["logit_scale"]:
+            self.unify(self.param(names["logit_scale"]).dims[0], ((heads_space,),), node)  # type: ignore[union-attr]
+        bias = self.env.get(bound["relative_position_bias"])
+        if isinstance(bias, _Tensor):
+            self.unify(bias.dims[1], ((heads_space,),), node)
+            for d in (0, 2, 3):
+                self.table.fix_all(self.table.spaces_of(bias.dims[d]), f"position bias at {node.name}")
+        return _Tensor(tuple(self.meta_shape(node)), list(x.dims[:-1]) + [out_layout])
+
+    def swin_position_bias(self, node: Node, table_value: _Tensor) -> Any:
+        index = self.value(node.args[1])
+        if isinstance(index, _Tensor):
+            self.fix_tensor(index, f"position index at {node.name}")
+        self.make_opaque(table_value, 0, f"position table rows at {node.name}")
+        shape = self.meta_shape(node)
+        dims = [opaque_layout(s) for s in shape]
+        dims[1] = table_value.dims[1]
+        return _Tensor(tuple(shape), dims)
+
+    def swin_merge_pad(self, node: Node, x: _Tensor) -> Any:
+        shape = self.meta_shape(node)
+        for d in (-3, -2):
+            self.table.fix_all(self.table.spaces_of(x.dims[d]), f"patch merging at {node.name}")
+        dims = [opaque_layout(s) for s in shape[:-1]] + [x.dims[-1] * 4]
+        dims[: x.ndim - 3] = x.dims[: x.ndim - 3]
+        return _Tensor(tuple(shape), dims)
+
+    # -- finalisation ---------------------------------------------------------------------------------
+    def finish(self) -> Analysis:
+        table = self.table
+        leaf_fixed = table.ancestors_fixed()
+        param_layouts: dict[str, tuple[Layout | None, ...]] = {}
+        param_roles: dict[str, tuple[Role, ...]] = {}
+        for name, tensor in self.params.items():
+            layouts: list[Layout | None] = []
+            for axis, layout in enumerate(tensor.dims):
+                try:
+                    expanded = table.expand(layout)
+                except Unrepresentable:
+                    table.fix_all(table.spaces_of(layout), f"{name} axis {axis} has an unrepresentable layout")
+                    expanded = None
+                layouts.append(expanded)
+            param_layouts[name] = tuple(layouts)
+            param_roles[name] = tuple(self.roles.get((name, axis), "out") for axis in range(tensor.ndim))
+        leaf_fixed = table.ancestors_fixed()
+        used: list[int] = []
+        for layouts in param_layouts.values():
+            for layout in layouts:
+                for piece in layout or ():
+                    for factor in piece:
+                        if not isinstance(factor, Opaque) and factor not in used and table.sizes[factor] > 1:
+                            used.append(factor)
+        names: dict[int, str] = {}
+        taken: set[str] = set()
+        for space in sorted(used):
+            base = table.hints[space].replace(".weight[0]", ":out").replace(".weight[1]", ":in")
+            name, suffix = base, 1
+            while name in taken:
+                suffix += 1
+                name = f"{base}#{suffix}"
+            taken.add(name)
+            names[space] = name
+
+        def public(layout: Layout) -> tuple[tuple[str | int, ...], ...]:
+            return tuple(tuple(f.size if isinstance(f, Opaque) else names.get(f, f"?{f}") for f in piece) for piece in layout)
+
+        producers: dict[int, list[AxisRef]] = {s: [] for s in used}
+        consumers: dict[int, list[AxisRef]] = {s: [] for s in used}
+        for pname, layouts in param_layouts.items():
+            for axis, layout in enumerate(layouts):
+                if layout is None:
+                    continue
+                role = param_roles[pname][axis]
+                ref = AxisRef(pname, axis, role, public(layout))
+                for space in dict.fromkeys(f for piece in layout for f in piece if f in producers):
+                    (producers if role == "out" else consumers)[space].append(ref)
+        taps: dict[int, list[Tap]] = {s: [] for s in used}
+        for node_name, dim, layout in self.taps:
+            try:
+                expanded = table.expand(layout)
+            except Unrepresentable:
+                continue
+            if len(expanded) == 1:
+                spaces = [f for f in expanded[0] if not isinstance(f, Opaque)]
+                if len(spaces) == 1 and spaces[0] in taps:
+                    taps[spaces[0]].append(Tap(node_name, dim))
+        composite_of: dict[int, list[str]] = {s: [] for s in used}
+        for root in table.roots():
+            structure = table.structure(root)
+            if structure is None:
+                continue
+            for leaf in (f for piece in table.expand(((root,),)) for f in piece if not isinstance(f, Opaque)):
+                if leaf in composite_of:
+                    composite_of[leaf].append(table.hints[root])
+        groups = tuple(
+            ChannelSpace(
+                name=names[s],
+                size=table.sizes[s],
+                producers=tuple(producers[s]),
+                consumers=tuple(consumers[s]),
+                taps=tuple(dict.fromkeys(taps[s])),
+                fixed=s in leaf_fixed,
+                reason=leaf_fixed.get(s),
+                factor_of=tuple(composite_of[s]),
+                kind=table.kinds[s],
+            )
+            for s in sorted(used)
+        )
+        layer_channels: set[int] = set()
+        for layout in self.channel_layouts:
+            try:
+                layer_channels.update(table.spaces_of(table.expand(layout)))
+            except Unrepresentable:
+                continue
+        literals = []
+        for node_name, path, value, layout in self.literals:
+            try:
+                literals.append(ShapeLiteral(node_name, path, value, public(table.expand(layout))))
+            except Unrepresentable:
+                continue
+        return Analysis(
+            graph_module=self.gm,
+            groups=groups,
+            space_ids={names[s]: s for s in used},
+            space_sizes={s: table.sizes[s] for s in used},
+            param_layouts=param_layouts,
+            param_roles=param_roles,
+            aliases=dict(self.state_names),
+            shape_literals=tuple(literals),
+            warnings=tuple(self.warnings),
+            layer_channel_groups=frozenset(names[s] for s in used if s in layer_channels),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class _ShapeOverride:
+    """A stand-in node whose recorded shape is one element of a tuple output."""
+
+    def __init__(self, node: Node, shape: Sequence[int]) -> None:
+        self.name = node.name
+        self.meta = {"tensor_meta": _FakeMeta(tuple(shape))}
+
+
+@dataclass
+class _FakeMeta:
+    shape: tuple[int, ...]
+
+
+def itertools_accumulate(sizes: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes:
+        total += s
+        out.append(total)
+    return out
+
+
+def _is_parameter(gm: GraphModule, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _shapes_of(meta: Any) -> Any:
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return tuple(_shapes_of(m) for m in meta)
+    if isinstance(meta, dict):
+        return None
+    return None
+
+
+def _opaque_like(shapes: Any) -> Any:
+    if shapes is None:
+        return None
+    if isinstance(shapes, tuple) and all(isinstance(s, int) for s in shapes):
+        return _opaque_tensor(shapes)
+    return tuple(_opaque_like(s) for s in shapes)
+
+
+def _tensors_in(value: Any) -> list[_Tensor]:
+    if isinstance(value, _Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+def _flatten_args(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [a for v in value for a in _flatten_args(v)]
+    if isinstance(value, dict):
+        return [a for v in value.values() for a in _flatten_args(v)]
+    return [value]
+
+
+def _arg(args: Sequence[Any], kwargs: dict, position: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    return default
+
+
+def _bind(node: Node) -> dict[str, Any]:
+    """Arguments of a call_function node by parameter name (Python-level signature)."""
+    signature = inspect.signature(node.target)  # type: ignore[arg-type]
+    bound = signature.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def state_name_map(model: nn.Module) -> dict[str, str]:
+    """Every state_dict key (and parameter alias) -> the canonical key of the tensor it holds.
+
+    Tied parameters (one tensor under several names) map to one canonical name, so the analysis
+    couples them and the rewrite transforms them once.
+    """
+    canonical_by_tensor: dict[int, str] = {}
+    names: dict[str, str] = {}
+    state_keys = set(model.state_dict().keys())
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if name not in state_keys:
+            continue  # non-persistent buffer: not part of the model's state, treated as constant
+        canonical = canonical_by_tensor.setdefault(id(tensor), name)
+        names[name] = canonical
+    return names
+
+
+def analyze_graph(gm: GraphModule, state_names: dict[str, str], strict: bool = False) -> Analysis:
+    """Run the dependency analysis on a traced, shape-annotated GraphModule."""
+    analyzer = _Analyzer(gm, state_names, strict)
+    analyzer.run()
+    return analyzer.finish()
+
+
+
+def analyze(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> Analysis:
+    """Trace ``model`` and find its channel spaces (groups). The model itself is not modified.
+
+    Args:
+        model: any torch.fx-traceable module.
+        example_input: an input batch, e.g. a (N, C, H, W) tensor, used to record shapes.
+        strict: raise ``UnsupportedOpError`` on an op without a rule instead of fixing its
+            channels with a warning.
+        leaf_modules: extra module types or paths to keep opaque (their channels become fixed).
+    """
+    from fxmerge.trace import trace
+
+    gm = trace(model, example_input, leaf_modules)
+    return analyze_graph(gm, state_name_map(model), strict)

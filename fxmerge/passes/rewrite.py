@@ -1,0 +1,111 @@
+"""The weight-rewrite core: apply per-channel-space transforms to every parameter axis.
+
+A transform for a space of size n is either a permutation (1-D LongTensor ``index`` of length n:
+new[i] = old[index[i]]) or a dense matrix (r, n) applied along the axis (new = A @ old). For a
+parameter axis whose layout is a product of factors, each factor is transformed on its own
+(Kronecker structure: never materialise the (r*49) x (n*49) matrix of a flatten), and pieces of
+a concatenation are transformed block by block.
+
+Roles: on an "out" axis the caller passes M (r, n); on an "in" axis U^T (r, n), so that
+W* = M W U for a weight (out, in). For a permutation both are the same index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fxmerge.groups import Layout, Opaque
+
+Transform = torch.Tensor  # (n,) long index, or (r, n) floating matrix
+
+
+def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torch.Tensor:
+    if transform.dim() == 1:
+        return segment.index_select(dim, transform.to(segment.device))
+    moved = segment.movedim(dim, -1)
+    result = moved @ transform.to(device=segment.device, dtype=segment.dtype).T
+    return result.movedim(-1, dim)
+
+
+def transform_axis(
+    tensor: torch.Tensor, axis: int, layout: Layout, transforms: Mapping[int, Transform], sizes: Mapping[int, int]
+) -> torch.Tensor:
+    """Transform ``tensor`` along ``axis`` whose indices are laid out by ``layout``.
+
+    Args:
+        tensor: any shape; ``tensor.shape[axis]`` equals the layout's extent under ``sizes``.
+        layout: leaf-level layout (pieces of factors).
+        transforms: space id -> Transform; spaces without one are left as they are.
+        sizes: space id -> current size n (the input extent of every space in the layout).
+
+    Returns:
+        The tensor with ``axis`` of extent sum over pieces of prod(new factor sizes).
+    """
+    if not any(not isinstance(f, Opaque) and f in transforms for piece in layout for f in piece):
+        return tensor
+    outputs = []
+    offset = 0
+    for piece in layout:
+        extents = [f.size if isinstance(f, Opaque) else sizes[f] for f in piece]
+        extent = 1
+        for e in extents:
+            extent *= e
+        segment = tensor.narrow(axis, offset, extent)
+        offset += extent
+        if any(not isinstance(f, Opaque) and f in transforms for f in piece):
+            shape = list(segment.shape)
+            segment = segment.reshape(shape[:axis] + extents + shape[axis + 1 :])
+            for k, factor in enumerate(piece):
+                if not isinstance(factor, Opaque) and factor in transforms:
+                    segment = _apply_factor(segment, axis + k, transforms[factor])
+            new_shape = list(segment.shape)
+            segment = segment.reshape(new_shape[:axis] + [-1] + new_shape[axis + len(piece) :])
+        outputs.append(segment)
+    if offset != tensor.shape[axis]:
+        raise ValueError(f"layout extent {offset} does not match axis {axis} of size {tensor.shape[axis]}")
+    return torch.cat(outputs, dim=axis) if len(outputs) > 1 else outputs[0]
+
+
+def transform_tensor(
+    tensor: torch.Tensor,
+    layouts: tuple[Layout | None, ...],
+    roles: tuple[str, ...],
+    out_transforms: Mapping[int, Transform],
+    in_transforms: Mapping[int, Transform],
+    sizes: Mapping[int, int],
+) -> torch.Tensor:
+    """Transform every axis of one parameter: "out" axes by ``out_transforms``, "in" by ``in_transforms``."""
+    result = tensor
+    for axis, (layout, role) in enumerate(zip(layouts, roles)):
+        if layout is None:
+            continue
+        chosen = out_transforms if role == "out" else in_transforms
+        result = transform_axis(result, axis, layout, chosen, sizes)
+    return result
+
+
+def transform_state_dict(
+    state: Mapping[str, torch.Tensor],
+    param_layouts: Mapping[str, tuple[Layout | None, ...]],
+    param_roles: Mapping[str, tuple[str, ...]],
+    aliases: Mapping[str, str],
+    out_transforms: Mapping[int, Transform],
+    in_transforms: Mapping[int, Transform],
+    sizes: Mapping[int, int],
+) -> dict[str, torch.Tensor]:
+    """A new state dict with every analysed parameter transformed (tied names transformed once)."""
+    done: dict[str, torch.Tensor] = {}
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        canonical = aliases.get(key, key)
+        if canonical not in param_layouts:
+            result[key] = value.clone()
+            continue
+        if canonical not in done:
+            done[canonical] = transform_tensor(
+                value, param_layouts[canonical], param_roles[canonical], out_transforms, in_transforms, sizes
+            )
+        result[key] = done[canonical]
+    return result
