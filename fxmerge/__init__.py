@@ -1,11 +1,19 @@
 """fxmerge: merge independently trained PyTorch networks into one torch.fx GraphModule."""
 
-from fxmerge import errors, testing
+from fxmerge import errors, metrics, testing, zoo
+from fxmerge.api import GroupReport, MergeResult, merge
+from fxmerge.config import MergeConfig
 from fxmerge.groups import AxisRef, ChannelSpace, ShapeLiteral, Tap
 from fxmerge.passes.dependency import Analysis, analyze
 from fxmerge.trace import trace
 
 __all__ = [
+    "GroupReport",
+    "MergeConfig",
+    "MergeResult",
+    "merge",
+    "metrics",
+    "zoo",
     "Analysis",
     "AxisRef",
     "ChannelSpace",

@@ -360,7 +360,7 @@ class _Analyzer:
                 if tensor_index == 0 and isinstance(result, _Tensor):
                     for dim, layout in enumerate(tensor.dims):
                         if self.table.spaces_of(layout):
-                            self.taps.append((node.name, dim, layout))
+                            self.taps.append((node.name, dim, tuple(tensor.dims)))
 
     def _check(self, node: Node, result: Any) -> Any:
         """Guard every rule: the layouts it returns must match the recorded shapes."""
@@ -1216,10 +1216,15 @@ class _Analyzer:
                 for space in dict.fromkeys(f for piece in layout for f in piece if f in producers):
                     (producers if role == "out" else consumers)[space].append(ref)
         taps: dict[int, list[Tap]] = {s: [] for s in used}
-        for node_name, dim, layout in self.taps:
+        for node_name, dim, all_dims in self.taps:
+            # A tap is usable when its dim holds exactly one group and no other dim of the tensor
+            # holds a free group: then every other position is a sample aligned across models.
             try:
-                expanded = table.expand(layout)
+                expanded = table.expand(all_dims[dim])
+                others = [s for d, layout in enumerate(all_dims) if d != dim for s in table.spaces_of(table.expand(layout))]
             except Unrepresentable:
+                continue
+            if any(s not in leaf_fixed and table.sizes[s] > 1 for s in others):
                 continue
             if len(expanded) == 1:
                 spaces = [f for f in expanded[0] if not isinstance(f, Opaque)]

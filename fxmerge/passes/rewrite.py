@@ -109,3 +109,52 @@ def transform_state_dict(
             )
         result[key] = done[canonical]
     return result
+
+
+def _update_layer_attributes(module: torch.nn.Module) -> None:
+    """Keep a layer's size attributes consistent with its (possibly resized) parameters."""
+    from torch import nn
+
+    if isinstance(module, nn.modules.conv._ConvNd):
+        weight = module.weight
+        if module.transposed:
+            module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
+        else:
+            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        reference = module.running_mean if module.running_mean is not None else module.weight
+        if reference is not None:
+            module.num_features = reference.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def load_state_resizing(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put ``state`` into ``gm``, replacing parameters/buffers whose shapes changed.
+
+    ``load_state_dict`` refuses new shapes; a width change needs them, so each tensor is set on
+    its owning module (as a new ``nn.Parameter`` where it was one) and layer size attributes
+    (``out_channels``, ``in_features``, ``num_features``, ``normalized_shape``…) follow.
+    """
+    from torch import nn
+
+    touched: set[str] = set()
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value.detach().clone()
+        else:
+            setattr(owner, attr, value.detach().clone())
+        touched.add(owner_name)
+    for name in touched:
+        _update_layer_attributes(gm.get_submodule(name) if name else gm)

@@ -1,0 +1,216 @@
+"""``fxmerge.merge``: orchestrates the passes into one merged GraphModule."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from fxmerge.config import MergeConfig
+from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
+from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
+from fxmerge.passes.features import feature_statistics
+from fxmerge.passes.repair import reset_batchnorm
+from fxmerge.passes.rewrite import load_state_resizing
+from fxmerge.passes.width import GroupMatch, match_groups, merged_state
+from fxmerge.trace import trace
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One group of the merge: its name, the models' widths, the merged width, how it was matched."""
+
+    name: str
+    sizes: tuple[int, ...]
+    width: int
+    fixed: bool
+    similarity: float | None
+    source: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge`` returns.
+
+    ``module``: the merged ``torch.fx.GraphModule`` (eval mode). ``alignment``: the depth
+    alignment (None when all depths are equal). ``groups``: one ``GroupReport`` per group.
+    ``timings``: seconds per pass.
+    """
+
+    module: GraphModule
+    groups: tuple[GroupReport, ...]
+    timings: dict[str, float]
+    config: MergeConfig
+    alignment: Any = None
+    matches: dict[str, GroupMatch] = field(default_factory=dict, repr=False)
+
+
+def _input_of(item: Any) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    raise CalibrationError(
+        f"calibration items must be tensors or (tensor, label) tuples, got {type(item).__name__}"
+    )
+
+
+def calibration_inputs(calibration: Iterable[Any], limit: int) -> list[torch.Tensor]:
+    """The first ``limit`` input batches of ``calibration``, checked to be finite and consistent."""
+    if isinstance(calibration, torch.Tensor):
+        raise CalibrationError(
+            "calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
+            "not a single tensor: wrap it as [tensor]"
+        )
+    batches: list[torch.Tensor] = []
+    for index, item in enumerate(calibration):
+        if len(batches) >= limit:
+            break
+        batch = _input_of(item)
+        if batch.is_floating_point() and not torch.isfinite(batch).all():
+            raise CalibrationError(f"calibration batch {index} contains NaN or Inf")
+        if batches and batch.shape[1:] != batches[0].shape[1:]:
+            raise CalibrationError(
+                f"calibration batch {index} has shape {tuple(batch.shape)}, batch 0 has {tuple(batches[0].shape)}"
+            )
+        batches.append(batch)
+    if not batches:
+        raise CalibrationError("the calibration data is empty")
+    return batches
+
+
+def _structure(gm: GraphModule) -> list[tuple[str, str]]:
+    modules = dict(gm.named_modules())
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            kind = type(modules[str(node.target)]).__name__
+        elif node.op == "get_attr":
+            kind = "get_attr"
+        else:
+            kind = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        out.append((node.op, kind))
+    return out
+
+
+def check_same_structure(graphs: Sequence[GraphModule], names: Sequence[str]) -> None:
+    """The graphs must match node for node (op kinds); widths may differ."""
+    reference = _structure(graphs[0])
+    ref_nodes = list(graphs[0].graph.nodes)
+    for k, gm in enumerate(graphs[1:], start=1):
+        other = _structure(gm)
+        other_nodes = list(gm.graph.nodes)
+        for i, (a, b) in enumerate(zip(reference, other)):
+            if a != b:
+                raise IncompatibleModelsError(
+                    f"{names[k]} differs from {names[0]} at graph node {i}: "
+                    f"'{other_nodes[i].name}' is {b[0]} {b[1]}, expected {a[0]} {a[1]} "
+                    f"('{ref_nodes[i].name}')"
+                )
+        if len(reference) != len(other):
+            raise IncompatibleModelsError(
+                f"{names[k]} has {len(other)} graph nodes, {names[0]} has {len(reference)}: "
+                "the models are not of one architecture"
+            )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def merge(
+    models: Sequence[nn.Module],
+    calibration: Iterable[Any],
+    *,
+    method: str = "zip",
+    depth: str = "lma",
+    width: str | int | float | Mapping[str, int] = "max",
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    balance: float = 0.5,
+    output: str = "shared",
+    stop_at: int | str | None = None,
+    calibration_batches: int = 32,
+    seed: int = 0,
+    strict: bool = False,
+    quiet: bool = False,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> MergeResult:
+    """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
+
+    Args:
+        models: K >= 2 modules of one family (any widths); they are not modified.
+        calibration: iterable of input batches — tensors or (tensor, label) tuples; the first
+            ``calibration_batches`` are used for feature statistics and BatchNorm reset.
+        method: "average" (plain weight averaging), "permute" (Hungarian alignment to one
+            model, then average), "zip" (ZipIt! greedy zipping, within and across models) or
+            "mudsc" (zip on balance * weight similarity + (1 - balance) * activation similarity).
+        depth: "lma" | "sma": depth-alignment objective when depths differ.
+        width: merged width per group: "max", "min", an int, a float multiple of the largest
+            width, or a dict from group name to int.
+        alpha, beta: zip budgets (decay of a merged feature's score; within-model merge budget).
+        balance: MuDSC's weight-vs-activation factor.
+        output: "shared" (outputs averaged: one label space) or "concat" (per-model heads,
+            logits concatenated).
+        stop_at: partial zipping: merge up to this unit index or node name.
+        seed: reserved for randomised steps; the merge is deterministic for a given seed.
+        strict: raise on ops the analysis does not understand instead of keeping them fixed.
+        quiet: no progress bars.
+    """
+    config = MergeConfig(
+        method=method, depth=depth, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
+        stop_at=stop_at, calibration_batches=calibration_batches, seed=seed, strict=strict, quiet=quiet,
+        leaf_modules=tuple(leaf_modules),
+    )
+    if isinstance(models, nn.Module) or len(models) < 2:
+        raise ConfigError("merge needs a sequence of at least 2 models")
+    for index, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"models[{index}] is a {type(model).__name__}, not an nn.Module")
+    if config.stop_at is not None or config.output != "shared":
+        raise ConfigError("stop_at and output='concat' are not available yet")
+    names = [f"models[{k}] ({type(m).__name__})" for k, m in enumerate(models)]
+    timings: dict[str, float] = {}
+    batches = calibration_inputs(calibration, config.calibration_batches)
+
+    with _timed(timings, "trace"):
+        graphs = [trace(model, batches[0], config.leaf_modules) for model in models]
+    with _timed(timings, "dependency"):
+        analyses: list[Analysis] = [
+            analyze_graph(gm, state_name_map(model), config.strict) for gm, model in zip(graphs, models)
+        ]
+    with _timed(timings, "structure"):
+        check_same_structure(graphs, names)
+    states = [{k: v.detach() for k, v in model.state_dict().items()} for model in models]
+    with _timed(timings, "features"):
+        free = [[a.group(g.name) for g in analyses[0].groups if not g.fixed] for a in analyses]
+        statistics = {}
+        if config.method != "average":
+            statistics = feature_statistics(graphs, free, batches, num_batches=len(batches), quiet=config.quiet)
+    with _timed(timings, "width"):
+        matches = match_groups(
+            analyses, states, statistics, method=config.method, width=config.width,
+            alpha=config.alpha, beta=config.beta, balance=config.balance,
+        )
+    with _timed(timings, "rewrite"):
+        merged = copy.deepcopy(graphs[0])
+        load_state_resizing(merged, merged_state(analyses, states, matches))
+        merged.graph.lint()
+        merged.recompile()
+    with _timed(timings, "repair"):
+        reset_batchnorm(merged, batches, quiet=config.quiet)
+    merged.eval()
+    reports = tuple(
+        GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source) for m in matches.values()
+    )
+    return MergeResult(module=merged, groups=reports, timings=timings, config=config, matches=matches)
