@@ -27,6 +27,9 @@ class _LeafTracer(Tracer):
         self.leaf_types = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
         self.leaf_paths = frozenset(leaf for leaf in leaf_modules if isinstance(leaf, str))
         self.current_path: list[str] = []
+        # the innermost module being traced when an error was raised (the stack above is
+        # already unwound when the caller sees the exception)
+        self.failed_path: str | None = None
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self.leaf_paths or isinstance(module, self.leaf_types):
@@ -37,6 +40,10 @@ class _LeafTracer(Tracer):
         self.current_path.append(self.path_of_module(module))
         try:
             return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = self.current_path[-1]
+            raise
         finally:
             self.current_path.pop()
 
@@ -74,14 +81,21 @@ def trace(
     try:
         graph = tracer.trace(copied)
     except Exception as error:  # torch.fx raises many types: TraceError, TypeError, RuntimeError…
-        where = tracer.current_path[-1] if tracer.current_path else "<top level>"
-        where = where or "<top level>"
+        where = tracer.failed_path
+        if where:
+            fix = (
+                f"pass leaf_modules=['{where}'] (or its type, {type(copied.get_submodule(where)).__name__}) "
+                f"to keep that module opaque — its channels then stay fixed — or rewrite the "
+                f"data-dependent branch."
+            )
+            place = f"inside module '{where}'"
+        else:
+            fix = "move the data-dependent branch into a submodule passed as leaf_modules=, or rewrite it."
+            place = f"in the forward of {type(model).__name__} itself"
         raise TraceError(
-            f"cannot trace {type(model).__name__}: failed inside module '{where}' "
+            f"cannot trace {type(model).__name__}: failed {place} "
             f"({type(error).__name__}: {error}). torch.fx needs control flow that does not "
-            f"depend on tensor values. Fix: pass leaf_modules=['{where}'] (or its type) to keep "
-            f"that module opaque — its channels then stay fixed — or rewrite the data-dependent "
-            f"branch."
+            f"depend on tensor values. Fix: {fix}"
         ) from error
     name = type(model).__name__
     gm = GraphModule(tracer.root, graph, name)

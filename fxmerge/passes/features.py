@@ -113,6 +113,23 @@ def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
     return extractor
 
 
+def _similarity(moments: RunningMoments) -> torch.Tensor:
+    """Correlation, with one addition: units that are constant on the calibration data (dead
+    ReLUs) at the same value are identical features, so their similarity is 1 (correlation
+    alone says 0 and would let a matcher merge a live unit into a dead one first)."""
+    cov = moments.covariance()
+    corr = correlation(cov)
+    variance = torch.diagonal(cov)
+    scale = variance.max().clamp_min(1e-30)
+    constant = variance <= 1e-12 * scale
+    if constant.any():
+        means = moments.mean[constant]
+        same = (means[:, None] - means[None, :]).abs() <= 1e-6 * (1 + means.abs().max())
+        index = torch.nonzero(constant).squeeze(1)
+        corr[index[:, None], index[None, :]] = torch.where(same, 1.0, corr[index[:, None], index[None, :]])
+    return corr
+
+
 def _samples(value: torch.Tensor, dim: int) -> torch.Tensor:
     """(..., n, ...) -> (samples, n): every other position is one sample."""
     moved = value.movedim(dim, -1)
@@ -165,7 +182,7 @@ def feature_statistics(
         taps = tap_lists[group.name]
         if not taps:
             continue
-        corr = sum(correlation(moments[(group.name, t.node)].covariance()) for t in taps) / len(taps)
+        corr = sum(_similarity(moments[(group.name, t.node)]) for t in taps) / len(taps)
         result[group.name] = GroupStatistics(
             name=group.name,
             sizes=sizes[group.name],

@@ -29,21 +29,28 @@ def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torc
     return result.movedim(-1, dim)
 
 
+def _piece_transformed(piece: tuple, transforms: Mapping) -> bool:
+    if any(not isinstance(f, Opaque) and f in transforms for f in piece):
+        return True
+    return any(tuple(piece[k : k + 2]) in transforms for k in range(len(piece) - 1))
+
+
 def transform_axis(
-    tensor: torch.Tensor, axis: int, layout: Layout, transforms: Mapping[int, Transform], sizes: Mapping[int, int]
+    tensor: torch.Tensor, axis: int, layout: Layout, transforms: Mapping, sizes: Mapping[int, int]
 ) -> torch.Tensor:
     """Transform ``tensor`` along ``axis`` whose indices are laid out by ``layout``.
 
     Args:
         tensor: any shape; ``tensor.shape[axis]`` equals the layout's extent under ``sizes``.
         layout: leaf-level layout (pieces of factors).
-        transforms: space id -> Transform; spaces without one are left as they are.
+        transforms: space id (or a tuple of two consecutive space ids: a composite) -> Transform;
+            spaces without one are left as they are.
         sizes: space id -> current size n (the input extent of every space in the layout).
 
     Returns:
         The tensor with ``axis`` of extent sum over pieces of prod(new factor sizes).
     """
-    if not any(not isinstance(f, Opaque) and f in transforms for piece in layout for f in piece):
+    if not any(_piece_transformed(piece, transforms) for piece in layout):
         return tensor
     outputs = []
     offset = 0
@@ -54,14 +61,34 @@ def transform_axis(
             extent *= e
         segment = tensor.narrow(axis, offset, extent)
         offset += extent
-        if any(not isinstance(f, Opaque) and f in transforms for f in piece):
+        if _piece_transformed(piece, transforms):
+            # Split the axis into its factors; a transform keyed by two consecutive factors (a
+            # composite such as heads x head-channels) acts on both at once.
             shape = list(segment.shape)
-            segment = segment.reshape(shape[:axis] + extents + shape[axis + 1 :])
-            for k, factor in enumerate(piece):
-                if not isinstance(factor, Opaque) and factor in transforms:
-                    segment = _apply_factor(segment, axis + k, transforms[factor])
+            units: list[int] = []
+            k = 0
+            while k < len(piece):
+                pair = tuple(piece[k : k + 2])
+                if len(pair) == 2 and pair in transforms:
+                    units.append(extents[k] * extents[k + 1])
+                    k += 2
+                else:
+                    units.append(extents[k])
+                    k += 1
+            segment = segment.reshape(shape[:axis] + units + shape[axis + 1 :])
+            k = position = 0
+            while k < len(piece):
+                pair = tuple(piece[k : k + 2])
+                if len(pair) == 2 and pair in transforms:
+                    segment = _apply_factor(segment, axis + position, transforms[pair])
+                    k += 2
+                else:
+                    if not isinstance(piece[k], Opaque) and piece[k] in transforms:
+                        segment = _apply_factor(segment, axis + position, transforms[piece[k]])
+                    k += 1
+                position += 1
             new_shape = list(segment.shape)
-            segment = segment.reshape(new_shape[:axis] + [-1] + new_shape[axis + len(piece) :])
+            segment = segment.reshape(new_shape[:axis] + [-1] + new_shape[axis + len(units) :])
         outputs.append(segment)
     if offset != tensor.shape[axis]:
         raise ValueError(f"layout extent {offset} does not match axis {axis} of size {tensor.shape[axis]}")

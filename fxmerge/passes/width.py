@@ -19,7 +19,7 @@ from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.match import match
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics
-from fxmerge.passes.rewrite import transform_axis, transform_tensor
+from fxmerge.passes.rewrite import _piece_transformed, transform_axis, transform_tensor
 
 WidthSpec = str | int | float | Mapping[str, int]
 
@@ -40,6 +40,7 @@ class GroupMatch:
     source: str
     merge: tuple[torch.Tensor, ...] | None
     unmerge: tuple[torch.Tensor, ...] | None
+    factors: tuple[str, ...] = ()
 
 
 def resolve_width(spec: WidthSpec, name: str, sizes: Sequence[int]) -> int:
@@ -65,59 +66,117 @@ def resolve_width(spec: WidthSpec, name: str, sizes: Sequence[int]) -> int:
     return width
 
 
-def weight_similarity(
-    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, GroupMatch]
-) -> np.ndarray | None:
-    """Pearson correlation (N, N) of every unit's weights over all models (MuDSC's weight space).
+def unit_weight_features(
+    analysis: Analysis,
+    state: Mapping[str, torch.Tensor],
+    key: tuple[int, ...],
+    done: Mapping[str, "GroupMatch"],
+    model: int,
+) -> torch.Tensor | None:
+    """Every unit's weights (units, features): the parameter slices in which ``key`` appears.
 
-    A unit's weight vector concatenates every parameter slice in which the group is the whole
-    axis, with the other axes brought into the merged basis by the transforms already computed
-    (parameters touching a free group that is not yet matched are left out). Returns None when
-    no parameter qualifies.
+    ``key`` is one space id, or consecutive ids of a composite (heads x head channels). A piece
+    of a parameter axis qualifies when it is ``key`` possibly between non-free factors (the
+    q/k/v split of a fused projection); the other axes are brought into the merged basis with the
+    transforms already computed, and parameters touching a free group that is not matched yet
+    are left out. Each parameter's block is scaled to unit norm so that large layers do not
+    drown small ones.
     """
-    per_model: list[torch.Tensor] = []
-    for analysis, state in zip(analyses, states):
-        space = analysis.space_ids[name]
-        blocks: list[torch.Tensor] = []
-        for pname, layouts in analysis.param_layouts.items():
-            axis = next((a for a, lay in enumerate(layouts) if lay is not None and lay == ((space,),)), None)
-            if axis is None or pname not in state:
+    free = {analysis.space_ids[g.name] for g in analysis.groups if not g.fixed}
+    matched = _transform_keys(analysis, done)
+    out_t, in_t = _transforms_for(analysis, done, model)
+    n_units = 1
+    for space in key:
+        n_units *= analysis.space_sizes[space]
+    blocks: list[torch.Tensor] = []
+    for pname, layouts in analysis.param_layouts.items():
+        if pname not in state:
+            continue
+        for axis, layout in enumerate(layouts):
+            if layout is None or not any(_contains(piece, key) for piece in layout):
+                continue
+            if not _others_ready(layouts, axis, key, free, matched):
                 continue
             tensor = state[pname].detach().to(torch.float64)
-            usable = True
-            for other, layout in enumerate(layouts):
-                if other == axis or layout is None:
-                    continue
-                for factor in (f for piece in layout for f in piece if not isinstance(f, Opaque)):
-                    group = _group_of(analysis, factor)
-                    if group is None or analysis.space_sizes[factor] <= 1:
-                        continue
-                    if not group.fixed and group.name not in done:
-                        usable = False
-            if not usable:
-                continue
             roles = analysis.param_roles[pname]
-            for other, layout in enumerate(layouts):
-                if other == axis or layout is None:
+            for other, other_layout in enumerate(layouts):
+                if other != axis and other_layout is not None:
+                    chosen = out_t if roles[other] == "out" else in_t
+                    tensor = transform_axis(tensor, other, other_layout, chosen, analysis.space_sizes)
+            moved = tensor.movedim(axis, 0)
+            offset = 0
+            for piece in layout:
+                extent = 1
+                for f in piece:
+                    extent *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
+                if _contains(piece, key):
+                    at = _position(piece, key)
+                    outer = extent // n_units
+                    inner = 1
+                    for f in piece[at + len(key) :]:
+                        inner *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
+                    outer //= inner
+                    segment = moved[offset : offset + extent].reshape(outer, n_units, inner, -1)
+                    rows = segment.permute(1, 0, 2, 3).reshape(n_units, -1)
+                    norm = rows.norm()
+                    if norm > 0:
+                        blocks.append(rows / norm)
+                offset += extent
+    return torch.cat(blocks, dim=1) if blocks else None
+
+
+def _contains(piece: tuple, key: tuple[int, ...]) -> bool:
+    return _position(piece, key) >= 0
+
+
+def _position(piece: tuple, key: tuple[int, ...]) -> int:
+    for start in range(len(piece) - len(key) + 1):
+        if tuple(piece[start : start + len(key)]) == key:
+            return start
+    return -1
+
+
+def _others_ready(layouts, axis: int, key: tuple[int, ...], free: set[int], matched: set) -> bool:
+    """Every free space on the parameter, outside ``key`` on this axis, already has a transform."""
+    for other, layout in enumerate(layouts):
+        if layout is None:
+            continue
+        for piece in layout:
+            at = _position(piece, key) if other == axis else -1
+            if other == axis and at < 0:
+                continue  # only the slices holding the key are read
+            for index, factor in enumerate(piece):
+                if at >= 0 and at <= index < at + len(key):
                     continue
-                out_t, in_t = _transforms_for(analysis, done, analyses.index(analysis))
-                chosen = out_t if roles[other] == "out" else in_t
-                tensor = transform_axis(tensor, other, layout, chosen, analysis.space_sizes)
-            rows = tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
-            norm = rows.norm()
-            if norm > 0:
-                blocks.append(rows / norm)
-        if not blocks:
-            return None
-        per_model.append(torch.cat(blocks, dim=1))
-    widths = {b.shape[1] for b in per_model}
-    if len(widths) != 1:
+                if isinstance(factor, Opaque) or factor not in free:
+                    continue
+                pair_ok = any(tuple(piece[i : i + 2]) in matched for i in (index - 1, index))
+                if factor not in matched and not pair_ok:
+                    return False
+    return True
+
+
+def similarity_of(features: Sequence[torch.Tensor]) -> np.ndarray | None:
+    """Pearson correlation (N, N) between the rows of per-model feature matrices (units, F)."""
+    if len({f.shape[1] for f in features}) != 1:
         return None
-    features = torch.cat(per_model, dim=0)
-    centred = features - features.mean(dim=1, keepdim=True)
-    norms = centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    unit = centred / norms
+    stacked = torch.cat(list(features), dim=0)
+    centred = stacked - stacked.mean(dim=1, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (unit @ unit.T).clamp(-1, 1).numpy()
+
+
+def weight_similarity(
+    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"]
+) -> np.ndarray | None:
+    """MuDSC's weight-space similarity of one group's units over all models, or None."""
+    features = []
+    for k, (analysis, state) in enumerate(zip(analyses, states)):
+        block = unit_weight_features(analysis, state, (analysis.space_ids[name],), done, k)
+        if block is None:
+            return None
+        features.append(block)
+    return similarity_of(features)
 
 
 def _group_of(analysis: Analysis, space: int) -> ChannelSpace | None:
@@ -127,18 +186,35 @@ def _group_of(analysis: Analysis, space: int) -> ChannelSpace | None:
     return None
 
 
-def _transforms_for(
-    analysis: Analysis, done: Mapping[str, GroupMatch], model: int
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Space id -> M_k (for "out" axes) and -> U_k^T (for "in" axes) of the matched free groups."""
-    out_t: dict[int, torch.Tensor] = {}
-    in_t: dict[int, torch.Tensor] = {}
+def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
+    keys: set = set()
     for name, result in done.items():
-        if result.merge is None or name not in analysis.space_ids:
+        if result.merge is None:
             continue
-        space = analysis.space_ids[name]
-        out_t[space] = result.merge[model]
-        in_t[space] = result.unmerge[model].T  # type: ignore[index]
+        factors = result.factors or (name,)
+        if all(f in analysis.space_ids for f in factors):
+            ids = tuple(analysis.space_ids[f] for f in factors)
+            keys.add(ids if len(ids) > 1 else ids[0])
+    return keys
+
+
+def _transforms_for(analysis: Analysis, done: Mapping[str, "GroupMatch"], model: int) -> tuple[dict, dict]:
+    """Key -> M_k (for "out" axes) and key -> U_k^T (for "in" axes) of the matched free groups.
+
+    A key is a space id, or a tuple of ids for a composite matched as a whole.
+    """
+    out_t: dict = {}
+    in_t: dict = {}
+    for name, result in done.items():
+        if result.merge is None:
+            continue
+        factors = result.factors or (name,)
+        if not all(f in analysis.space_ids for f in factors):
+            continue
+        ids = tuple(analysis.space_ids[f] for f in factors)
+        key = ids if len(ids) > 1 else ids[0]
+        out_t[key] = result.merge[model]
+        in_t[key] = result.unmerge[model].T  # type: ignore[index]
     return out_t, in_t
 
 
@@ -152,6 +228,132 @@ def _mean_merged_similarity(similarity: np.ndarray, unmerge: Sequence[np.ndarray
             block = similarity[np.ix_(members, members)]
             values.append(block[np.triu_indices(len(members), 1)].mean())
     return float(np.mean(values)) if values else None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Groups that only ever appear right after ``outer`` in a product (heads x head channels,
+    GroupNorm groups x channels per group): they are matched block-wise, MuDSC's group-aware way."""
+
+    outer: str
+    inners: tuple[str, ...]
+
+
+def find_structures(analysis: Analysis) -> list[Structure]:
+    """The composite structures among the free groups of one analysis."""
+    free = {analysis.space_ids[g.name]: g.name for g in analysis.groups if not g.fixed}
+    before: dict[int, set[int | None]] = {}
+    for layouts in analysis.param_layouts.values():
+        for layout in layouts:
+            for piece in layout or ():
+                for index, factor in enumerate(piece):
+                    if factor in free:
+                        previous = piece[index - 1] if index > 0 and piece[index - 1] in free else None
+                        before.setdefault(factor, set()).add(previous)
+    inners_of: dict[int, list[int]] = {}
+    for space, previous in before.items():
+        if len(previous) == 1 and None not in previous:
+            (outer,) = previous
+            inners_of.setdefault(outer, []).append(space)  # type: ignore[arg-type]
+    nested = {inner for inners in inners_of.values() for inner in inners}
+    return [
+        Structure(free[outer], tuple(free[i] for i in sorted(inners)))
+        for outer, inners in sorted(inners_of.items())
+        if outer not in nested
+    ]
+
+
+def _match_structure(
+    structure: Structure,
+    analyses: Sequence[Analysis],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    done: Mapping[str, GroupMatch],
+    *,
+    method: str,
+    width: WidthSpec,
+    alpha: float,
+    beta: float,
+) -> list[GroupMatch]:
+    """Pair the outer blocks (heads) across models, then match each inner group inside paired blocks."""
+    from scipy.optimize import linear_sum_assignment
+
+    from fxmerge.match.groups import mean_matched_similarity
+
+    count = len(analyses)
+    blocks = tuple(a.group(structure.outer).size for a in analyses)
+    if len(set(blocks)) != 1:
+        raise ConfigError(f"{structure.outer}: models have different numbers of blocks {blocks}; not supported yet")
+    h = blocks[0]
+    inner_sizes = {d: tuple(a.group(d).size for a in analyses) for d in structure.inners}
+    similarities: dict[str, np.ndarray | None] = {}
+    for inner in structure.inners:
+        features = []
+        for k, (analysis, state) in enumerate(zip(analyses, states)):
+            key = (analysis.space_ids[structure.outer], analysis.space_ids[inner])
+            features.append(unit_weight_features(analysis, state, key, done, k))
+        similarities[inner] = None if any(f is None for f in features) else similarity_of(features)  # type: ignore[arg-type]
+    # composite units are block-major: unit (b, j) of model k is offset_k + b * d_k + j
+    pairing = np.tile(np.arange(h), (count, 1))
+    usable = {d: s for d, s in similarities.items() if s is not None}
+    if usable:
+        for k in range(1, count):
+            scores = np.zeros((h, h))
+            for inner, sim in usable.items():
+                sizes = [h * d for d in inner_sizes[inner]]
+                offsets = np.concatenate(([0], np.cumsum(sizes)))
+                d0, dk = inner_sizes[inner][0], inner_sizes[inner][k]
+                for a in range(h):
+                    for b in range(h):
+                        cross = sim[offsets[0] + a * d0 : offsets[0] + (a + 1) * d0, offsets[k] + b * dk : offsets[k] + (b + 1) * dk]
+                        scores[a, b] += mean_matched_similarity(cross)
+            rows, cols = linear_sum_assignment(scores, maximize=True)
+            pairing[k, rows] = cols
+    results: list[GroupMatch] = []
+    head_merge = tuple(torch.zeros(h, h, dtype=torch.float64) for _ in range(count))
+    head_unmerge = tuple(torch.zeros(h, h, dtype=torch.float64) for _ in range(count))
+    for k in range(count):
+        for t in range(h):
+            head_merge[k][t, pairing[k, t]] = 1.0 / count
+            head_unmerge[k][pairing[k, t], t] = 1.0
+    results.append(GroupMatch(structure.outer, blocks, h, False, None, "blocks paired", head_merge, head_unmerge))
+    for inner in structure.inners:
+        sizes = inner_sizes[inner]
+        target = resolve_width(width, inner, sizes)
+        sim = similarities[inner]
+        offsets = np.concatenate(([0], np.cumsum([h * d for d in sizes])))
+        merge_mats = [torch.zeros(h * target, h * d, dtype=torch.float64) for d in sizes]
+        unmerge_mats = [torch.zeros(h * d, h * target, dtype=torch.float64) for d in sizes]
+        scores: list[float] = []
+        for t in range(h):
+            units = np.concatenate([offsets[k] + pairing[k, t] * sizes[k] + np.arange(sizes[k]) for k in range(count)])
+            if sim is None:
+                if len(set(sizes)) != 1:
+                    raise ConfigError(f"{inner}: no weights to match unequal widths {sizes}")
+                block_sim, matcher = np.eye(len(units)), "average"
+            else:
+                block_sim, matcher = sim[np.ix_(units, units)], method
+            pairs = match(block_sim, list(sizes), target, method=matcher, alpha=alpha, beta=beta)
+            for k, (m, u) in enumerate(pairs):
+                b = pairing[k, t]
+                merge_mats[k][t * target : (t + 1) * target, b * sizes[k] : (b + 1) * sizes[k]] = torch.from_numpy(m)
+                unmerge_mats[k][b * sizes[k] : (b + 1) * sizes[k], t * target : (t + 1) * target] = torch.from_numpy(u)
+            value = _mean_merged_similarity(block_sim, [u for _, u in pairs])
+            if value is not None and sim is not None:
+                scores.append(value)
+        results.append(
+            GroupMatch(
+                f"{structure.outer}*{inner}",
+                tuple(h * d for d in sizes),
+                h * target,
+                False,
+                float(np.mean(scores)) if scores else None,
+                "weights, block-wise" if sim is not None else "none: identity",
+                tuple(merge_mats),
+                tuple(unmerge_mats),
+                factors=(structure.outer, inner),
+            )
+        )
+    return results
 
 
 def match_groups(
@@ -168,6 +370,8 @@ def match_groups(
     """Match every group of the reference analysis (``analyses[0]``) across all models."""
     results: dict[str, GroupMatch] = {}
     matcher = "zip" if method == "mudsc" else method
+    structures = {} if method == "average" else {s.outer: s for s in find_structures(analyses[0])}
+    in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
     for group in analyses[0].groups:
         sizes = tuple(a.group(group.name).size for a in analyses)
         fixed = any(a.group(group.name).fixed for a in analyses)
@@ -178,10 +382,20 @@ def match_groups(
                 )
             results[group.name] = GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)
             continue
+        if group.name in structures:
+            for result in _match_structure(
+                structures[group.name], analyses, states, results,
+                method=matcher, width=width, alpha=alpha, beta=beta,
+            ):
+                results[result.name] = result
+            continue
+        if group.name in in_structure:
+            continue
         activation = statistics.get(group.name)
         weights = None
         if method == "mudsc" or activation is None:
             weights = weight_similarity(group.name, analyses, states, results)
+        matcher_for_group = matcher
         if activation is not None and weights is not None and method == "mudsc":
             similarity = balance * weights + (1 - balance) * activation.correlation
             source = f"mudsc(balance={balance})"
@@ -190,15 +404,11 @@ def match_groups(
         elif weights is not None:
             similarity, source = weights, "weights"
         elif len(set(sizes)) == 1:
-            similarity, source = np.eye(sum(sizes)), "none: identity"
-            matcher_for_group = "average"
+            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
         else:
             raise ConfigError(f"group {group.name}: no features and no weights to match unequal widths {sizes}")
         target = resolve_width(width, group.name, sizes)
-        matcher_for_group = "average" if source == "none: identity" else matcher
         pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
-        merge_mats = tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs)
-        unmerge_mats = tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs)
         results[group.name] = GroupMatch(
             group.name,
             sizes,
@@ -206,8 +416,8 @@ def match_groups(
             False,
             _mean_merged_similarity(similarity, [u for _, u in pairs]),
             source,
-            merge_mats,
-            unmerge_mats,
+            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
+            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
         )
     return results
 
@@ -243,7 +453,7 @@ def merged_state(
             out_t, in_t = per_model[k]
             term = transform_tensor(state[canonical].to(torch.float64), layouts, roles, out_t, in_t, analysis.space_sizes)
             averaged = any(
-                role == "out" and layout is not None and any(f in out_t for piece in layout for f in piece)
+                role == "out" and layout is not None and any(_piece_transformed(piece, out_t) for piece in layout)
                 for layout, role in zip(layouts, roles)
             )
             if not averaged:
