@@ -19,7 +19,9 @@ from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.features import feature_statistics
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing
-from fxmerge.passes.width import GroupMatch, match_groups, merged_state
+from fxmerge.passes.tails import split_tails, unmerge_matrices
+from fxmerge.passes.units import find_units
+from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
 from fxmerge.trace import trace
 
 
@@ -121,6 +123,51 @@ def check_same_structure(graphs: Sequence[GraphModule], names: Sequence[str]) ->
             )
 
 
+def resolve_stop(gm: GraphModule, config: MergeConfig) -> str | None:
+    """The spine node after which each model keeps its own tail, or None for a full merge."""
+    units = find_units(gm)
+    ends = [u.end for u in units]
+    if config.stop_at is None:
+        if config.output != "concat":
+            return None
+        if len(units) < 2:
+            raise ConfigError("output='concat' needs a model with at least two units (a trunk and a head)")
+        return units[-2].end
+    if isinstance(config.stop_at, int):
+        if not 0 <= config.stop_at < len(units):
+            raise ConfigError(f"stop_at={config.stop_at}: the model has units 0..{len(units) - 1}")
+        stop = ends[config.stop_at]
+    else:
+        if config.stop_at not in ends:
+            raise ConfigError(f"stop_at={config.stop_at!r} is not a unit boundary; choose one of {ends}")
+        stop = config.stop_at
+    if stop == ends[-1]:
+        if config.output == "concat":
+            raise ConfigError("output='concat' needs stop_at before the last unit (the heads)")
+        return None
+    return stop
+
+
+def merged_region_params(gm: GraphModule, analysis: Analysis, stop: str | None) -> set[str] | None:
+    """Canonical names of the parameters used up to node ``stop`` (None: all are merged)."""
+    if stop is None:
+        return None
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            prefix = f"{node.target}."
+            used.update(analysis.aliases.get(k, k) for k in analysis.aliases if k.startswith(prefix))
+        elif node.op == "get_attr":
+            used.add(analysis.aliases.get(str(node.target), str(node.target)))
+        if node.name == stop:
+            break
+    return used
+
+
+def _touches(group: Any, params: set[str]) -> bool:
+    return any(ref.param in params for ref in group.producers + group.consumers)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -177,8 +224,6 @@ def merge(
     for index, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"models[{index}] is a {type(model).__name__}, not an nn.Module")
-    if config.stop_at is not None or config.output != "shared":
-        raise ConfigError("stop_at and output='concat' are not available yet")
     names = [f"models[{k}] ({type(m).__name__})" for k, m in enumerate(models)]
     timings: dict[str, float] = {}
     batches = calibration_inputs(calibration, config.calibration_batches)
@@ -191,20 +236,32 @@ def merge(
         ]
     with _timed(timings, "structure"):
         check_same_structure(graphs, names)
+        stop = resolve_stop(graphs[0], config)
+        region = merged_region_params(graphs[0], analyses[0], stop)
+        included = [g.name for g in analyses[0].groups if region is None or _touches(g, region)]
     states = [{k: v.detach() for k, v in model.state_dict().items()} for model in models]
     with _timed(timings, "features"):
-        free = [[a.group(g.name) for g in analyses[0].groups if not g.fixed] for a in analyses]
+        free = [[a.group(name) for name in included if not analyses[0].group(name).fixed] for a in analyses]
         statistics = {}
         if config.method != "average":
             statistics = feature_statistics(graphs, free, batches, num_batches=len(batches), quiet=config.quiet)
     with _timed(timings, "width"):
         matches = match_groups(
             analyses, states, statistics, method=config.method, width=config.width,
-            alpha=config.alpha, beta=config.beta, balance=config.balance,
+            alpha=config.alpha, beta=config.beta, balance=config.balance, include=set(included),
         )
     with _timed(timings, "rewrite"):
         merged = copy.deepcopy(graphs[0])
-        load_state_resizing(merged, merged_state(analyses, states, matches))
+        load_state_resizing(merged, merged_state(analyses, states, matches, params=region))
+        if stop is not None:
+            maps = [
+                unmerge_matrices(
+                    analyses[0].node_layouts.get(stop, ()), unmerge_transforms(analyses[0], matches, k),
+                    merged_sizes(analyses[0], matches), next(iter(states[0].values())).dtype,
+                )
+                for k in range(len(models))
+            ]
+            split_tails(merged, stop, graphs, maps, config.output)
         merged.graph.lint()
         merged.recompile()
     with _timed(timings, "repair"):

@@ -177,6 +177,7 @@ class Analysis:
     shape_literals: tuple[ShapeLiteral, ...]
     warnings: tuple[str, ...] = field(default=())
     layer_channel_groups: frozenset[str] = field(default=frozenset())
+    node_layouts: dict[str, tuple[Layout | None, ...]] = field(default_factory=dict)
 
     def group(self, name: str) -> ChannelSpace:
         for group in self.groups:
@@ -241,6 +242,7 @@ class _Analyzer:
         self.warnings: list[str] = []
         self.taps: list[tuple[str, int, Layout]] = []
         self.channel_layouts: list[Layout] = []
+        self.node_dims: dict[str, tuple[Layout, ...]] = {}
         self.literals: list[tuple[str, tuple[int | str, ...], int, Layout]] = []
 
     # -- helpers --------------------------------------------------------------------------------
@@ -311,7 +313,24 @@ class _Analyzer:
                 self.fix_tensor(self.env.get(arg), reason)
         if node.op == "call_module":
             self.fix_param_tensors(str(node.target), reason)
-        return _opaque_like(self.meta_shape(node))
+        # fresh fixed spaces rather than opaque extents: whatever reads the result is fixed with
+        # this node's name as the reason
+        return self._fixed_like(self.meta_shape(node), node.name, reason)
+
+    def _fixed_like(self, shapes: Any, hint: str, reason: str) -> Any:
+        if shapes is None:
+            return None
+        if not (isinstance(shapes, tuple) and all(isinstance(s, int) for s in shapes)):
+            return tuple(self._fixed_like(s, f"{hint}.{i}", reason) for i, s in enumerate(shapes))
+        dims: list[Layout] = []
+        for axis, size in enumerate(shapes):
+            if size > 1:
+                space = self.table.new(size, f"{hint}[{axis}]")
+                self.table.fix(space, reason)
+                dims.append(((space,),))
+            else:
+                dims.append(opaque_layout(size))
+        return _Tensor(shapes, dims)
 
     def model_input(self, node: Node) -> Any:
         """Input dims are fixed spaces (not opaque) so that what they couple to says why it is fixed."""
@@ -356,6 +375,8 @@ class _Analyzer:
                     result = self.fail_closed(node, f"layout not representable ({error})")
                 result = self._check(node, result)
             self.env[node] = result
+            if isinstance(result, _Tensor):
+                self.node_dims[node.name] = tuple(result.dims)
             for tensor_index, tensor in enumerate(_tensors_in(result)):
                 if tensor_index == 0 and isinstance(result, _Tensor):
                     for dim, layout in enumerate(tensor.dims):
@@ -1169,14 +1190,39 @@ class _Analyzer:
     # -- finalisation ---------------------------------------------------------------------------------
     def finish(self) -> Analysis:
         table = self.table
-        leaf_fixed = table.ancestors_fixed()
+        layer_channels: set[int] = set()
+        for layout in self.channel_layouts:
+            try:
+                layer_channels.update(table.spaces_of(table.expand(layout)))
+            except Unrepresentable:
+                continue
+        # Leaves that only ever met opaque extents (the spatial part of a Linear reading a
+        # flatten, a position embedding's sequence axis) and are no layer's channels are opaque
+        # extents themselves, not groups; so are leaves of size 1.
+        as_opaque: set[int] = set()
+        for space in table.opaque_paired:
+            try:
+                as_opaque.update(table.spaces_of(table.expand(((space,),))))
+            except Unrepresentable:
+                continue
+        as_opaque -= layer_channels
+
+        def leaf_layout(layout: Layout) -> Layout:
+            return tuple(
+                normalize_piece(
+                    Opaque(table.sizes[f]) if not isinstance(f, Opaque) and (f in as_opaque or table.sizes[f] == 1) else f
+                    for f in piece
+                )
+                for piece in table.expand(layout)
+            )
+
         param_layouts: dict[str, tuple[Layout | None, ...]] = {}
         param_roles: dict[str, tuple[Role, ...]] = {}
         for name, tensor in self.params.items():
             layouts: list[Layout | None] = []
             for axis, layout in enumerate(tensor.dims):
                 try:
-                    expanded = table.expand(layout)
+                    expanded = leaf_layout(layout)
                 except Unrepresentable:
                     table.fix_all(table.spaces_of(layout), f"{name} axis {axis} has an unrepresentable layout")
                     expanded = None
@@ -1226,10 +1272,12 @@ class _Analyzer:
                 continue
             if any(s not in leaf_fixed and table.sizes[s] > 1 for s in others):
                 continue
-            if len(expanded) == 1:
-                spaces = [f for f in expanded[0] if not isinstance(f, Opaque)]
-                if len(spaces) == 1 and spaces[0] in taps:
-                    taps[spaces[0]].append(Tap(node_name, dim))
+            # exactly one factor: a dim that also holds opaque extents (a flatten's channel x
+            # positions) does not carry the group's n units along it
+            if len(expanded) == 1 and len(expanded[0]) == 1:
+                space = expanded[0][0]
+                if not isinstance(space, Opaque) and space in taps:
+                    taps[space].append(Tap(node_name, dim))
         composite_of: dict[int, list[str]] = {s: [] for s in used}
         for root in table.roots():
             structure = table.structure(root)
@@ -1252,16 +1300,19 @@ class _Analyzer:
             )
             for s in sorted(used)
         )
-        layer_channels: set[int] = set()
-        for layout in self.channel_layouts:
-            try:
-                layer_channels.update(table.spaces_of(table.expand(layout)))
-            except Unrepresentable:
-                continue
+        node_layouts: dict[str, tuple[Layout | None, ...]] = {}
+        for node_name, dims in self.node_dims.items():
+            expanded_dims: list[Layout | None] = []
+            for layout in dims:
+                try:
+                    expanded_dims.append(table.expand(layout))
+                except Unrepresentable:
+                    expanded_dims.append(None)
+            node_layouts[node_name] = tuple(expanded_dims)
         literals = []
         for node_name, path, value, layout in self.literals:
             try:
-                literals.append(ShapeLiteral(node_name, path, value, public(table.expand(layout))))
+                literals.append(ShapeLiteral(node_name, path, value, public(leaf_layout(layout))))
             except Unrepresentable:
                 continue
         return Analysis(
@@ -1275,6 +1326,7 @@ class _Analyzer:
             shape_literals=tuple(literals),
             warnings=tuple(self.warnings),
             layer_channel_groups=frozenset(names[s] for s in used if s in layer_channels),
+            node_layouts=node_layouts,
         )
 
 

@@ -55,6 +55,9 @@ class SpaceTable:
         self._fixed: dict[int, str] = {}
         # root id -> ("prod" | "sum", child ids); children are ids, resolve with find()
         self._structure: dict[int, tuple[str, tuple[int, ...]]] = {}
+        # spaces paired index by index with an opaque extent (a flatten's spatial positions, a
+        # sequence axis): fixed, and not channels unless a layer says otherwise (see finish())
+        self.opaque_paired: list[int] = []
 
     # -- basic union-find -------------------------------------------------------------------
     def new(self, size: int, hint: str, kind: str = "channels") -> int:
@@ -358,8 +361,10 @@ class SpaceTable:
             return
         if a_opaque:
             self.fix_all([b], f"{reason} to a non-channel axis")  # type: ignore[list-item]
+            self.opaque_paired.append(b)  # type: ignore[arg-type]
         elif b_opaque:
             self.fix_all([a], f"{reason} to a non-channel axis")
+            self.opaque_paired.append(a)
         else:
             self.union(a, b)
 

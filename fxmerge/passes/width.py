@@ -366,13 +366,19 @@ def match_groups(
     alpha: float,
     beta: float,
     balance: float,
+    include: set[str] | None = None,
 ) -> dict[str, GroupMatch]:
-    """Match every group of the reference analysis (``analyses[0]``) across all models."""
+    """Match every group of the reference analysis (``analyses[0]``) across all models.
+
+    ``include``: the groups of the merged region (partial zipping); others are left alone.
+    """
     results: dict[str, GroupMatch] = {}
     matcher = "zip" if method == "mudsc" else method
     structures = {} if method == "average" else {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
     for group in analyses[0].groups:
+        if include is not None and group.name not in include:
+            continue
         sizes = tuple(a.group(group.name).size for a in analyses)
         fixed = any(a.group(group.name).fixed for a in analyses)
         if fixed:
@@ -422,14 +428,37 @@ def match_groups(
     return results
 
 
+def unmerge_transforms(analysis: Analysis, matches: Mapping[str, GroupMatch], model: int) -> dict:
+    """Key -> U_k (n_k, r) of every matched free group (keys as in ``_transforms_for``)."""
+    _, in_t = _transforms_for(analysis, matches, model)
+    return {key: matrix.T for key, matrix in in_t.items()}
+
+
+def merged_sizes(analysis: Analysis, matches: Mapping[str, GroupMatch]) -> dict[int, int]:
+    """Space id -> merged width (a composite's inner width is its width over the outer's)."""
+    sizes = dict(analysis.space_sizes)
+    for name, result in matches.items():
+        if result.factors:
+            outer, inner = result.factors
+            outer_width = matches[outer].width if outer in matches else sizes[analysis.space_ids[outer]]
+            sizes[analysis.space_ids[inner]] = result.width // outer_width
+        elif name in analysis.space_ids:
+            sizes[analysis.space_ids[name]] = result.width
+    return sizes
+
+
 def merged_state(
-    analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], matches: Mapping[str, GroupMatch]
+    analyses: Sequence[Analysis],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    matches: Mapping[str, GroupMatch],
+    params: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged model's state dict (keys and names of ``analyses[0]``'s model).
 
     W* = sum_k T_k(W_k), where T_k applies M_k on "out" axes and U_k on "in" axes. A parameter
     with no free group on an "out" axis (e.g. a classifier whose outputs are fixed) has no M to
-    average the models, so its terms are weighted 1/K.
+    average the models, so its terms are weighted 1/K. ``params``: only these canonical names are
+    merged (partial zipping); the others keep the reference model's values.
     """
     count = len(analyses)
     reference = analyses[0]
@@ -437,6 +466,9 @@ def merged_state(
     merged: dict[str, torch.Tensor] = {}
     for key, value in states[0].items():
         canonical = reference.aliases.get(key, key)
+        if params is not None and canonical not in params:
+            merged[key] = value.clone()  # a tail's parameter: each model keeps its own
+            continue
         if canonical in merged:
             merged[key] = merged[canonical]
             continue
