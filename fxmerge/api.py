@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from fxmerge.config import MergeConfig
 from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
+from fxmerge.passes.depth import align_depth, extend
 from fxmerge.passes.features import feature_statistics
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing
@@ -41,8 +42,9 @@ class GroupReport:
 class MergeResult:
     """What ``merge`` returns.
 
-    ``module``: the merged ``torch.fx.GraphModule`` (eval mode). ``alignment``: the depth
-    alignment (None when all depths are equal). ``groups``: one ``GroupReport`` per group.
+    ``module``: the merged ``torch.fx.GraphModule`` (eval mode). ``alignment``: one
+    ``DepthAlignment`` per shallower model (CKA matrix, segments, objective value), or None when
+    all depths are equal. ``groups``: one ``GroupReport`` per group.
     ``timings``: seconds per pass.
     """
 
@@ -229,17 +231,32 @@ def merge(
     batches = calibration_inputs(calibration, config.calibration_batches)
 
     with _timed(timings, "trace"):
-        graphs = [trace(model, batches[0], config.leaf_modules) for model in models]
+        graphs: list[GraphModule] = [trace(model, batches[0], config.leaf_modules) for model in models]
+    sources: list[nn.Module] = list(models)
+    alignment = None
+    with _timed(timings, "depth"):
+        depths = [len(find_units(gm)) for gm in graphs]
+        if len(set(depths)) > 1:
+            deepest = depths.index(max(depths))
+            alignments = []
+            for k, gm in enumerate(graphs):
+                if depths[k] == depths[deepest]:
+                    continue
+                aligned = align_depth(graphs[deepest], gm, batches, config.depth, k, quiet=config.quiet)
+                graphs[k] = extend(gm, graphs[deepest], aligned, batches[0])
+                sources[k] = graphs[k]
+                alignments.append(aligned)
+            alignment = tuple(alignments)
     with _timed(timings, "dependency"):
         analyses: list[Analysis] = [
-            analyze_graph(gm, state_name_map(model), config.strict) for gm, model in zip(graphs, models)
+            analyze_graph(gm, state_name_map(source), config.strict) for gm, source in zip(graphs, sources)
         ]
     with _timed(timings, "structure"):
         check_same_structure(graphs, names)
         stop = resolve_stop(graphs[0], config)
         region = merged_region_params(graphs[0], analyses[0], stop)
         included = [g.name for g in analyses[0].groups if region is None or _touches(g, region)]
-    states = [{k: v.detach() for k, v in model.state_dict().items()} for model in models]
+    states = [{k: v.detach() for k, v in source.state_dict().items()} for source in sources]
     with _timed(timings, "features"):
         free = [[a.group(name) for name in included if not analyses[0].group(name).fixed] for a in analyses]
         statistics = {}
@@ -270,4 +287,6 @@ def merge(
     reports = tuple(
         GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source) for m in matches.values()
     )
-    return MergeResult(module=merged, groups=reports, timings=timings, config=config, matches=matches)
+    return MergeResult(
+        module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches
+    )

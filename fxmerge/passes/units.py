@@ -114,11 +114,30 @@ def find_units(gm: GraphModule) -> list[Unit]:
     for a, b in zip(chain, chain[1:]):
         between = [n.name for n in nodes[order[a] + 1 : order[b] + 1] if n.op not in ("get_attr",)]
         steps.append((a, b, between))
+    # A step with a layer starts a unit. A layer-free step that changes the shape (pooling,
+    # flatten, token selection) belongs to an "other" unit of its own, so that a block's
+    # structure does not depend on whether it is the last one of the network. A shape-preserving
+    # layer-free step joins the unit before it, except that a norm after a residual block (a
+    # final LayerNorm) also goes to an "other" unit.
     units: list[list[tuple[str, str, list[str]]]] = []
+    kinds: list[str] = []
     for step in steps:
-        has_layer = any(_is_layer(by_name[name], modules) for name in step[2])
-        if has_layer or not units:
+        a, b, names = step
+        has_layer = any(_is_layer(by_name[name], modules) for name in names)
+        reshapes = _shape(by_name[a]) != _shape(by_name[b])
+        has_params = any(_has_parameters(by_name[name], modules) for name in names)
+        if has_layer:
             units.append([step])
+            kinds.append("layer")
+        elif not units:
+            units.append([step])
+            kinds.append("other")
+        elif reshapes or (has_params and not _plain(units[-1], by_name)):
+            if kinds[-1] == "other":
+                units[-1].append(step)
+            else:
+                units.append([step])
+                kinds.append("other")
         else:
             units[-1].append(step)
     result: list[Unit] = []
@@ -127,11 +146,21 @@ def find_units(gm: GraphModule) -> list[Unit]:
         names = tuple(name for step in group for name in step[2])
         residual = any(len(step[2]) > 1 and _has_parallel_paths(by_name, step) for step in group)
         layers = tuple(name for name in names if _is_layer(by_name[name], modules))
-        kind = "residual" if residual else ("plain" if layers else "other")
+        kind = "other" if kinds[index] == "other" else ("residual" if residual else "plain")
         result.append(
             Unit(index, start, end, names, kind, layers, _shape(by_name[start]), _shape(by_name[end]))
         )
     return result
+
+
+def _has_parameters(node: Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return any(True for _ in modules[str(node.target)].parameters())
+    return any(source.op == "get_attr" for source in node.all_input_nodes)
+
+
+def _plain(unit: list[tuple[str, str, list[str]]], by_name: dict[str, Node]) -> bool:
+    return not any(len(step[2]) > 1 and _has_parallel_paths(by_name, step) for step in unit)
 
 
 def _has_parallel_paths(by_name: dict[str, Node], step: tuple[str, str, list[str]]) -> bool:

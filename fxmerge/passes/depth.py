@@ -1,0 +1,307 @@
+"""Depth alignment: extend a shallower model so it is structurally the deeper model.
+
+1. Both models are cut into units along their spines (``units.py``).
+2. A CKA matrix between every deep unit output and every shallow unit output is measured on
+   calibration data (linear CKA, unbiased minibatch HSIC).
+3. The dynamic program (``segmentation.py``) assigns each shallow unit a segment of deep units;
+   the first unit of a segment must have the same structure and shape change, the others must
+   be shape-preserving.
+4. The *extension* is the deep graph carrying the shallow weights: the first unit of segment i
+   gets shallow unit i's weights; every other deep unit becomes an identity — plain units get
+   identity kernels and identity norms, residual units a zeroed residual branch (their last
+   parametric layer before the residual add is set to zero, so ``x + 0`` passes through). The
+   extension is checked to compute exactly what the shallow model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxmerge.errors import IncompatibleModelsError, InvarianceError
+from fxmerge.metrics import CKAAccumulator
+from fxmerge.passes.features import tap_extractor
+from fxmerge.passes.rewrite import load_state_resizing
+from fxmerge.passes.segmentation import Segmentation, segment
+from fxmerge.passes.units import Unit, find_units
+from fxmerge.progress import progress
+
+
+@dataclass(frozen=True)
+class DepthAlignment:
+    """How one shallower model was aligned to the deepest (reference) model.
+
+    ``cka``: (m, n) CKA between deep unit outputs (rows) and shallow unit outputs (columns).
+    ``segmentation``: the optimal segments (deep unit indices per shallow unit).
+    """
+
+    model: int
+    deep_units: tuple[str, ...]
+    shallow_units: tuple[str, ...]
+    cka: np.ndarray
+    segmentation: Segmentation
+
+    @property
+    def segments(self) -> tuple[tuple[int, ...], ...]:
+        return self.segmentation.segments
+
+    @property
+    def objective_value(self) -> float:
+        return self.segmentation.value
+
+
+def _signature(gm: GraphModule, unit: Unit) -> tuple:
+    """The op kinds of a unit's nodes, in order: two units with one signature are isomorphic."""
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kinds = []
+    for name in unit.nodes:
+        node = nodes[name]
+        if node.op == "call_module":
+            kinds.append(("module", type(modules[str(node.target)]).__name__))
+        elif node.op == "call_method":
+            kinds.append(("method", str(node.target)))
+        else:
+            kinds.append((node.op, getattr(node.target, "__name__", str(node.target))))
+    return tuple(kinds)
+
+
+def _shape_change(unit: Unit) -> tuple:
+    """Spatial shapes in and out, and whether the channel count changes (widths may differ)."""
+    (in_shape, out_shape) = unit.shape_change
+    return (len(in_shape), in_shape[1:], out_shape[1:], in_shape[:1] != out_shape[:1], len(out_shape))
+
+
+def compatibility(
+    deep: GraphModule, deep_units: Sequence[Unit], shallow: GraphModule, shallow_units: Sequence[Unit]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(first_ok (m, n), extra_ok (m,)) constraints of the depth DP."""
+    deep_sigs = [(_signature(deep, u), u.kind, _shape_change(u)) for u in deep_units]
+    shallow_sigs = [(_signature(shallow, u), u.kind, _shape_change(u)) for u in shallow_units]
+    first_ok = np.array([[d == s for s in shallow_sigs] for d in deep_sigs], dtype=bool)
+    extra_ok = np.array([u.preserves_shape and u.kind in ("residual", "plain") for u in deep_units], dtype=bool)
+    return first_ok, extra_ok
+
+
+def unit_cka(
+    deep: GraphModule,
+    deep_units: Sequence[Unit],
+    shallow: GraphModule,
+    shallow_units: Sequence[Unit],
+    batches: Sequence[torch.Tensor],
+    *,
+    quiet: bool = False,
+) -> np.ndarray:
+    """(m, n) linear CKA between unit outputs, averaged over calibration batches (unbiased HSIC)."""
+    deep_taps = tap_extractor(deep, [u.end for u in deep_units])
+    shallow_taps = tap_extractor(shallow, [u.end for u in shallow_units])
+    accumulator = CKAAccumulator(len(deep_units), len(shallow_units))
+    with torch.no_grad():
+        for batch in progress(batches, total=len(batches), description="unit CKA", quiet=quiet):
+            rows = [v.reshape(v.shape[0], -1) for v in deep_taps(batch)]
+            cols = [v.reshape(v.shape[0], -1) for v in shallow_taps(batch)]
+            accumulator.update(rows, cols)
+    return accumulator.matrix()
+
+
+def align_depth(
+    deep: GraphModule,
+    shallow: GraphModule,
+    batches: Sequence[torch.Tensor],
+    objective: str,
+    model: int,
+    *,
+    quiet: bool = False,
+) -> DepthAlignment:
+    """Measure CKA between units and solve the depth DP for one shallower model."""
+    deep_units, shallow_units = find_units(deep), find_units(shallow)
+    if len(deep_units) < len(shallow_units):
+        raise IncompatibleModelsError("align_depth: the first model must be the deeper one")
+    first_ok, extra_ok = compatibility(deep, deep_units, shallow, shallow_units)
+    cka = unit_cka(deep, deep_units, shallow, shallow_units, batches, quiet=quiet)
+    segmentation = segment(
+        cka,
+        objective,
+        first_ok,
+        extra_ok,
+        deep_names=[u.end for u in deep_units],
+        shallow_names=[u.end for u in shallow_units],
+    )
+    return DepthAlignment(
+        model, tuple(u.end for u in deep_units), tuple(u.end for u in shallow_units), cka, segmentation
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Extension
+# ------------------------------------------------------------------------------------------------
+
+
+def _unit_targets(gm: GraphModule, unit: Unit) -> list[tuple[str, str]]:
+    """(kind, target) of the modules and get_attr tensors a unit's nodes use, in node order."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    targets: list[tuple[str, str]] = []
+    for name in unit.nodes:
+        node = nodes[name]
+        for source in node.all_input_nodes:
+            if source.op == "get_attr" and ("attr", str(source.target)) not in targets:
+                targets.append(("attr", str(source.target)))
+        if node.op == "call_module" and ("module", str(node.target)) not in targets:
+            targets.append(("module", str(node.target)))
+    return targets
+
+
+def _get_tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
+    value: object = gm
+    for part in qualified.split("."):
+        value = getattr(value, part)
+    return value  # type: ignore[return-value]
+
+
+def _residual_branch_end(gm: GraphModule, unit: Unit) -> str | None:
+    """The module or parameter whose output the residual add reads on the branch side.
+
+    Walks back from the residual add's non-shortcut input to the nearest node with parameters
+    (its last norm/linear): zeroing that layer's weights and biases zeroes the branch.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(gm.named_modules())
+    inside = set(unit.nodes)
+    adds = [nodes[n] for n in unit.nodes if _is_residual_join(nodes[n], inside, unit.start)]
+    if not adds:
+        return None
+    join = adds[-1]
+    branch = [a for a in join.all_input_nodes if a.name != unit.start]
+    current: Node | None = branch[0] if branch else None
+    while current is not None and current.name in inside:
+        if current.op == "call_module" and any(True for _ in modules[str(current.target)].parameters()):
+            return str(current.target)
+        tensors = [a for a in current.all_input_nodes if a.op != "get_attr" and a.name in inside | {unit.start}]
+        if len(tensors) != 1:
+            return None
+        current = tensors[0]
+    return None
+
+
+def _is_residual_join(node: Node, inside: set[str], start: str) -> bool:
+    import operator
+
+    joins = {operator.add, operator.iadd, torch.add}
+    is_add = (node.op == "call_function" and node.target in joins) or (node.op == "call_method" and node.target in ("add", "add_"))
+    return is_add and any(a.name == start for a in node.all_input_nodes)
+
+
+def _identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """A parameter of ``module`` that makes the layer an identity map (for a square layer)."""
+    value = torch.zeros(shape, dtype=like.dtype)
+    if name.endswith("num_batches_tracked"):
+        return like.clone()
+    if isinstance(module, nn.modules.conv._ConvNd) and name == "weight":
+        centre = tuple(k // 2 for k in shape[2:])
+        per_group = shape[1]
+        for c in range(min(shape[0], shape[1] * module.groups)):
+            value[(c, c % per_group) + centre] = 1.0
+        return value
+    if isinstance(module, nn.Linear) and name == "weight":
+        return torch.eye(shape[0], shape[1], dtype=like.dtype)
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        if name == "weight":
+            return torch.ones(shape, dtype=like.dtype)
+        if name == "running_var":
+            return torch.full(shape, 1.0 - module.eps, dtype=like.dtype)
+        return value
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and name == "weight":
+        return torch.ones(shape, dtype=like.dtype)
+    if isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight":
+        embed = shape[1]
+        return torch.cat([torch.eye(embed, dtype=like.dtype)] * (shape[0] // embed), dim=0)
+    if isinstance(module, nn.MultiheadAttention) and name == "out_proj.weight":
+        return torch.eye(shape[0], shape[1], dtype=like.dtype)
+    return value
+
+
+def extend(
+    shallow: GraphModule, deep: GraphModule, alignment: DepthAlignment, example: torch.Tensor
+) -> GraphModule:
+    """The deep graph carrying the shallow model's weights, plus identity units (see module doc).
+
+    The shallow and deep models must have equal widths at every unit boundary of a segment
+    (widths inside inserted units follow the deep model's); ``example`` is used to check that the
+    extension computes what the shallow model computes.
+    """
+    deep_units, shallow_units = find_units(deep), find_units(shallow)
+    extended = copy.deepcopy(deep)
+    state: dict[str, torch.Tensor] = {}
+    deep_state = deep.state_dict()
+    shallow_tensors = dict(shallow.named_parameters()) | dict(shallow.named_buffers())
+    for i, segment_units in enumerate(alignment.segments):
+        first, *extras = segment_units
+        deep_targets = _unit_targets(deep, deep_units[first])
+        shallow_targets = _unit_targets(shallow, shallow_units[i])
+        if [k for k, _ in deep_targets] != [k for k, _ in shallow_targets]:
+            raise IncompatibleModelsError(
+                f"unit '{shallow_units[i].end}' of the shallower model and unit '{deep_units[first].end}' "
+                "of the deeper model use different parameters"
+            )
+        for (kind, deep_target), (_, shallow_target) in zip(deep_targets, shallow_targets):
+            if kind == "attr":
+                state[deep_target] = shallow_tensors[shallow_target].detach().clone()
+                continue
+            prefix = f"{deep_target}."
+            for key in deep_state:
+                if key.startswith(prefix):
+                    state[key] = shallow_tensors[shallow_target + "." + key[len(prefix):]].detach().clone()
+        for j in extras:
+            unit = deep_units[j]
+            zeroed = _residual_branch_end(deep, unit) if unit.kind == "residual" else None
+            if unit.kind == "residual" and zeroed is None:
+                raise IncompatibleModelsError(
+                    f"cannot make deep unit '{unit.end}' an identity: no parametric layer ends its residual branch"
+                )
+            for kind, target in _unit_targets(deep, unit):
+                module = deep.get_submodule(target) if kind == "module" else None
+                names = (
+                    [(f"{target}.{n}", n) for n, _ in module.named_parameters()] + [(f"{target}.{n}", n) for n, _ in module.named_buffers()]
+                    if module is not None
+                    else [(target, target)]
+                )
+                for key, local in names:
+                    like = deep_state[key]
+                    if target == zeroed and like.is_floating_point() and local not in ("running_var", "running_mean"):
+                        state[key] = torch.zeros_like(like)
+                    elif module is not None:
+                        state[key] = _identity_parameter(module, local, like.shape, like)
+                    else:
+                        state[key] = torch.zeros_like(like)
+                if zeroed is not None and target == zeroed and isinstance(module, nn.MultiheadAttention):
+                    for key, _ in names:
+                        if "out_proj" in key:
+                            state[key] = torch.zeros_like(deep_state[key])
+    missing = [key for key in deep_state if key not in state]
+    for key in missing:  # tensors outside every unit (rare): the shallow model's own, by name
+        if key in shallow_tensors:
+            state[key] = shallow_tensors[key].detach().clone()
+        else:
+            raise IncompatibleModelsError(f"no value for '{key}' of the deeper model in the extension")
+    load_state_resizing(extended, state)
+    extended.eval()
+    with torch.no_grad():
+        expected, got = shallow(example), extended(example)
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = ((expected - got).abs().max() / scale).item()
+    if error > 1e-4:
+        raise InvarianceError(
+            f"the depth extension of model {alignment.model} changes its outputs (relative error {error:.2e}): "
+            "an inserted unit is not an identity on these inputs"
+        )
+    return extended
+
+
+def depth_of(gm: GraphModule) -> int:
+    return len(find_units(gm))
