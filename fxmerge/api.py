@@ -19,7 +19,7 @@ from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend
 from fxmerge.passes.features import feature_statistics
 from fxmerge.passes.repair import reset_batchnorm
-from fxmerge.passes.rewrite import load_state_resizing
+from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
 from fxmerge.passes.units import find_units
 from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
@@ -270,6 +270,10 @@ def merge(
     with _timed(timings, "rewrite"):
         merged = copy.deepcopy(graphs[0])
         load_state_resizing(merged, merged_state(analyses, states, matches, params=region))
+        widths = merged_sizes(analyses[0], matches)
+        rewrite_shape_literals(
+            merged, analyses[0].shape_literals, {name: widths[i] for name, i in analyses[0].space_ids.items()}
+        )
         if stop is not None:
             maps = [
                 unmerge_matrices(

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
-        help="train two small models on disjoint digit classes and merge them (CPU, ~1 minute, offline)",
+        help="train two small models on disjoint digit classes and merge them (CPU, under a minute, offline)",
         description=(
             "Train two models of one architecture from different seeds on two disjoint 5-class halves "
             "of scikit-learn's digits (shared CLIP-style class-embedding head), merge them with weight "

@@ -97,6 +97,13 @@ def trace(
             f"({type(error).__name__}: {error}). torch.fx needs control flow that does not "
             f"depend on tensor values. Fix: {fix}"
         ) from error
+    # torch.fx creates the node of a proxy attribute (``x.shape``) lazily, when it is first used.
+    # Formatting it into an assert message (torchvision's ViT) creates it, but the generated code
+    # of the resulting GraphModule never uses it, so re-tracing a GraphModule would drop it and
+    # a model and its traced copy would have different graphs. Dead attribute nodes go here.
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is getattr and not node.users:
+            graph.erase_node(node)
     name = type(model).__name__
     gm = GraphModule(tracer.root, graph, name)
     gm.eval()

@@ -178,6 +178,8 @@ class Analysis:
     warnings: tuple[str, ...] = field(default=())
     layer_channel_groups: frozenset[str] = field(default=frozenset())
     node_layouts: dict[str, tuple[Layout | None, ...]] = field(default_factory=dict)
+    # (heads group, head-channel group, embedding group): size(heads) * size(inner) == size(embedding)
+    head_ties: tuple[tuple[str, str, str], ...] = field(default=())
 
     def group(self, name: str) -> ChannelSpace:
         for group in self.groups:
@@ -243,6 +245,7 @@ class _Analyzer:
         self.taps: list[tuple[str, int, Layout]] = []
         self.channel_layouts: list[Layout] = []
         self.node_dims: dict[str, tuple[Layout, ...]] = {}
+        self.ties: list[tuple[int, int, int]] = []
         self.literals: list[tuple[str, tuple[int | str, ...], int, Layout]] = []
 
     # -- helpers --------------------------------------------------------------------------------
@@ -641,14 +644,13 @@ class _Analyzer:
 
     def _record_literals(self, node: Node, result: _Tensor) -> None:
         """Remember integer size arguments that equal a channel extent (a width change rewrites them)."""
-        if node.op != "call_method" or str(node.target) not in ("view", "reshape", "expand", "unflatten"):
+        is_method = node.op == "call_method" and str(node.target) in ("view", "reshape", "expand")
+        if not (is_method or (node.op == "call_function" and node.target is torch.reshape)):
             return
         sizes = node.args[1:]
         base = 1
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes, base = tuple(sizes[0]), None  # type: ignore[assignment]
-        if str(node.target) == "unflatten":
-            return
         for k, value in enumerate(sizes):
             if isinstance(value, int) and value > 1 and k < len(result.dims):
                 layout = result.dims[k]
@@ -1050,6 +1052,14 @@ class _Analyzer:
         return self.preserve(x)
 
     # -- attention ----------------------------------------------------------------------------------
+    def tie_heads(self, heads: int, inners: Sequence[int], embedding: Layout) -> None:
+        """Record that heads x head width must equal the embedding width (the layer computes
+        head_dim = embed_dim // num_heads), so a width change keeps them consistent."""
+        spaces = self.table.spaces_of(embedding)
+        if len(embedding) == 1 and len(spaces) == 1:
+            for inner in inners:
+                self.ties.append((heads, inner, spaces[0]))
+
     def _head_spaces(self, prefix: str, heads: int, head_dim: int) -> tuple[int, int, int]:
         table = self.table
         return (
@@ -1064,6 +1074,7 @@ class _Analyzer:
         target = str(node.target)
         p = lambda attr: f"{target}.{attr}"  # noqa: E731
         heads_space, qk, vv = self._head_spaces(target, module.num_heads, module.head_dim)
+        self.tie_heads(heads_space, (qk, vv), q.dims[-1])
         qk_layout: Layout = ((heads_space, qk),)
         v_layout: Layout = ((heads_space, vv),)
         for mask_key, position in (("key_padding_mask", 3), ("attn_mask", 5)):
@@ -1145,6 +1156,7 @@ class _Analyzer:
         if names["qkv_weight"] is None or names["proj_weight"] is None:
             return self.fail_closed(node, "window attention with computed weights")
         heads_space, qk, vv = self._head_spaces(node.name, heads, channels // heads)
+        self.tie_heads(heads_space, (qk, vv), x.dims[-1])
         rows: Layout = ((heads_space, qk), (heads_space, qk), (heads_space, vv))
         self.layer_axis(rows)
         self.layer_axis(x.dims[-1])
@@ -1327,6 +1339,11 @@ class _Analyzer:
             warnings=tuple(self.warnings),
             layer_channel_groups=frozenset(names[s] for s in used if s in layer_channels),
             node_layouts=node_layouts,
+            head_ties=tuple(
+                (names[table.find(h)], names[table.find(i)], names[table.find(e)])
+                for h, i, e in self.ties
+                if all(table.find(x) in names for x in (h, i, e))
+            ),
         )
 
 

@@ -160,6 +160,14 @@ def _update_layer_attributes(module: torch.nn.Module) -> None:
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        else:
+            module.embed_dim = module.q_proj_weight.shape[1]
+            module.kdim, module.vdim = module.k_proj_weight.shape[1], module.v_proj_weight.shape[1]
+        module.head_dim = module.out_proj.weight.shape[1] // module.num_heads
+        module.out_proj.out_features, module.out_proj.in_features = module.out_proj.weight.shape
 
 
 def load_state_resizing(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -185,3 +193,45 @@ def load_state_resizing(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
         touched.add(owner_name)
     for name in touched:
         _update_layer_attributes(gm.get_submodule(name) if name else gm)
+
+
+def rewrite_shape_literals(gm: torch.fx.GraphModule, literals, sizes_by_name: Mapping[str, int]) -> int:
+    """Set every recorded integer size argument to the extent its layout has at the new widths.
+
+    ``literals``: ``ShapeLiteral``s of the reference analysis; ``sizes_by_name``: group name ->
+    merged width. Returns the number of arguments changed.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = 0
+    for literal in literals:
+        node = nodes.get(literal.node)
+        if node is None:
+            continue
+        value = sum(
+            _product(factor if isinstance(factor, int) else sizes_by_name[factor] for factor in piece)
+            for piece in literal.layout
+        )
+        if value == literal.value:
+            continue
+        node.args = _replace_at(node.args, literal.path, value) if isinstance(literal.path[0], int) else node.args
+        if isinstance(literal.path[0], str):
+            kwargs = dict(node.kwargs)
+            kwargs[literal.path[0]] = _replace_at(kwargs[literal.path[0]], literal.path[1:], value)
+            node.kwargs = kwargs
+        changed += 1
+    return changed
+
+
+def _product(values) -> int:
+    total = 1
+    for v in values:
+        total *= v
+    return total
+
+
+def _replace_at(container, path, value):
+    if not path:
+        return value
+    items = list(container)
+    items[path[0]] = _replace_at(items[path[0]], path[1:], value)
+    return type(container)(items) if not isinstance(container, list) else items

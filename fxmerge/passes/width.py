@@ -58,7 +58,8 @@ def resolve_width(spec: WidthSpec, name: str, sizes: Sequence[int]) -> int:
     elif isinstance(spec, int):
         width = spec
     elif isinstance(spec, float):
-        width = int(round(spec * max(sizes)))
+        # a multiple of the largest width, capped at keeping every unit (zipping never splits one)
+        width = min(max(int(round(spec * max(sizes))), 1), sum(sizes))
     else:
         raise ConfigError(f"width={spec!r}: expected 'max', 'min', an int, a float multiple of the largest width, or a dict")
     if not 1 <= width <= sum(sizes):
@@ -316,9 +317,19 @@ def _match_structure(
             head_merge[k][t, pairing[k, t]] = 1.0 / count
             head_unmerge[k][pairing[k, t], t] = 1.0
     results.append(GroupMatch(structure.outer, blocks, h, False, None, "blocks paired", head_merge, head_unmerge))
+    ties = {inner: embedding for outer, inner, embedding in analyses[0].head_ties if outer == structure.outer}
     for inner in structure.inners:
         sizes = inner_sizes[inner]
         target = resolve_width(width, inner, sizes)
+        if inner in ties and ties[inner] in done:
+            # an attention layer computes head_dim = embed_dim // num_heads: follow the embedding
+            embedding_width = done[ties[inner]].width
+            if embedding_width % h:
+                raise ConfigError(
+                    f"{inner}: merged embedding width {embedding_width} of {ties[inner]} is not divisible by "
+                    f"{h} heads; choose a width that is"
+                )
+            target = embedding_width // h
         sim = similarities[inner]
         offsets = np.concatenate(([0], np.cumsum([h * d for d in sizes])))
         merge_mats = [torch.zeros(h * target, h * d, dtype=torch.float64) for d in sizes]
