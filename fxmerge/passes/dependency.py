@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -791,6 +792,11 @@ class _Analyzer:
         if not (isinstance(a, _Tensor) and isinstance(b, _Tensor)) or a.ndim < 2 or b.ndim < 1:
             return self.fail_closed(node, "matmul of this rank")
         shape = self.meta_shape(node)
+        # a parameter read through its contracted axis (x @ W, W @ x) consumes channels there
+        for position, axis in ((0, a.ndim - 1), (1, max(b.ndim - 2, 0))):
+            name = self._attr_name(node.args[position]) if len(node.args) > position else None
+            if name is not None:
+                self.set_role(name, axis, "in")
         if b.ndim == 1:
             self.unify(a.dims[-1], b.dims[0], node)
             return _Tensor(tuple(shape), list(a.dims[:-1]))
@@ -1252,7 +1258,13 @@ class _Analyzer:
         names: dict[int, str] = {}
         taken: set[str] = set()
         for space in sorted(used):
-            base = table.hints[space].replace(".weight[0]", ":out").replace(".weight[1]", ":in")
+            # "conv.weight[0]" -> "conv:out": name a weight axis by its role (an embedding's or a
+            # transposed conv's axes are not the (out, in) of a conv or linear layer)
+            base = re.sub(
+                r"^(.*)\.weight\[(\d+)\]",
+                lambda m: f"{m[1]}:{param_roles.get(m[1] + '.weight', ('out',) * (int(m[2]) + 1))[int(m[2])]}",
+                table.hints[space],
+            )
             name, suffix = base, 1
             while name in taken:
                 suffix += 1

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmerge.errors import IncompatibleModelsError, InvarianceError
 from fxmerge.metrics import CKAAccumulator
@@ -73,9 +74,18 @@ def _signature(gm: GraphModule, unit: Unit) -> tuple:
 
 
 def _shape_change(unit: Unit) -> tuple:
-    """Spatial shapes in and out, and whether the channel count changes (widths may differ)."""
-    (in_shape, out_shape) = unit.shape_change
-    return (len(in_shape), in_shape[1:], out_shape[1:], in_shape[:1] != out_shape[:1], len(out_shape))
+    """The shapes in and out without their channel dims, and whether the channel count changes:
+    what two units of models of different widths must share to be aligned."""
+
+    def without_channels(shape: tuple[int, ...]) -> tuple[int, ...]:
+        channel = _channel_dim(shape)
+        return shape[:channel] + shape[channel + 1 :] if shape else shape
+
+    return (
+        without_channels(unit.in_shape),
+        without_channels(unit.out_shape),
+        _channels(unit.in_shape) != _channels(unit.out_shape),
+    )
 
 
 def compatibility(
@@ -226,14 +236,66 @@ def _identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: t
     return value
 
 
+def _channel_dim(shape: tuple[int, ...]) -> int:
+    """Channel dim of an activation: 1 for (N, C) and image batches (N, C, ...), -1 for tokens (N, L, C)."""
+    return 1 if len(shape) in (2, 4, 5) else len(shape) - 1
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    return shape[_channel_dim(shape)] if shape else 0
+
+
+def _resizer(deep_width: int, shallow_width: int):
+    """Maps a deep unit's channel extent to the shallow model's: the stream width exactly, others
+    (hidden widths) scaled by the same ratio, so an inserted identity unit fits the shallow model."""
+    ratio = shallow_width / deep_width
+
+    def resize(size: int) -> int:
+        return shallow_width if size == deep_width else max(1, round(size * ratio))
+
+    return resize
+
+
+def _resized_shape(module: nn.Module | None, shape: torch.Size, resize) -> torch.Size:
+    if not shape or (module is not None and not shape[0] > 1 and len(shape) == 1):
+        return shape
+    if isinstance(module, nn.modules.conv._ConvNd):
+        in_axis = resize(shape[1] * module.groups) // module.groups if module.groups > 1 else resize(shape[1])
+        return torch.Size((resize(shape[0]), in_axis, *shape[2:]))
+    if module is None or isinstance(module, (nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):
+        return torch.Size(resize(s) if s > 1 else s for s in shape)
+    return shape
+
+
+def _rewrite_literals_for_widths(deep: GraphModule, extended: GraphModule) -> None:
+    """Shape literals of the deep graph (``reshape(x, n, 768, -1)``) at the extension's widths."""
+    from fxmerge.passes.dependency import analyze_graph, state_name_map
+    from fxmerge.passes.rewrite import rewrite_shape_literals
+
+    analysis = analyze_graph(deep, state_name_map(deep))
+    if not analysis.shape_literals:
+        return
+    tensors = dict(extended.named_parameters()) | dict(extended.named_buffers())
+    sizes: dict[str, int] = {}
+    for group in analysis.groups:
+        for ref in group.producers + group.consumers:
+            if ref.layout == ((group.name,),) and ref.param in tensors:
+                sizes[group.name] = tensors[ref.param].shape[ref.axis]
+                break
+        else:
+            sizes[group.name] = group.size
+    rewrite_shape_literals(extended, analysis.shape_literals, sizes)
+    extended.recompile()
+
+
 def extend(
     shallow: GraphModule, deep: GraphModule, alignment: DepthAlignment, example: torch.Tensor
 ) -> GraphModule:
     """The deep graph carrying the shallow model's weights, plus identity units (see module doc).
 
-    The shallow and deep models must have equal widths at every unit boundary of a segment
-    (widths inside inserted units follow the deep model's); ``example`` is used to check that the
-    extension computes what the shallow model computes.
+    Inserted units take the shallow model's width at their position (their hidden widths scale
+    with it); ``example`` is used to check that the extension computes what the shallow model
+    computes (``InvarianceError`` otherwise).
     """
     deep_units, shallow_units = find_units(deep), find_units(shallow)
     extended = copy.deepcopy(deep)
@@ -257,8 +319,10 @@ def extend(
             for key in deep_state:
                 if key.startswith(prefix):
                     state[key] = shallow_tensors[shallow_target + "." + key[len(prefix):]].detach().clone()
+        shallow_channels = _channels(shallow_units[i].out_shape)
         for j in extras:
             unit = deep_units[j]
+            resize = _resizer(_channels(unit.in_shape), shallow_channels)
             zeroed = _residual_branch_end(deep, unit) if unit.kind == "residual" else None
             if unit.kind == "residual" and zeroed is None:
                 raise IncompatibleModelsError(
@@ -273,16 +337,18 @@ def extend(
                 )
                 for key, local in names:
                     like = deep_state[key]
-                    if target == zeroed and like.is_floating_point() and local not in ("running_var", "running_mean"):
-                        state[key] = torch.zeros_like(like)
+                    shape = _resized_shape(module, like.shape, resize)
+                    zero_all = target == zeroed and not isinstance(module, nn.MultiheadAttention)
+                    if zero_all and like.is_floating_point() and local not in ("running_var", "running_mean"):
+                        state[key] = torch.zeros(shape, dtype=like.dtype)
                     elif module is not None:
-                        state[key] = _identity_parameter(module, local, like.shape, like)
+                        state[key] = _identity_parameter(module, local, shape, like)
                     else:
-                        state[key] = torch.zeros_like(like)
+                        state[key] = torch.zeros(shape, dtype=like.dtype)
                 if zeroed is not None and target == zeroed and isinstance(module, nn.MultiheadAttention):
                     for key, _ in names:
                         if "out_proj" in key:
-                            state[key] = torch.zeros_like(deep_state[key])
+                            state[key] = torch.zeros_like(state[key])
     missing = [key for key in deep_state if key not in state]
     for key in missing:  # tensors outside every unit (rare): the shallow model's own, by name
         if key in shallow_tensors:
@@ -290,8 +356,10 @@ def extend(
         else:
             raise IncompatibleModelsError(f"no value for '{key}' of the deeper model in the extension")
     load_state_resizing(extended, state)
+    _rewrite_literals_for_widths(deep, extended)
     extended.eval()
     with torch.no_grad():
+        ShapeProp(extended).propagate(example)  # the deep graph's shapes, at the shallow widths
         expected, got = shallow(example), extended(example)
     scale = expected.abs().max().clamp_min(1e-12)
     error = ((expected - got).abs().max() / scale).item()

@@ -67,6 +67,7 @@ class GroupStatistics:
     correlation: np.ndarray
     taps: tuple[str, ...]
     samples: int
+    constant: np.ndarray  # (N,) bool: units constant at every tap (dead on the calibration data)
 
 
 def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4) -> list[Tap]:
@@ -113,15 +114,18 @@ def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
     return extractor
 
 
+def _constant_units(moments: RunningMoments) -> torch.Tensor:
+    variance = torch.diagonal(moments.covariance())
+    return variance <= 1e-12 * variance.max().clamp_min(1e-30)
+
+
 def _similarity(moments: RunningMoments) -> torch.Tensor:
     """Correlation, with one addition: units that are constant on the calibration data (dead
     ReLUs) at the same value are identical features, so their similarity is 1 (correlation
     alone says 0 and would let a matcher merge a live unit into a dead one first)."""
     cov = moments.covariance()
     corr = correlation(cov)
-    variance = torch.diagonal(cov)
-    scale = variance.max().clamp_min(1e-30)
-    constant = variance <= 1e-12 * scale
+    constant = _constant_units(moments)
     if constant.any():
         means = moments.mean[constant]
         same = (means[:, None] - means[None, :]).abs() <= 1e-6 * (1 + means.abs().max())
@@ -189,6 +193,7 @@ def feature_statistics(
             correlation=corr.cpu().numpy(),
             taps=tuple(t.node for t in taps),
             samples=moments[(group.name, taps[0].node)].count,
+            constant=torch.stack([_constant_units(moments[(group.name, t.node)]) for t in taps]).all(0).cpu().numpy(),
         )
     return result
 

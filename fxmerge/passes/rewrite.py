@@ -12,6 +12,7 @@ W* = M W U for a weight (out, in). For a permutation both are the same index.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +25,19 @@ Transform = torch.Tensor  # (n,) long index, or (r, n) floating matrix
 def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torch.Tensor:
     if transform.dim() == 1:
         return segment.index_select(dim, transform.to(segment.device))
+    nonzero = transform != 0
+    if bool((nonzero.sum(dim=0) <= 1).all()):
+        # merge/unmerge matrices of clusters have one entry per input unit: a weighted scatter-add
+        # replaces a dense (r, n) matmul over the whole tensor
+        rows, columns = nonzero.nonzero(as_tuple=True)
+        weights = transform[rows, columns].to(segment.dtype)
+        picked = segment.index_select(dim, columns.to(segment.device))
+        shape = [1] * segment.dim()
+        shape[dim] = -1
+        picked = picked * weights.reshape(shape)
+        out_shape = list(segment.shape)
+        out_shape[dim] = transform.shape[0]
+        return segment.new_zeros(out_shape).index_add_(dim, rows.to(segment.device), picked)
     moved = segment.movedim(dim, -1)
     result = moved @ transform.to(device=segment.device, dtype=segment.dtype).T
     return result.movedim(-1, dim)
@@ -122,9 +136,16 @@ def transform_state_dict(
     in_transforms: Mapping[int, Transform],
     sizes: Mapping[int, int],
 ) -> dict[str, torch.Tensor]:
-    """A new state dict with every analysed parameter transformed (tied names transformed once)."""
+    """A new state dict with every analysed parameter transformed (tied names transformed once).
+
+    The module versions that ``state_dict()`` records in ``_metadata`` are kept: some modules
+    (torchvision's MNASNet, BatchNorm of old checkpoints) read them in ``load_state_dict``.
+    """
     done: dict[str, torch.Tensor] = {}
-    result: dict[str, torch.Tensor] = {}
+    result: dict[str, torch.Tensor] = OrderedDict()
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        result._metadata = metadata  # type: ignore[attr-defined]
     for key, value in state.items():
         canonical = aliases.get(key, key)
         if canonical not in param_layouts:

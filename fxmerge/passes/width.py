@@ -23,6 +23,10 @@ from fxmerge.passes.rewrite import _piece_transformed, transform_axis, transform
 
 WidthSpec = str | int | float | Mapping[str, int]
 
+# Weight of weight-space similarity when it only breaks ties between units that activations
+# cannot tell apart; small enough never to reorder units that activations do distinguish.
+_TIE_BREAK = 1e-3
+
 
 @dataclass(frozen=True)
 class GroupMatch:
@@ -296,7 +300,7 @@ def _match_structure(
     # composite units are block-major: unit (b, j) of model k is offset_k + b * d_k + j
     pairing = np.tile(np.arange(h), (count, 1))
     usable = {d: s for d, s in similarities.items() if s is not None}
-    if usable:
+    if usable and method != "average":
         for k in range(1, count):
             scores = np.zeros((h, h))
             for inner, sim in usable.items():
@@ -338,9 +342,11 @@ def _match_structure(
         for t in range(h):
             units = np.concatenate([offsets[k] + pairing[k, t] * sizes[k] + np.arange(sizes[k]) for k in range(count)])
             if sim is None:
-                if len(set(sizes)) != 1:
-                    raise ConfigError(f"{inner}: no weights to match unequal widths {sizes}")
-                block_sim, matcher = np.eye(len(units)), "average"
+                # nothing to compare (e.g. an inserted identity unit): keep the order when the
+                # widths agree, otherwise any valid zipping is as good as another
+                same = len(set(sizes)) == 1 and target == sizes[0]
+                block_sim = np.eye(len(units)) if same else np.zeros((len(units), len(units)))
+                matcher = "average" if same else method
             else:
                 block_sim, matcher = sim[np.ix_(units, units)], method
             pairs = match(block_sim, list(sizes), target, method=matcher, alpha=alpha, beta=beta)
@@ -385,7 +391,7 @@ def match_groups(
     """
     results: dict[str, GroupMatch] = {}
     matcher = "zip" if method == "mudsc" else method
-    structures = {} if method == "average" else {s.outer: s for s in find_structures(analyses[0])}
+    structures = {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
     for group in analyses[0].groups:
         if include is not None and group.name not in include:
@@ -410,21 +416,25 @@ def match_groups(
             continue
         activation = statistics.get(group.name)
         weights = None
-        if method == "mudsc" or activation is None:
+        ties = activation is not None and bool(activation.constant.any())
+        if method == "mudsc" or activation is None or ties:
             weights = weight_similarity(group.name, analyses, states, results)
         matcher_for_group = matcher
         if activation is not None and weights is not None and method == "mudsc":
             similarity = balance * weights + (1 - balance) * activation.correlation
             source = f"mudsc(balance={balance})"
+        elif activation is not None and ties and weights is not None:
+            # units constant on the calibration data (dead) all look alike: their weights decide
+            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
         elif activation is not None:
             similarity, source = activation.correlation, "activations"
         elif weights is not None:
             similarity, source = weights, "weights"
-        elif len(set(sizes)) == 1:
-            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
         else:
-            raise ConfigError(f"group {group.name}: no features and no weights to match unequal widths {sizes}")
+            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
         target = resolve_width(width, group.name, sizes)
+        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
+            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
         pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
         results[group.name] = GroupMatch(
             group.name,

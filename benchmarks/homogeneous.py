@@ -1,0 +1,185 @@
+"""Merging two models of the same architecture trained on different tasks (digits, ZipIt protocol).
+
+Usage:
+    python benchmarks/homogeneous.py [--seeds 0 1 2] [--out benchmarks/results] [--epochs 10]
+
+For every seed and family (a ResNet pair and a VGG pair, see ``fxmerge.experiments.FAMILIES``):
+train model A on digits task a and model B on task b (different initialisations, shared
+CLIP-style head), merge [A, B] with average, permute, zip and MuDSC (balance 0.5), and evaluate
+joint (10-way) and per-task (5-way) test accuracy. Writes ``homogeneous.md`` (mean ± sample std
+over seeds) and ``homogeneous.json`` (every per-seed number, the protocol, the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Run from a checkout without installing: make the repository's fxmerge importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fxmerge.experiments import FAMILIES, Row, compare, train_task_models  # noqa: E402
+
+METHODS = ("average", "permute", "zip", "mudsc")
+COLUMNS = ("joint", "task_a", "task_b", "average")
+HEADERS = ("joint", "task A", "task B", "avg")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--families", nargs="+", default=["resnet", "vgg"], choices=sorted(FAMILIES))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--name", default="homogeneous", help="output file stem (default homogeneous)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--embed-dim", type=int, default=32)
+    parser.add_argument("--width-multiplier", type=float, default=1.0)
+    parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--balance", type=float, default=0.5, help="MuDSC weight-vs-activation factor")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[int, list[Row]]]:
+    """family -> seed -> rows (Task A model, Task B model, then one per method)."""
+    results: dict[str, dict[int, list[Row]]] = {}
+    for family in args.families:
+        factory = functools.partial(FAMILIES[family], width_multiplier=args.width_multiplier)
+        results[family] = {}
+        for seed in args.seeds:
+            start = time.perf_counter()
+            models = train_task_models(factory, factory, seed=seed, epochs=args.epochs, embed_dim=args.embed_dim)
+            rows = compare(
+                models, METHODS, calibration_batches=args.calibration_batches, seed=seed,
+                alpha=args.alpha, beta=args.beta, balance=args.balance,
+            )
+            results[family][seed] = rows
+            print(f"{family} seed {seed}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return results
+
+
+def _by_name(rows: list[Row]) -> dict[str, Row]:
+    return {row.name: row for row in rows}
+
+
+def checks(rows: list[Row]) -> dict[str, bool]:
+    """The claims the benchmark tests, for one seed."""
+    named = _by_name(rows)
+    best_single = max(named["Task A model"].average, named["Task B model"].average)
+    return {
+        "zip_avg_beats_best_single": named["Zip"].average > best_single,
+        "zip_avg_beats_permute": named["Zip"].average > named["Permute"].average,
+        "zip_joint_beats_average": named["Zip"].joint > named["Average"].joint,
+        "zip_joint_beats_best_single": named["Zip"].joint > max(named["Task A model"].joint, named["Task B model"].joint),
+    }
+
+
+def markdown(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace, machine: dict) -> str:
+    seeds = args.seeds
+    lines = [
+        "# Homogeneous merging on digits (two tasks, same architecture)",
+        "",
+        "Produced by `python benchmarks/homogeneous.py` "
+        f"(seeds {' '.join(map(str, seeds))}, {args.epochs} epochs, embedding dim {args.embed_dim}, "
+        f"width multiplier {args.width_multiplier}, {args.calibration_batches} calibration batches of 64, "
+        f"alpha {args.alpha}, beta {args.beta}, MuDSC balance {args.balance}).",
+        "",
+        "Protocol (`fxmerge.experiments`): scikit-learn digits, 10 classes split into two disjoint "
+        "5-class tasks per seed; model A trained on task A, model B on task B, from different "
+        "initialisations, both with one fixed CLIP-style class-embedding head. Test accuracy in %: "
+        "joint = argmax over all 10 classes, task A/B = argmax within the task's own classes, "
+        f"avg = mean of task A and B. Mean ± sample std over {len(seeds)} seeds; per-seed numbers in "
+        "the JSON file. Merges use the training inputs of both tasks as calibration data (no labels); "
+        "zip is full zipping (no partial zipping).",
+        "",
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+        f"{machine['torch_threads']} torch thread(s).",
+    ]
+    for family, per_seed in results.items():
+        names = [row.name for row in next(iter(per_seed.values()))]
+        lines += ["", f"## {family}", "", "| model | " + " | ".join(HEADERS) + " | merge time (s) |",
+                  "|---|" + "---:|" * (len(HEADERS) + 1)]
+        for index, name in enumerate(names):
+            cells = []
+            for column in COLUMNS:
+                values = 100 * np.array([getattr(per_seed[s][index], column) for s in seeds])
+                cells.append(f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}")
+            seconds = [per_seed[s][index].seconds for s in seeds]
+            time_cell = "-" if seconds[0] is None else f"{np.mean(seconds):.2f}"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {time_cell} |")
+        per_seed_checks = {s: checks(per_seed[s]) for s in seeds}
+        lines += [""]
+        for claim in next(iter(per_seed_checks.values())):
+            held = [s for s in seeds if per_seed_checks[s][claim]]
+            lines.append(f"- `{claim}`: holds for {len(held)}/{len(seeds)} seeds")
+    return "\n".join(lines) + "\n"
+
+
+def source_info() -> dict:
+    """The git commit of the checkout and the files of the package that differ from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "--", "fxmerge").splitlines()}
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = run(args)
+    total = time.perf_counter() - start
+    machine = machine_info()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {
+        "config": config,
+        "machine": machine,
+        "source": source_info(),
+        "total_seconds": total,
+        "results": {
+            family: {
+                str(seed): {"rows": [dataclasses.asdict(row) for row in rows], "checks": checks(rows)}
+                for seed, rows in per_seed.items()
+            }
+            for family, per_seed in results.items()
+        },
+    }
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(results, args, machine)
+    (args.out / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Figures of a merge: the depth alignment (CKA matrix with its segmentation) and the groups.
+
+matplotlib is imported only inside the functions, with the object-oriented Agg canvas (no pyplot,
+no global backend switch), so ``import fxmerge`` works without matplotlib and plotting works on
+a machine without a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fxmerge.errors import ConfigError
+
+__all__ = ["plot_alignment", "plot_groups"]
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - matplotlib is an optional dependency
+        raise ImportError("fxmerge.plots needs matplotlib: pip install matplotlib") from error
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _short(name: str, limit: int = 22) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
+def plot_alignment(alignment: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw ``alignment.cka`` (deep units as rows, shallow units as columns) with its segmentation.
+
+    alignment: a ``fxmerge.passes.depth.DepthAlignment`` (one entry of ``MergeResult.alignment``),
+        or anything with ``cka`` (m, n), ``segments`` (n tuples of deep unit indices),
+        ``deep_units`` / ``shallow_units`` (unit names) and optionally ``segmentation.objective``
+        and ``objective_value``.
+    path: the PNG to write (parent folders are created).
+
+    Every segment i is outlined as a box over the cells (j, i), j in segment i; its first unit
+    (the deep unit merged with the shallow model's real unit i) is marked with a filled circle,
+    the other units (merged with inserted identity units) with small open circles. Cell values
+    are printed when the matrix is small. Returns the path written.
+    """
+    if isinstance(alignment, (tuple, list)):
+        raise ConfigError(
+            "plot_alignment takes one DepthAlignment; MergeResult.alignment is a tuple (one per shallower "
+            "model): pass result.alignment[0]"
+        )
+    cka = np.asarray(alignment.cka, dtype=np.float64)
+    if cka.ndim != 2:
+        raise ConfigError(f"alignment.cka must be a 2-D (deep, shallow) matrix, got shape {cka.shape}")
+    m, n = cka.shape
+    segments = [tuple(int(j) for j in s) for s in alignment.segments]
+    if len(segments) != n:
+        raise ConfigError(f"the alignment has {len(segments)} segments for {n} shallow units")
+    deep_names = list(getattr(alignment, "deep_units", None) or [str(j) for j in range(m)])
+    shallow_names = list(getattr(alignment, "shallow_units", None) or [str(i) for i in range(n)])
+
+    from matplotlib.patches import Rectangle
+
+    figure = _figure(max(4.5, 1.6 + 0.55 * n), max(3.8, 1.4 + 0.36 * m))
+    axes = figure.add_subplot(1, 1, 1)
+    low = min(0.0, float(np.floor(cka.min() * 10) / 10))
+    image = axes.imshow(cka, cmap="viridis", vmin=low, vmax=max(1.0, float(cka.max())), aspect="auto", interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
+    colorbar.set_label("linear CKA (unbiased)")
+
+    if m * n <= 400:
+        for j in range(m):
+            for i in range(n):
+                value = cka[j, i]
+                shade = (value - low) / (max(1.0, float(cka.max())) - low)
+                axes.text(i - 0.1, j, f"{value:.2f}", ha="center", va="center", fontsize=6.5,
+                          color="black" if shade > 0.6 else "white", alpha=0.85)
+
+    for i, segment in enumerate(segments):
+        if not segment:
+            continue
+        top = min(segment) - 0.5
+        axes.add_patch(Rectangle((i - 0.5, top), 1.0, len(segment), fill=False, edgecolor="#ff3b30", linewidth=2.0))
+        first, *extras = segment
+        axes.plot([i + 0.32], [first], marker="o", markersize=6.5, color="#ff3b30", markeredgecolor="white", linestyle="none")
+        if extras:
+            axes.plot([i + 0.32] * len(extras), extras, marker="o", markersize=4.5, markerfacecolor="none",
+                      markeredgecolor="#ff3b30", linestyle="none")
+
+    axes.set_xticks(range(n))
+    axes.set_xticklabels([f"{i}: {_short(s)}" for i, s in enumerate(shallow_names)], rotation=45, ha="right", fontsize=7.5)
+    axes.set_yticks(range(m))
+    axes.set_yticklabels([f"{j}: {_short(s)}" for j, s in enumerate(deep_names)], fontsize=7.5)
+    axes.set_xlabel("shallow model units (columns)")
+    axes.set_ylabel("deep model units (rows)")
+    segmentation = getattr(alignment, "segmentation", None)
+    objective = getattr(segmentation, "objective", None)
+    value = getattr(alignment, "objective_value", None)
+    subtitle = ""
+    if objective is not None:
+        subtitle = f"{str(objective).upper()} segmentation" + (f", objective {value:.3f}" if value is not None else "")
+    heading = title if title is not None else "Depth alignment"
+    axes.set_title(f"{heading}\n{subtitle}\n(box: segment; ● first unit = real shallow unit, ○ inserted identity)"
+                   if subtitle else heading, fontsize=9)
+    axes.set_xlim(-0.5, n - 0.5)
+    axes.set_ylim(m - 0.5, -0.5)
+    return _save(figure, path)
+
+
+def plot_groups(result: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Bar charts of ``result.groups``: merged width per group (with the models' input widths
+    marked) and the mean similarity of the merged units (fixed groups have none: shown grey).
+
+    result: a ``MergeResult`` (or any object with ``groups``: GroupReport-like items with
+        ``name``, ``sizes``, ``width``, ``fixed``, ``similarity``). Returns the path written.
+    """
+    groups: Sequence[Any] = list(getattr(result, "groups", result))
+    if not groups:
+        raise ConfigError("plot_groups: the result has no groups")
+    count = len(groups)
+    positions = np.arange(count)
+    widths = np.array([g.width for g in groups], dtype=float)
+    similarities = np.array([np.nan if g.similarity is None else float(g.similarity) for g in groups])
+    fixed = np.array([bool(g.fixed) for g in groups])
+
+    figure = _figure(max(6.0, 1.5 + 0.32 * count), 5.2)
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.1, 1.0]})
+    colours = np.where(fixed, "#b0b0b0", "#3a78c2")
+    top.bar(positions, widths, color=colours, width=0.75, label="merged width")
+    num_models = max(len(g.sizes) for g in groups)
+    markers = ["v", "^", "s", "D", "P"]
+    for k in range(num_models):
+        sizes = [g.sizes[k] if k < len(g.sizes) else np.nan for g in groups]
+        top.plot(positions, sizes, linestyle="none", marker=markers[k % len(markers)], markersize=4,
+                 color="black", alpha=0.7, label=f"model {k} width")
+    top.set_ylabel("channels")
+    top.set_ylim(0, 1.3 * float(np.nanmax([widths.max(), *[s for g in groups for s in g.sizes]])))
+    top.legend(fontsize=7, loc="upper left", ncols=min(4, num_models + 1))
+    top.set_title(title or "Merged groups (grey: fixed groups, kept as they are)", fontsize=9)
+
+    shown = ~np.isnan(similarities)
+    bottom.bar(positions[shown], similarities[shown], color="#e08a2c", width=0.75)
+    bottom.set_ylabel("mean similarity\nof merged units")
+    finite = similarities[shown]
+    bottom.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0), 1.0)
+    for x in positions[~shown]:
+        bottom.text(x, 0.02, "fixed" if fixed[x] else "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
+    bottom.set_xticks(positions)
+    bottom.set_xticklabels([_short(g.name, 28) for g in groups], rotation=60, ha="right", fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,0 +1,151 @@
+"""Shared helpers for the analysis / invariance tests.
+
+The central check is ``assert_invariant``: permute every free group of a model (with
+permutations that are never the identity), then require
+
+* the outputs to agree in eval mode to ``rtol`` relative to the output scale,
+* every state tensor to change exactly when one of its axes carries a free group of size > 1
+  (and to stay bit-identical otherwise), and at least one tensor to change.
+
+Models are first passed through ``randomize_``: many default inits are constants (zero biases,
+LayerNorm weight 1, BatchNorm running stats 0/1, ViT's zero head, ConvNeXt's layer scale), and a
+parameter that should have been permuted but was not would go unnoticed while it is constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from fxmerge.groups import Opaque
+from fxmerge.passes.dependency import Analysis, analyze
+from fxmerge.testing import permute_model, random_permutations
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Overwrite EVERY floating parameter and buffer with random values, in place; returns the model.
+
+    Matrices/kernels get N(0, 1/fan_in) (so deep nets stay finite), vectors (biases, norm
+    weights, running means, layer scales) N(0, 0.5^2); BatchNorm running variances are drawn
+    from U(0.5, 1.5) (they must stay positive). Integer buffers (num_batches_tracked, index
+    tables) are left alone.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tensors = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True))
+        for name, tensor in tensors:
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                value = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + 0.5
+            elif tensor.dim() >= 2:
+                fan_in = max(1, tensor[0].numel())
+                value = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) / fan_in**0.5
+            else:
+                value = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.5
+            tensor.copy_(value)
+    return model
+
+
+def free_spaces(analysis: Analysis) -> set[int]:
+    """Leaf space ids of the free groups of size > 1 (those a permutation can actually move)."""
+    return {analysis.space_ids[g.name] for g in analysis.free_groups if g.size > 1}
+
+
+def nontrivial_permutations(analysis: Analysis, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``random_permutations`` with every permutation of size > 1 forced away from the identity."""
+    perms = random_permutations(analysis, seed)
+    for space, perm in perms.items():
+        if len(perm) > 1 and torch.equal(perm, torch.arange(len(perm))):
+            perms[space] = torch.roll(perm, 1)
+    return perms
+
+
+def expected_changed(analysis: Analysis, state: dict[str, torch.Tensor]) -> set[str]:
+    """State keys whose tensor has an axis carrying a free group of size > 1."""
+    free = free_spaces(analysis)
+    changed = set()
+    for key in state:
+        canonical = analysis.aliases.get(key, key)
+        layouts = analysis.param_layouts.get(canonical)
+        if layouts is None:
+            continue
+        for layout in layouts:
+            if layout is None:
+                continue
+            if any(not isinstance(f, Opaque) and f in free for piece in layout for f in piece):
+                changed.add(key)
+    return changed
+
+
+def relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
+    scale = y.abs().max().item()
+    return (y - y2).abs().max().item() / scale
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    return []
+
+
+def _call(model: nn.Module, x):
+    with torch.no_grad():
+        return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def assert_invariant(
+    model: nn.Module,
+    x,
+    analysis: Analysis | None = None,
+    *,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    leaf_modules: Sequence = (),
+    min_changed_fraction: float = 0.0,
+) -> tuple[Analysis, nn.Module]:
+    """Permute every free group of ``model`` and check that its eval-mode outputs do not move.
+
+    Returns the analysis and the permuted twin.
+    """
+    model.eval()
+    if analysis is None:
+        analysis = analyze(model, x, leaf_modules=leaf_modules)
+    perms = nontrivial_permutations(analysis, seed)
+    twin = permute_model(model, analysis, perms).eval()
+
+    ys, ys2 = _flat_outputs(_call(model, x)), _flat_outputs(_call(twin, x))
+    assert len(ys) == len(ys2) >= 1
+    for y, y2 in zip(ys, ys2):
+        assert torch.isfinite(y).all(), "reference output is not finite: randomisation too wild"
+        assert y.abs().max() > 0, "reference output is all zeros: the test would prove nothing"
+        err = relative_error(y, y2)
+        assert err <= rtol, f"permuted model differs: max|y-y'|/max|y| = {err:.3e} > {rtol:.0e}"
+
+    before, after = model.state_dict(), twin.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expected = expected_changed(analysis, before)
+    assert changed == expected, (
+        f"tensors changed but carry no free group: {sorted(changed - expected)}; "
+        f"carry a free group but did not change: {sorted(expected - changed)}"
+    )
+    if free_spaces(analysis):
+        assert changed, "free groups exist but no tensor changed"
+    floating = [k for k, v in before.items() if v.is_floating_point()]
+    if min_changed_fraction:
+        fraction = len(changed) / len(floating)
+        assert fraction >= min_changed_fraction, f"only {fraction:.0%} of the floating tensors were permuted"
+    return analysis, twin
+
+
+@pytest.fixture
+def invariant():
+    """The ``assert_invariant`` helper as a fixture (tests may also import it from conftest)."""
+    return assert_invariant
