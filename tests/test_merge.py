@@ -199,17 +199,7 @@ def test_merging_a_permuted_twin_recovers_the_model(cases, name: str, method: st
 
 
 MERGE_WITH_ITSELF = [
-    pytest.param(
-        n,
-        m,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: method='average' matches ':heads' and ':qk'/':v' as separate groups, so the "
-            "q/k/v rows of in_proj get M_heads (I/2) x M_qk (I/2) = I/4 per model: halved",
-        )
-        if (n, m) == ("zoo_vit", "average")
-        else (),
-    )
+    pytest.param(n, m)
     for n in ZOO
     for m in ("average", "permute", "zip")
 ] + [pytest.param("tv_resnet18", "average")]
