@@ -56,6 +56,7 @@ MODELS: dict[str, tuple[Builder, int | None]] = {
     "densenet121": (tvm.densenet121, None),
     "convnext_tiny": (tvm.convnext_tiny, None),
     "swin_t": (tvm.swin_t, None),
+    "shufflenet_v2_x0_5 (extra)": (tvm.shufflenet_v2_x0_5, None),
     "vit_small (32px, p8, L2, H4, D32)": (_small_vit, 32),
     "zoo.resnet (2,2,2) w16": (lambda: zoo.resnet((2, 2, 2), width=16), 32),
     "zoo.vgg (BN)": (lambda: zoo.vgg(batch_norm=True), 32),
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "free (permutable) groups. `#groups` counts every channel space on a parameter axis, "
         "including the fixed input/output ones. Timings: `fxmerge.trace` (symbolic trace + one "
         "shape-propagation forward at batch 1) and the dependency analysis proper "
-        "(`analyze_graph`), wall clock, single run.\n\n"
+        "(`analyze_graph`), wall clock, single run (the machine may be shared: indicative only). "
+        "A model whose first layer reads the raw image through a flatten (zoo.mlp) also lists the "
+        "input's spatial axes as fixed input groups.\n\n"
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads.\n\n"
     )

@@ -4,6 +4,7 @@ from fxmerge import errors, metrics, testing, zoo
 from fxmerge.api import GroupReport, MergeResult, merge
 from fxmerge.config import MergeConfig
 from fxmerge.groups import AxisRef, ChannelSpace, ShapeLiteral, Tap
+from fxmerge.io import load_module as load
 from fxmerge.passes.dependency import Analysis, analyze
 from fxmerge.trace import trace
 
@@ -20,6 +21,7 @@ __all__ = [
     "ShapeLiteral",
     "Tap",
     "analyze",
+    "load",
     "errors",
     "testing",
     "trace",

@@ -55,6 +55,18 @@ class MergeResult:
     alignment: Any = None
     matches: dict[str, GroupMatch] = field(default_factory=dict, repr=False)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready report: config, groups, timings, depth alignment (see ``fxmerge.io``)."""
+        from fxmerge.io import result_to_dict
+
+        return result_to_dict(self)
+
+    def save(self, directory: Any) -> Any:
+        """Save the merged module and this report to ``directory`` (no pickle; ``fxmerge.load``)."""
+        from fxmerge.io import save_module
+
+        return save_module(self.module, directory, report=self.to_dict())
+
 
 def _input_of(item: Any) -> torch.Tensor:
     if isinstance(item, torch.Tensor):

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fxmerge {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(commands)
+    _add_merge(commands)
+    _add_inspect(commands)
     return parser
 
 
@@ -52,6 +54,77 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_run_demo)
+
+
+_MERGE_OPTIONS = {
+    "method": str, "depth": str, "width": None, "alpha": float, "beta": float, "balance": float,
+    "output": str, "stop_at": None, "calibration_batches": int, "seed": int, "strict": bool,
+}
+
+
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="merge models given as factories + weight files (a YAML config or flags)",
+        description=(
+            "Merge two or more models into one torch.fx GraphModule and save it (code-free graph, "
+            "safetensors weights, report.json). Models are importable factories 'package.module:callable' "
+            "with keyword arguments, plus a weights file (.safetensors, or a state_dict .pt/.pth loaded "
+            "with torch.load(weights_only=True)). Calibration data: a tensor file (.safetensors or .pt "
+            "of shape (N, ...)), an image folder (torchvision ImageFolder), or a factory returning an "
+            "iterable of batches."
+        ),
+        epilog=(
+            "config example:\n"
+            "  models:\n"
+            "    - {factory: 'fxmerge.zoo:resnet', kwargs: {in_channels: 1, image_size: 8}, weights: a.safetensors}\n"
+            "    - {factory: 'fxmerge.zoo:resnet', kwargs: {in_channels: 1, image_size: 8}, weights: b.safetensors}\n"
+            "  calibration: {tensor: calib.safetensors, batch_size: 64}\n"
+            "  merge: {method: zip, width: max}\n"
+            "  out: merged/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
+    merge.add_argument("--model", action="append", default=[], metavar="FACTORY", help="'package.module:callable' (repeat per model)")
+    merge.add_argument("--kwargs", action="append", default=[], metavar="YAML", help="factory keyword arguments, e.g. '{num_outputs: 10}' (repeat per model, or once for all)")
+    merge.add_argument("--weights", action="append", default=[], metavar="FILE", help="weights file per model")
+    merge.add_argument("--calib", metavar="PATH", help="calibration tensor file, image folder, or 'package.module:callable'")
+    merge.add_argument("--batch-size", type=_positive_int, default=None, help="calibration batch size (default 64)")
+    merge.add_argument("--method", choices=("average", "permute", "zip", "mudsc"))
+    merge.add_argument("--depth", choices=("lma", "sma"))
+    merge.add_argument("--width", help="max | min | an int | a float multiple of the largest width")
+    merge.add_argument("--alpha", type=float)
+    merge.add_argument("--beta", type=float)
+    merge.add_argument("--balance", type=float)
+    merge.add_argument("--output", choices=("shared", "concat"))
+    merge.add_argument("--stop-at", dest="stop_at", help="unit index or node name (partial zipping)")
+    merge.add_argument("--calibration-batches", dest="calibration_batches", type=_positive_int)
+    merge.add_argument("--seed", type=int)
+    merge.add_argument("--strict", action="store_true", default=None)
+    merge.add_argument("--out", help="output directory")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    merge.set_defaults(handler=_run_merge)
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect_ = commands.add_parser(
+        "inspect",
+        help="show a saved merge (groups, alignment, graph, layer diff) or a model's channel groups",
+        description=(
+            "With a directory written by 'fxmerge merge' (or MergeResult.save): the groups table, the "
+            "depth alignment, the merged graph (print_readable) and which layers were inserted or "
+            "resized. With 'package.module:callable' (plus --kwargs and --input-shape): the dependency "
+            "analysis of that model."
+        ),
+    )
+    inspect_.add_argument("target", help="a merge directory or a model factory 'package.module:callable'")
+    inspect_.add_argument("--kwargs", default=None, metavar="YAML", help="factory keyword arguments")
+    inspect_.add_argument("--input-shape", default="1,3,32,32", help="example input shape for a factory (default 1,3,32,32)")
+    inspect_.add_argument("--graph", action="store_true", help="also print the whole graph code")
+    inspect_.add_argument("--svg", metavar="FILE", help="draw the graph with Graphviz (needs pydot) into FILE")
+    inspect_.set_defaults(handler=_run_inspect)
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +170,167 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_width(text: object) -> object:
+    if not isinstance(text, str):
+        return text
+    if text in ("max", "min"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _parse_stop(text: object) -> object:
+    if isinstance(text, str) and text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def _merge_settings(args: argparse.Namespace) -> dict:
+    """The YAML config (if any) with command-line flags on top, checked for unknown keys."""
+    import yaml
+
+    from fxmerge.errors import ConfigError
+
+    config: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"{args.config}: expected a mapping at the top level")
+        unknown = set(config) - {"models", "calibration", "merge", "out"}
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)} (allowed: models, calibration, merge, out)")
+    models = list(config.get("models") or [])
+    if args.model:
+        kwargs = [yaml.safe_load(k) or {} for k in args.kwargs] or [{}]
+        if len(kwargs) == 1:
+            kwargs = kwargs * len(args.model)
+        weights = args.weights or [None] * len(args.model)
+        if len(kwargs) != len(args.model) or len(weights) != len(args.model):
+            raise ConfigError("give one --kwargs (or one for all) and one --weights per --model")
+        models = [{"factory": f, "kwargs": k, "weights": w} for f, k, w in zip(args.model, kwargs, weights)]
+    calibration = dict(config.get("calibration") or {})
+    if args.calib:
+        calibration = {"path": args.calib}
+    if args.batch_size:
+        calibration["batch_size"] = args.batch_size
+    options = dict(config.get("merge") or {})
+    unknown = set(options) - set(_MERGE_OPTIONS)
+    if unknown:
+        raise ConfigError(f"merge options {sorted(unknown)} are unknown; allowed: {sorted(_MERGE_OPTIONS)}")
+    for key in _MERGE_OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    if "width" in options:
+        options["width"] = _parse_width(options["width"])
+    if "stop_at" in options:
+        options["stop_at"] = _parse_stop(options["stop_at"])
+    out = args.out or config.get("out")
+    if not models:
+        raise ConfigError("no models: give a config file with 'models:' or --model/--weights flags")
+    if not calibration:
+        raise ConfigError("no calibration data: give 'calibration:' in the config or --calib")
+    if not out:
+        raise ConfigError("no output directory: give 'out:' in the config or --out")
+    return {"models": models, "calibration": calibration, "options": options, "out": out}
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from fxmerge.api import merge
+    from fxmerge.loading import load_calibration, load_model
+
+    settings = _merge_settings(args)
+    models = [load_model(spec) for spec in settings["models"]]
+    batches = load_calibration(settings["calibration"])
+    result = merge(models, batches, quiet=args.quiet, **settings["options"])
+    result.save(settings["out"])
+    free = sum(1 for g in result.groups if not g.fixed)
+    print(f"merged {len(models)} models into {settings['out']}: {len(result.groups)} groups ({free} merged), "
+          f"{sum(p.numel() for p in result.module.parameters())} parameters")
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    if os.path.isdir(args.target):
+        from fxmerge.io import load_module
+
+        module = load_module(args.target)
+        report_path = os.path.join(args.target, "report.json")
+        report = json.load(open(report_path, encoding="utf-8")) if os.path.exists(report_path) else {}
+        print(_format_report(report))
+        if args.graph:
+            print(module.print_readable(print_output=False))
+        _maybe_svg(module, args.svg)
+        return 0
+    import yaml
+    import torch
+
+    from fxmerge.loading import load_model
+    from fxmerge.passes.dependency import analyze
+
+    model = load_model({"factory": args.target, "kwargs": yaml.safe_load(args.kwargs) if args.kwargs else {}})
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    analysis = analyze(model, torch.randn(*shape))
+    print(analysis.summary())
+    if args.graph:
+        print(analysis.graph_module.print_readable(print_output=False))
+    _maybe_svg(analysis.graph_module, args.svg)
+    return 0
+
+
+def _format_report(report: dict) -> str:
+    lines = []
+    options = report.get("config", {})
+    if options:
+        lines.append("options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    groups = report.get("groups", [])
+    if groups:
+        lines.append("")
+        lines.append(f"{'group':48s} {'sizes':>14s} {'width':>6s} {'similarity':>10s}  source")
+        for g in groups:
+            sim = "" if g.get("similarity") is None else f"{g['similarity']:.3f}"
+            lines.append(f"{g['name'][:48]:48s} {str(tuple(g['sizes'])):>14s} {g['width']:>6d} {sim:>10s}  {g.get('source', '')}")
+        resized = [g for g in groups if len(set(g["sizes"])) > 1 or g["width"] != g["sizes"][0]]
+        lines.append("")
+        lines.append(f"layer diff: {len(resized)} groups changed width" + (":" if resized else ""))
+        for g in resized:
+            lines.append(f"  {g['name']}: {tuple(g['sizes'])} -> {g['width']}")
+    for alignment in report.get("alignment") or []:
+        lines.append("")
+        lines.append(f"depth alignment of model {alignment['model']} (objective {alignment.get('objective_value', 0):.3f}):")
+        deep = alignment["deep_units"]
+        for i, segment in enumerate(alignment["segments"]):
+            inserted = [deep[j] for j in segment[1:]]
+            lines.append(
+                f"  shallow unit {alignment['shallow_units'][i]} -> deep {deep[segment[0]]}"
+                + (f"; identity units inserted for {', '.join(inserted)}" if inserted else "")
+            )
+    timings = report.get("timings", {})
+    if timings:
+        lines.append("")
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return "\n".join(lines)
+
+
+def _maybe_svg(module, path: str | None) -> None:
+    if not path:
+        return
+    try:
+        from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+        FxGraphDrawer(module, "merged").get_dot_graph().write_svg(path)
+        print(f"graph drawn to {path}")
+    except Exception as error:  # pydot/graphviz are optional
+        print(f"cannot draw the graph ({type(error).__name__}: {error}); install pydot and graphviz")
+
+
 def _digits(classes: Sequence[int]) -> str:
     return "{" + ",".join(str(c) for c in classes) + "}"
 
@@ -106,10 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from fxmerge.errors import FxMergeError
+
     threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
+    except FxMergeError as error:
+        print(f"fxmerge {args.command}: error: {error}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)

@@ -29,3 +29,13 @@ class ConfigError(FxMergeError, ValueError):
 
 class InvarianceError(FxMergeError):
     """A function-preserving rewrite changed the model's outputs (an internal bug: please report)."""
+
+
+class SaveError(FxMergeError):
+    """A GraphModule cannot be stored as data: a module class outside the allowlist, a function or
+    argument value that has no safe encoding, hooks that would be lost."""
+
+
+class LoadError(FxMergeError):
+    """A saved model folder was refused: a file is missing, corrupted or tampered with, the format is
+    unknown or newer, or the graph names a function or module class outside the allowlist."""

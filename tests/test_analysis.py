@@ -454,6 +454,32 @@ def test_channel_shuffle() -> None:
     assert ref_of(analysis, "b.weight", 1).layout == ((per_group.name, groups_.name),)
 
 
+class CatShuffle(nn.Module):
+    """ShuffleNet v2 unit: two branches concatenated, then shuffled across the two halves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Conv2d(3, 4, 1)
+        self.q = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.p(x)), torch.relu(self.q(x))], dim=1)
+        n, c, height, width = h.shape
+        h = h.view(n, 2, c // 2, height, width).transpose(1, 2).reshape(n, c, height, width)
+        return self.b(h)
+
+
+def test_shuffle_of_a_concatenation() -> None:
+    analysis = check(CatShuffle(), IMG)
+    # (cat of two 4-channel halves) viewed as (2, 4) is a block index x ONE space: p and q
+    # share their permutation and stay free; b reads them interleaved: (channel, half)
+    group = group_at(analysis, "p.weight", 0)
+    assert group == group_at(analysis, "q.weight", 0) and not group.fixed
+    assert ref_of(analysis, "b.weight", 1).layout == ((group.name, 2),)
+    assert len(analysis.free_groups) == 1
+
+
 class MatmulParameter(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -346,7 +346,8 @@ def test_dp_recovers_the_segmentation_of_its_own_extension(family, objective):
             s for s in feasible_segmentations(first_ok, extra_ok)
             if all(seg[-1] in true for seg, true in zip(s, segments))
         ]
-        assert len(optimal) > 1 and segments in optimal
+        assert segments in optimal
+        assert len(optimal) > (1 if family in ("resnet", "vit") else 0)
         assert alignment.objective_value == pytest.approx(n, abs=1e-9)
         assert alignment.segments == min(optimal, key=lambda s: tuple(seg[-1] for seg in s))
 
@@ -382,3 +383,37 @@ def test_vgg_merged_with_its_permuted_extension_gives_it_back():
     assert result.alignment[0].segments == segments
     with torch.no_grad():
         assert relative_error(shallow(calibration[0]), result.module(calibration[0])) <= 1e-5
+
+
+def test_depth_alignment_skips_calibration_batches_too_small_for_cka(digits_sized_resnets):
+    """A data set's last, partial batch (< 4 samples) must not break the unbiased CKA."""
+    shallow, deep, calibration, _ = digits_sized_resnets
+    with_tail = [*calibration, calibration[0][:3]]
+    result = fxmerge.merge([shallow, deep], with_tail, method="permute", depth="lma", quiet=True)
+    reference = fxmerge.merge([shallow, deep], calibration, method="permute", depth="lma", quiet=True)
+    np.testing.assert_allclose(result.alignment[0].cka, reference.alignment[0].cka, rtol=0, atol=1e-12)
+    with pytest.raises(fxmerge.errors.CalibrationError):
+        fxmerge.merge([shallow, deep], [calibration[0][:3]], method="permute", depth="lma", quiet=True)
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def test_plots_write_pngs_and_fxmerge_does_not_import_matplotlib(digits_sized_resnets, tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("matplotlib")
+    from fxmerge.plots import plot_alignment, plot_groups
+
+    shallow, deep, calibration, _ = digits_sized_resnets
+    result = fxmerge.merge([shallow, deep], calibration, method="zip", depth="lma", quiet=True)
+    for path in (
+        plot_alignment(result.alignment[0], tmp_path / "cka.png", title="resnet"),
+        plot_groups(result, tmp_path / "sub" / "groups.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    with pytest.raises(fxmerge.errors.ConfigError):
+        plot_alignment(result.alignment, tmp_path / "bad.png")  # the tuple, not one alignment
+    code = "import sys, fxmerge, fxmerge.plots; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

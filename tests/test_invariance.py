@@ -41,8 +41,14 @@ TORCHVISION: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "convnext_tiny": (tvm.convnext_tiny, (2, 3, 32, 32)),
     "vit_small": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64), (2, 3, 32, 32)),
     "swin_t": (tvm.swin_t, (2, 3, 32, 32)),
+    # not in the issue's list: channel shuffle of concatenations (coverage is partial, see below)
+    "shufflenet_v2_x0_5": (tvm.shufflenet_v2_x0_5, (2, 3, 64, 64)),
 }
-CNNS = [n for n in TORCHVISION if n not in ("vit_small", "swin_t")]
+CNNS = [n for n in TORCHVISION if n not in ("vit_small", "swin_t", "shufflenet_v2_x0_5")]
+# Regression floors for models the analysis only partly covers (sound: the rest is fixed).
+# ShuffleNet v2 shuffles concatenations again and again; a shuffle of a shuffle's halves needs
+# the inner factors to be block indices, which layouts cannot express, so they are fixed.
+PARTIAL_COVERAGE = {"shufflenet_v2_x0_5": 0.85}
 
 ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "zoo_resnet": (lambda: zoo.resnet((2, 1, 1), width=8), (2, 3, 32, 32)),
@@ -83,9 +89,28 @@ def test_coverage(case: Case) -> None:
     coverage = case.analysis.coverage()
     if case.name in CNNS or case.name.startswith("zoo_"):
         assert coverage >= 0.95, f"{case.name}: coverage {coverage:.3f}\n{case.analysis.summary()}"
+    elif case.name in PARTIAL_COVERAGE:
+        assert coverage >= PARTIAL_COVERAGE[case.name], f"{case.name}: coverage {coverage:.3f}"
+    else:
+        assert coverage >= 0.95, f"{case.name}: coverage {coverage:.3f}"
     # inputs and outputs are always fixed
     fixed_reasons = " ".join(g.reason or "" for g in case.analysis.groups if g.fixed)
     assert "model input" in fixed_reasons and "model output" in fixed_reasons
+
+
+@pytest.mark.parametrize("name", ["zoo_resnet", "zoo_vit", "zoo_vgg_bn"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_permute_one_call(name: str, seed: int) -> None:
+    """The public one-call helper: same function, different weights, for several seeds."""
+    builder, shape = ZOO[name]
+    model = randomize_(builder().eval(), seed=seed + 10)
+    x = torch.randn(shape)
+    twin = random_permute(model, x, seed=seed).eval()
+    with torch.no_grad():
+        y, y2 = model(x), twin(x)
+    assert (y - y2).abs().max() <= 1e-4 * y.abs().max()
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, twin.state_dict()[k])]
+    assert len(moved) >= len(model.state_dict()) // 2
 
 
 def test_vit_streams_and_heads_are_free() -> None:

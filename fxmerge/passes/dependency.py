@@ -627,6 +627,12 @@ class _Analyzer:
             if len(chunk) == 1:
                 result[out_positions[j0]] = merged
                 continue
+            if len(merged) == chunk[0] > 1 and len({table.piece_extent(piece) for piece in merged}) == 1:
+                # k equal pieces viewed as (k, n): a block index times ONE channel space, which
+                # holds when the pieces share their permutation (ShuffleNet's cat + shuffle)
+                for piece in merged[1:]:
+                    self.unify((merged[0],), (piece,), node)
+                merged = (normalize_piece((Opaque(len(merged)),) + table.expand((merged[0],))[0]),)
             if len(merged) != 1:
                 table.fix_all(table.spaces_of(merged), f"reshape at {node.name} splits concatenated channels")
                 for k, size in enumerate(chunk):

@@ -25,8 +25,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxmerge.errors import IncompatibleModelsError, InvarianceError
-from fxmerge.metrics import CKAAccumulator
+from fxmerge.errors import CalibrationError, IncompatibleModelsError, InvarianceError
+from fxmerge.metrics import MIN_CKA_BATCH, CKAAccumulator
 from fxmerge.passes.features import tap_extractor
 from fxmerge.passes.rewrite import load_state_resizing
 from fxmerge.passes.segmentation import Segmentation, segment
@@ -108,12 +108,22 @@ def unit_cka(
     *,
     quiet: bool = False,
 ) -> np.ndarray:
-    """(m, n) linear CKA between unit outputs, averaged over calibration batches (unbiased HSIC)."""
+    """(m, n) linear CKA between unit outputs, averaged over calibration batches (unbiased HSIC).
+
+    Batches of fewer than ``MIN_CKA_BATCH`` (4) samples are skipped: the unbiased estimator is
+    undefined on them (a data set's last, partial batch); CalibrationError if no batch is left.
+    """
+    usable = [batch for batch in batches if batch.shape[0] >= MIN_CKA_BATCH]
+    if not usable:
+        raise CalibrationError(
+            f"depth alignment needs calibration batches of at least {MIN_CKA_BATCH} samples for the unbiased "
+            f"CKA estimator; got batch sizes {sorted({int(b.shape[0]) for b in batches})}"
+        )
     deep_taps = tap_extractor(deep, [u.end for u in deep_units])
     shallow_taps = tap_extractor(shallow, [u.end for u in shallow_units])
     accumulator = CKAAccumulator(len(deep_units), len(shallow_units))
     with torch.no_grad():
-        for batch in progress(batches, total=len(batches), description="unit CKA", quiet=quiet):
+        for batch in progress(usable, total=len(usable), description="unit CKA", quiet=quiet):
             rows = [v.reshape(v.shape[0], -1) for v in deep_taps(batch)]
             cols = [v.reshape(v.shape[0], -1) for v in shallow_taps(batch)]
             accumulator.update(rows, cols)
@@ -260,6 +270,8 @@ def _resized_shape(module: nn.Module | None, shape: torch.Size, resize) -> torch
     if not shape or (module is not None and not shape[0] > 1 and len(shape) == 1):
         return shape
     if isinstance(module, nn.modules.conv._ConvNd):
+        if len(shape) == 1:  # the bias: one entry per output channel
+            return torch.Size((resize(shape[0]),))
         in_axis = resize(shape[1] * module.groups) // module.groups if module.groups > 1 else resize(shape[1])
         return torch.Size((resize(shape[0]), in_axis, *shape[2:]))
     if module is None or isinstance(module, (nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):

@@ -389,6 +389,11 @@ def match_groups(
 
     ``include``: the groups of the merged region (partial zipping); others are left alone.
     """
+    if isinstance(width, Mapping):
+        known = {g.name for g in analyses[0].groups}
+        unknown = sorted(set(width) - known)
+        if unknown:
+            raise ConfigError(f"width: no group named {', '.join(map(repr, unknown))}; groups: {sorted(known)}")
     results: dict[str, GroupMatch] = {}
     matcher = "zip" if method == "mudsc" else method
     structures = {s.outer: s for s in find_structures(analyses[0])}

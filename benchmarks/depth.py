@@ -1,0 +1,472 @@
+"""Depth-heterogeneous merging on digits: the analogue of Table I of "Training-free Heterogeneous
+Model Merging" (Xu et al.), with the two-task protocol of ``fxmerge.experiments``.
+
+Usage:
+    python benchmarks/depth.py [--seeds 0 1 2] [--families resnet vgg] [--out benchmarks/results]
+
+For every seed and family, four models are trained with ``fxmerge.experiments.train_task_models``
+(scikit-learn digits, classes split into two disjoint 5-class tasks, one shared CLIP-style head):
+a shallow and a deep model on task A, a shallow and a deep model on task B. Rows, as in the paper:
+
+* Task A / Task B: the single models (mean of the shallow and the deep one; both in the details).
+* Homo Avg / Permute / Zip: merge two models of the SAME depth, trained on A and on B (mean over
+  the shallow pair and the deep pair).
+* Hetero Permute+SMA, Permute+LMA, Zip+SMA, Zip+LMA: merge a shallow model trained on one task
+  with a deep model trained on the other (mean over shallow-A + deep-B and deep-A + shallow-B),
+  with ``fxmerge.merge(..., depth="sma" | "lma")``.
+
+Columns: joint (10-way) and per-task (5-way) test accuracy and their average; mean ± sample std
+over seeds. Also: the loss barrier (joint cross-entropy on the test set, 21 points on the linear
+path) between the two models of each pair before and after aligning model B to model A with the
+permutations found by ``method="permute"`` (a shallow model is first extended to the deep
+structure, exactly as ``merge`` does). Writes depth.md, depth.json and CKA heatmaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Run from a checkout without installing: make the repository's fxmerge importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fxmerge  # noqa: E402
+from fxmerge.experiments import TaskModels, calibration_data, evaluate, train_task_models  # noqa: E402
+from fxmerge.metrics import loss_barrier, loss_curve  # noqa: E402
+from fxmerge.passes.depth import align_depth, extend  # noqa: E402
+from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
+from fxmerge.passes.units import find_units  # noqa: E402
+from fxmerge.testing import permute_model  # noqa: E402
+from fxmerge.zoo import resnet, vgg, vgg_cfg  # noqa: E402
+from homogeneous import machine_info, source_info  # noqa: E402
+
+# family -> (shallow factory, deep factory, description); factories as in fxmerge.experiments.
+PAIRS: dict[str, tuple[Any, Any, str]] = {
+    "resnet": (
+        functools.partial(resnet, (1, 1, 1), 16),
+        functools.partial(resnet, (3, 3, 3), 16),
+        "CIFAR-style ResNet, width 16: 1 vs 3 BasicBlocks per stage (ResNet-8 vs ResNet-20)",
+    ),
+    "vgg": (
+        functools.partial(vgg, vgg_cfg((1, 1, 1), (16, 32, 64))),
+        functools.partial(vgg, vgg_cfg((2, 2, 2), (16, 32, 64))),
+        "VGG with BatchNorm, widths 16/32/64: 1 vs 2 convolutions per stage",
+    ),
+    # A VGG pair whose stages leave the depth DP a choice (1 vs 2 vs 3 convolutions: with 1
+    # shallow convolution per stage, the only feasible segmentation is forced), so SMA and LMA
+    # can differ.
+    "vgg-2v3": (
+        functools.partial(vgg, vgg_cfg((2, 2, 2), (16, 32, 64))),
+        functools.partial(vgg, vgg_cfg((3, 3, 3), (16, 32, 64))),
+        "VGG with BatchNorm, widths 16/32/64: 2 vs 3 convolutions per stage",
+    ),
+    "resnet-2v3": (
+        functools.partial(resnet, (2, 2, 2), 16),
+        functools.partial(resnet, (3, 3, 3), 16),
+        "CIFAR-style ResNet, width 16: 2 vs 3 BasicBlocks per stage (ResNet-14 vs ResNet-20)",
+    ),
+}
+
+HOMO_METHODS = ("average", "permute", "zip")
+HETERO = (("permute", "sma"), ("permute", "lma"), ("zip", "sma"), ("zip", "lma"))
+LABELS = {"average": "Avg", "permute": "Permute", "zip": "Zip"}
+COLUMNS = ("joint", "task_a", "task_b", "average")
+HEADERS = ("joint", "task A", "task B", "avg")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--families", nargs="+", default=["resnet", "vgg", "vgg-2v3"], choices=sorted(PAIRS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--name", default="depth", help="output file stem (default depth)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--embed-dim", type=int, default=32)
+    parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--barrier-steps", type=int, default=11)
+    parser.add_argument("--no-barrier", action="store_true", help="skip the loss barriers")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def scores(report: dict[str, Any]) -> dict[str, float]:
+    task_a, task_b = report["tasks"]
+    return {"joint": report["joint"], "task_a": task_a, "task_b": task_b, "average": report["average"]}
+
+
+def permuted_into_reference(result: fxmerge.MergeResult, model: nn.Module, example: torch.Tensor, k: int = 1) -> nn.Module:
+    """``model`` (the k-th merged model, at the merged structure) with every free group permuted
+    into model 0's unit order, read from a ``method="permute"`` merge (U_k is a permutation)."""
+    analysis = fxmerge.analyze(model, example)
+    permutations = {}
+    for group in analysis.groups:
+        if group.fixed:
+            continue
+        match = result.matches[group.name]
+        unmerge = match.unmerge[k]  # (n_k, width): U_k[j, c] = 1 when unit j went to cluster c
+        if unmerge.shape[0] != unmerge.shape[1] or not torch.equal(unmerge.sum(0), torch.ones(unmerge.shape[1], dtype=unmerge.dtype)):
+            raise ValueError(f"group {group.name}: the permute merge did not give a permutation")
+        permutations[analysis.space_ids[group.name]] = unmerge.argmax(dim=0)
+    return permute_model(model, analysis, permutations)
+
+
+def curve_with_batchnorm_reset(model_a, model_b, data, loss_fn, batches, steps: int) -> np.ndarray:
+    """``fxmerge.metrics.loss_curve`` with every interpolated model's BatchNorm statistics
+    recomputed on ``batches`` (as ``merge`` does for a merged model) instead of interpolated."""
+    work = copy.deepcopy(model_a).eval()
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    losses = []
+    with torch.no_grad():
+        for lam in np.linspace(0.0, 1.0, steps):
+            work.load_state_dict({
+                key: (1.0 - lam) * a + lam * state_b[key] if a.is_floating_point() else a for key, a in state_a.items()
+            })
+            reset_batchnorm(work, batches, quiet=True)
+            losses.append(float(np.mean([float(loss_fn(work(x), y)) for x, y in data])))
+    return np.asarray(losses)
+
+
+def curve_summary(losses: np.ndarray) -> dict[str, Any]:
+    """Barrier as ``fxmerge.metrics.loss_barrier`` defines it (max over the path minus the mean of
+    the end points) and the midpoint excess (loss at lambda = 0.5 minus that mean)."""
+    ends = (losses[0] + losses[-1]) / 2.0
+    return {"barrier": float(losses.max() - ends), "midpoint_excess": float(losses[len(losses) // 2] - ends),
+            "curve": [float(v) for v in losses]}
+
+
+def barriers(result, model_a, model_b, head, split, example, steps: int, batches) -> dict[str, Any]:
+    """Loss curves (joint CE on the test set) between A and B, as trained ("plain") and with B
+    permuted into A's unit order ("aligned"), with BatchNorm statistics interpolated
+    (``fxmerge.metrics.loss_curve``) or reset on ``batches`` at every point."""
+    data = [(split.x_test, split.y_test)]
+
+    def loss_fn(outputs, targets):
+        return F.cross_entropy(head(outputs), targets)
+
+    aligned_b = permuted_into_reference(result, model_b, example)
+    with torch.no_grad():  # the permutation does not change B's function
+        reference = model_b(split.x_test)
+        drift = float((aligned_b(split.x_test) - reference).abs().max() / reference.abs().max())
+    if drift > 1e-4:
+        raise AssertionError(f"aligned model B differs from model B (relative {drift:.2e})")
+    out = {}
+    for name, other in (("plain", model_b), ("aligned", aligned_b)):
+        out[f"{name}_bn_interpolated"] = curve_summary(loss_curve(model_a, other, data, loss_fn, steps)[1])
+        out[f"{name}_bn_reset"] = curve_summary(curve_with_batchnorm_reset(model_a, other, data, loss_fn, batches, steps))
+    # the library's own function agrees with the summary (same definition)
+    assert abs(out["aligned_bn_interpolated"]["barrier"] - loss_barrier(model_a, aligned_b, data, loss_fn, steps)) < 1e-9
+    return out
+
+
+def extension_of(shallow: nn.Module, deep: nn.Module, batches, objective: str, k: int, expected_segments):
+    """The shallow model extended to the deep structure, as ``merge`` builds it."""
+    shallow_gm, deep_gm = fxmerge.trace(shallow, batches[0]), fxmerge.trace(deep, batches[0])
+    alignment = align_depth(deep_gm, shallow_gm, batches, objective, k, quiet=True)
+    if alignment.segments != expected_segments:
+        raise AssertionError("the re-computed depth alignment differs from the merge's")
+    return extend(shallow_gm, deep_gm, alignment, batches[0])
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | None) -> dict[str, Any]:
+    make_shallow, make_deep, _ = PAIRS[family]
+    start = time.perf_counter()
+    shallow = train_task_models(make_shallow, make_shallow, seed=seed, epochs=args.epochs, embed_dim=args.embed_dim)
+    deep = train_task_models(make_deep, make_deep, seed=seed, epochs=args.epochs, embed_dim=args.embed_dim)
+    train_seconds = time.perf_counter() - start
+    # One seed: one class split and one head for all four models.
+    assert torch.equal(shallow.head.embeddings, deep.head.embeddings)
+    assert shallow.split.classes_a == deep.split.classes_a and torch.equal(shallow.split.x_test, deep.split.x_test)
+    head, split = shallow.head, shallow.split
+    models = {"shallow A": shallow.model_a, "shallow B": shallow.model_b, "deep A": deep.model_a, "deep B": deep.model_b}
+    depths = {name: len(find_units(fxmerge.trace(m, split.x_test[:8]))) for name, m in models.items()}
+    singles = {name: scores(evaluate(m, head, split)) for name, m in models.items()}
+    calibration = calibration_data(split, seed=seed, num_batches=args.calibration_batches)
+    example = calibration[0]
+
+    merges: list[dict[str, Any]] = []
+
+    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None):
+        tm = TaskModels(models[a], models[b], head, split)
+        began = time.perf_counter()
+        result = fxmerge.merge(
+            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma",
+            calibration_batches=args.calibration_batches, seed=seed, quiet=True, alpha=args.alpha, beta=args.beta,
+        )
+        seconds = time.perf_counter() - began
+        record: dict[str, Any] = {"pair": pair, "models": [a, b], "method": method, "depth": depth, "seconds": seconds}
+        record.update(scores(evaluate(result.module, head, split)))
+        if result.alignment:
+            alignment = result.alignment[0]
+            record.update(
+                shallow_model=alignment.model, segments=[list(s) for s in alignment.segments],
+                objective_value=alignment.objective_value, cka=np.round(alignment.cka, 5).tolist(),
+                deep_units=list(alignment.deep_units), shallow_units=list(alignment.shallow_units),
+            )
+        merges.append(record)
+        return result
+
+    barrier_records: dict[str, dict[str, float]] = {}
+    for pair, a, b in (("homo shallow", "shallow A", "shallow B"), ("homo deep", "deep A", "deep B")):
+        for method in HOMO_METHODS:
+            result = do_merge(pair, a, b, method, None)
+            if method == "permute" and not args.no_barrier:
+                barrier_records[pair] = barriers(result, models[a], models[b], head, split, example, args.barrier_steps, calibration[:4])
+    for pair, a, b in (("hetero shallow A + deep B", "shallow A", "deep B"), ("hetero deep A + shallow B", "deep A", "shallow B")):
+        for method, depth in HETERO:
+            result = do_merge(pair, a, b, method, depth)
+            alignment = result.alignment[0]
+            if figures is not None and seed == args.seeds[0] and pair.startswith("hetero shallow A") and method == "zip":
+                from fxmerge.plots import plot_alignment, plot_groups
+
+                plot_alignment(
+                    alignment, figures / f"{args.name}_{family}_cka_{depth}.png",
+                    title=f"{family}: CKA, deep model B (rows) vs shallow model A (columns), seed {seed}",
+                )
+                if depth == "lma":
+                    plot_groups(result, figures / f"{args.name}_{family}_groups_zip_lma.png",
+                                title=f"{family}: zip + LMA merge of shallow A and deep B, seed {seed}")
+            if method == "permute" and depth == "lma" and not args.no_barrier:
+                batches = calibration[: args.calibration_batches]
+                if alignment.model == 0:
+                    model_a = extension_of(models[a], models[b], batches, depth, 0, alignment.segments)
+                    model_b = models[b]
+                else:
+                    model_a = models[a]
+                    model_b = extension_of(models[b], models[a], batches, depth, 1, alignment.segments)
+                barrier_records[pair] = barriers(result, model_a, model_b, head, split, example, args.barrier_steps, calibration[:4])
+    total = time.perf_counter() - start
+    print(f"{family} seed {seed}: {total:.1f} s (training {train_seconds:.1f} s)", file=sys.stderr)
+    return {
+        "singles": singles, "depths": depths, "merges": merges, "barriers": barrier_records,
+        "train_seconds": train_seconds, "seconds": total,
+    }
+
+
+# -------------------------------------------------------------------------------- aggregation
+
+
+def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Paper-style rows: name -> seed -> scores (means over the rows' models / pairs)."""
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+
+    def mean(items: list[dict[str, float]]) -> dict[str, float]:
+        return {c: float(np.mean([item[c] for item in items])) for c in COLUMNS}
+
+    for seed, data in per_seed.items():
+        singles, merges = data["singles"], data["merges"]
+        rows.setdefault("Task A", {})[seed] = mean([singles["shallow A"], singles["deep A"]])
+        rows.setdefault("Task B", {})[seed] = mean([singles["shallow B"], singles["deep B"]])
+        for method in HOMO_METHODS:
+            chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method]
+            rows.setdefault(f"Homo {LABELS[method]}", {})[seed] = mean(chosen)
+        for method, depth in HETERO:
+            chosen = [m for m in merges if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth]
+            rows.setdefault(f"Hetero {LABELS[method]}+{depth.upper()}", {})[seed] = mean(chosen)
+    return rows
+
+
+def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+    for seed, data in per_seed.items():
+        for name, values in data["singles"].items():
+            rows.setdefault(f"{name} model", {})[seed] = values
+        for m in data["merges"]:
+            label = f"{m['pair']}: {LABELS[m['method']]}" + (f"+{m['depth'].upper()}" if m["depth"] else "")
+            rows.setdefault(label, {})[seed] = {c: m[c] for c in COLUMNS}
+    return rows
+
+
+def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    array = scale * np.asarray(values, dtype=float)
+    std = array.std(ddof=1) if len(array) > 1 else 0.0
+    return f"{array.mean():.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> list[str]:
+    lines = ["| method | " + " | ".join(HEADERS) + " |", "|---|" + "---:|" * len(HEADERS)]
+    for name, per_seed in rows.items():
+        cells = [cell([per_seed[s][c] for s in seeds]) for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def checks(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> list[dict[str, Any]]:
+    """The paper's claims, per seed and on the seed means (differences in accuracy points)."""
+
+    def value(row: str, column: str, seed: int | None = None) -> float:
+        if seed is None:
+            return float(np.mean([rows[row][s][column] for s in seeds])) * 100
+        return rows[row][seed][column] * 100
+
+    claims = []
+
+    def claim(name: str, fn) -> None:
+        per_seed = {s: fn(s) for s in seeds}
+        held = [s for s in seeds if per_seed[s][0]]
+        claims.append({"claim": name, "holds_on_means": fn(None)[0], "detail_on_means": fn(None)[1],
+                       "seeds_holding": len(held), "seeds": len(seeds),
+                       "per_seed": {str(s): per_seed[s][1] for s in seeds}})
+
+    def within(a: str, b: str, column: str, tolerance: float):
+        def fn(seed):
+            diff = value(a, column, seed) - value(b, column, seed)
+            return abs(diff) <= tolerance or diff > 0, f"{a} - {b} = {diff:+.1f} points ({column})"
+        return fn
+
+    def above(a: str, bs: list[str], column: str):
+        def fn(seed):
+            margin = value(a, column, seed) - max(value(b, column, seed) for b in bs)
+            return margin > 0, f"{a} - best of {', '.join(bs)} = {margin:+.1f} points ({column})"
+        return fn
+
+    def at_least(a: str, b: str, column: str):
+        def fn(seed):
+            diff = value(a, column, seed) - value(b, column, seed)
+            return diff >= 0, f"{a} - {b} = {diff:+.1f} points ({column})"
+        return fn
+
+    claim("hetero Zip+LMA within 2 points of (or above) homo Zip, per-task avg", within("Hetero Zip+LMA", "Homo Zip", "average", 2.0))
+    claim("hetero Zip+LMA within 2 points of (or above) homo Zip, joint", within("Hetero Zip+LMA", "Homo Zip", "joint", 2.0))
+    claim("hetero Zip+LMA above both single models, per-task avg", above("Hetero Zip+LMA", ["Task A", "Task B"], "average"))
+    claim("hetero Zip+LMA above both single models, joint", above("Hetero Zip+LMA", ["Task A", "Task B"], "joint"))
+    claim("hetero Zip+LMA above homo Avg, per-task avg", above("Hetero Zip+LMA", ["Homo Avg"], "average"))
+    for method in ("Zip", "Permute"):
+        for column in ("average", "joint"):
+            claim(f"{method}: LMA at least as good as SMA, {'per-task avg' if column == 'average' else 'joint'}",
+                  at_least(f"Hetero {method}+LMA", f"Hetero {method}+SMA", column))
+    return claims
+
+
+def segment_summary(per_seed: dict[int, dict[str, Any]], seeds: list[int]) -> list[str]:
+    lines = []
+    for seed in seeds:
+        for m in per_seed[seed]["merges"]:
+            if m["depth"] and m["method"] == "zip":
+                segments = " ".join("[" + ",".join(map(str, s)) + "]" for s in m["segments"])
+                lines.append(f"| {seed} | {m['pair']} | {m['depth'].upper()} | {segments} | {m['objective_value']:.3f} |")
+    return ["| seed | pair | objective | segments (deep unit indices per shallow unit) | objective value |",
+            "|---:|---|---|---|---:|", *lines]
+
+
+def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, machine: dict, total: float) -> str:
+    seeds = args.seeds
+    lines = [
+        "# Depth-heterogeneous merging on digits (analogue of Table I, Xu et al.)",
+        "",
+        f"Produced by `python benchmarks/depth.py` (seeds {' '.join(map(str, seeds))}, {args.epochs} epochs, "
+        f"embedding dim {args.embed_dim}, {args.calibration_batches} calibration batches of 64, zip alpha {args.alpha}, "
+        f"beta {args.beta}); total {total / 60:.1f} min.",
+        "",
+        "Protocol (`fxmerge.experiments`, as `benchmarks/homogeneous.py`): scikit-learn digits (8x8), the 10 "
+        "classes split into two disjoint 5-class tasks per seed, one fixed CLIP-style class-embedding head; "
+        "for every seed a shallow and a deep model are trained on task A, and a shallow and a deep model on "
+        "task B (`train_task_models`, 10 epochs). Test accuracy in %: joint = argmax over all 10 classes, "
+        "task A/B = argmax within the task's own 5 classes, avg = mean of task A and B. Mean ± sample std over "
+        f"{len(seeds)} seeds. Calibration: the training inputs of both tasks, no labels; BatchNorm statistics "
+        "are reset on them after every merge (as in ZipIt!).",
+        "",
+        "Rows as in the paper: **Task A / Task B** = mean of the shallow and the deep single model; **Homo** = "
+        "merging two models of the same depth (mean of the shallow pair and the deep pair); **Hetero** = "
+        "merging a shallow model with a deep model trained on the other task (mean of shallow-A + deep-B and "
+        "deep-A + shallow-B), depth aligned by SMA (segment-wise: last unit of each segment) or LMA "
+        "(layer-wise: every unit of each segment), the shallow model then extended with identity units. "
+        "Permute = Hungarian alignment to one model and averaging; Zip = ZipIt! (full zipping).",
+        "",
+        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python {machine['python']}, torch "
+        f"{machine['torch']}, {machine['torch_threads']} torch thread(s).",
+    ]
+    for family, per_seed in results.items():
+        _, _, description = PAIRS[family]
+        depths = per_seed[seeds[0]]["depths"]
+        rows = table_rows(per_seed)
+        lines += ["", f"## {family}: {description}", "",
+                  f"Units along the spine (what the depth DP aligns): shallow {depths['shallow A']}, deep {depths['deep A']}.",
+                  "", *markdown_table(rows, seeds), "", "Claims of the paper, checked (per seed and on the means):", ""]
+        for c in checks(rows, seeds):
+            verdict = "holds" if c["holds_on_means"] else "DOES NOT HOLD"
+            lines.append(f"- {c['claim']}: {verdict} on the means ({c['detail_on_means']}); "
+                         f"{c['seeds_holding']}/{c['seeds']} seeds")
+        lines += ["", "<details><summary>Every model and pair</summary>", "", *markdown_table(detail_rows(per_seed), seeds),
+                  "", "</details>", "", "Depth alignments of the zip merges:", "", *segment_summary(per_seed, seeds)]
+        if not args.no_barrier:
+            lines += ["", f"Loss barriers along the linear path between model A and model B (joint cross-entropy on the "
+                      f"test set, {args.barrier_steps} points; barrier = max over the path minus the mean of the two end "
+                      "points, as `fxmerge.metrics.loss_barrier`; midpoint = loss at lambda 0.5 minus that mean). "
+                      "plain: B as trained; aligned: B's units permuted into A's order with the matching of the "
+                      "permute merge. BN interpolated: BatchNorm running statistics interpolated like the weights "
+                      "(`fxmerge.metrics.loss_curve`); BN reset: recomputed on 4 calibration batches at every point, "
+                      "as a merge does (the aligned midpoint is then the permute merge). For a heterogeneous pair the "
+                      "shallow model is first extended to the deep structure (LMA), as the merge does. The two models "
+                      "are trained on different tasks, so their end-point losses on the joint task differ and the "
+                      "maximum often sits at an end point: the barrier then equals half the end-point difference for "
+                      "both plain and aligned; the midpoint column is the informative one.", "",
+                      "| pair | barrier, BN interp.: plain / aligned | barrier, BN reset: plain / aligned "
+                      "| midpoint, BN reset: plain / aligned |", "|---|---:|---:|---:|"]
+            for pair in per_seed[seeds[0]]["barriers"]:
+                cells = []
+                for variant, key in (("bn_interpolated", "barrier"), ("bn_reset", "barrier"), ("bn_reset", "midpoint_excess")):
+                    plain = cell([per_seed[s]["barriers"][pair][f"plain_{variant}"][key] for s in seeds], 1.0, 2)
+                    aligned = cell([per_seed[s]["barriers"][pair][f"aligned_{variant}"][key] for s in seeds], 1.0, 2)
+                    cells.append(f"{plain} / {aligned}")
+                lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+        lines += ["", f"CKA heatmaps (seed {seeds[0]}, zip merge of shallow A with deep B): "
+                  f"`{args.name}_{family}_cka_lma.png`, `{args.name}_{family}_cka_sma.png`; merged groups: "
+                  f"`{args.name}_{family}_groups_zip_lma.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for family in args.families:
+        results[family] = {seed: run_seed(family, seed, args, args.out) for seed in args.seeds}
+    total = time.perf_counter() - start
+    machine = machine_info()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {
+        "config": config,
+        "pairs": {family: PAIRS[family][2] for family in args.families},
+        "machine": machine,
+        "source": source_info(),
+        "total_seconds": total,
+        "results": {
+            family: {
+                "table": table_rows(per_seed),
+                "checks": checks(table_rows(per_seed), args.seeds),
+                "per_seed": {str(seed): data for seed, data in per_seed.items()},
+            }
+            for family, per_seed in results.items()
+        },
+    }
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    text = markdown(results, args, machine, total)
+    (args.out / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

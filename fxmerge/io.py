@@ -1,0 +1,1076 @@
+"""Safe saving and loading of merged models: a folder of data, never pickle, never code.
+
+A pickled GraphModule loses ``node.meta``, fails on lambda targets, and can only be read with
+``torch.load(weights_only=False)``, which runs whatever code the file names. This format stores the
+graph and the module tree as JSON data and the tensors with safetensors; loading rebuilds the
+model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap``; tensor functions
+from ``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions).
+Nothing in the folder is evaluated, executed, imported or unpickled.
+
+Format ``fxmerge.graphmodule``, version 1.0 — a directory holding:
+
+``manifest.json``
+    ``{"format": "fxmerge.graphmodule", "format_version": "1.0", "fxmerge_version",
+    "torch_version", "files": {name: {"sha256", "bytes"}}}`` for ``graph.json``,
+    ``weights.safetensors`` and, when present, ``report.json``. A reader refuses an unknown format,
+    a newer major version, a missing file, and any file whose sha256 differs (corruption or
+    tampering). The hashes detect damage; safety does not rest on them but on the allowlists.
+``graph.json``
+    ``{"class_name", "modules": [...], "tensors": {...}, "nodes": [...]}``:
+
+    * ``modules``: every submodule path of the tree, parents first:
+      ``{"path": "stage1.0.conv1", "class": "torch.nn.Conv2d", "args": {"in_channels": 16, ...}}``
+      — constructor arguments read back from the module's attributes (``bias=False`` when its bias
+      is None), checked at save time to rebuild the same module — or ``{"path", "alias_of"}``
+      where one module object sits at two paths.
+    * ``tensors``: the names of the ``parameters``, ``buffers``, ``nonpersistent_buffers`` and
+      plain tensor ``attributes`` (``get_attr`` constants), ``frozen`` parameters
+      (``requires_grad=False``) and ``tied`` names (``alias: canonical``, one copy stored).
+    * ``nodes``: ``{"name", "op", "target", "args", "kwargs"}`` per graph node, in order, plus
+      ``"tensor_meta"`` when the node had one. ``call_function`` targets are qualified names
+      (``_operator.add``, ``torch.cat``, ``torch.nn.functional.relu``, ``builtins.getattr``).
+    * values are tagged JSON: null/booleans/ints/finite floats/strings as themselves,
+      ``{"node": name}``, ``{"tuple": [...]}``, ``{"list": [...]}``, ``{"dict": [[key, value],
+      ...]}``, ``{"slice": [start, stop, step]}``, ``{"ellipsis": null}``, ``{"float": "nan"}``,
+      ``{"dtype": "float32"}``, ``{"device": "cpu"}``, ``{"size": [...]}``, ``{"memory_format":
+      "contiguous_format"}``, ``{"layout": "strided"}``; in constructor arguments only also
+      ``{"function": qualified name}`` and ``{"empty": {"shape", "dtype"}}`` (a tensor argument
+      whose value comes from the weights).
+``weights.safetensors``
+    every tensor named in ``tensors`` (tied aliases once), as contiguous CPU copies.
+``report.json``
+    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import keyword
+import math
+import operator
+import os
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, is_dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import CodeGen
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from fxmerge.errors import FxMergeError, LoadError, SaveError
+from fxmerge.passes.tails import ChannelMap
+
+FORMAT = "fxmerge.graphmodule"
+FORMAT_VERSION = "1.0"
+MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safetensors", "report.json"
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_module", "load_report", "result_to_dict", "save_module"]
+
+# ------------------------------------------------------------------------------------ allowlists
+
+# Attributes ``builtins.getattr`` may read in a graph (fx records ``x.shape`` as getattr(x, "shape")).
+# Anything else — above all dunder names, the road from a tensor to ``__globals__`` — is refused.
+SAFE_ATTRIBUTES = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "T", "mT", "H", "mH", "real",
+    "imag", "is_cuda", "is_sparse", "is_quantized", "is_meta", "itemsize", "nbytes",
+})
+
+# Tensor methods that take callables, run autograd hooks or expose raw storage.
+_DENIED_METHODS = frozenset({
+    "apply_", "map_", "map2_", "backward", "register_hook", "register_post_accumulate_grad_hook",
+    "share_memory_", "storage", "untyped_storage",
+})
+
+# ``operator`` functions without ``attrgetter``/``methodcaller``/``call``, which reach any attribute
+# or call any callable.
+_OPERATOR_NAMES = (
+    "abs", "add", "and_", "concat", "contains", "eq", "floordiv", "ge", "getitem", "gt", "iadd",
+    "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "index", "inv", "invert",
+    "ior", "ipow", "irshift", "is_", "is_not", "isub", "itruediv", "ixor", "le", "lshift", "lt",
+    "matmul", "mod", "mul", "ne", "neg", "not_", "or_", "pos", "pow", "rshift", "setitem", "sub",
+    "truediv", "truth", "xor",
+)
+
+_DENIED_TORCH = frozenset({"from_file"})  # reads a file
+
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _qualified_name(fn: Any) -> str | None:
+    """torch.fx's qualified name of ``fn`` (``builtins.`` made explicit), or None."""
+    import builtins
+
+    name = getattr(fn, "__name__", None)
+    if not isinstance(name, str) or name == "<lambda>":
+        return None
+    if getattr(builtins, name, None) is fn:
+        return f"builtins.{name}"
+    try:
+        return torch.fx.node._get_qualified_name(fn)
+    except Exception:  # noqa: BLE001 - anything fx cannot name is refused by the caller
+        return None
+
+
+def _is_function(obj: Any) -> bool:
+    return isinstance(
+        obj,
+        (types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType),
+    )
+
+
+def _register(table: dict[str, Callable], obj: Any, prefixes: tuple[str, ...] = ("",)) -> None:
+    if not _is_function(obj):
+        return
+    name = _qualified_name(obj)
+    if name is None or not name.startswith(prefixes):
+        return
+    if table.get(name, obj) is not obj:  # two objects, one name: ambiguous, allow neither
+        table[name] = None  # type: ignore[assignment]
+        return
+    table[name] = obj
+
+
+def _public(module: Any) -> Iterator[tuple[str, Any]]:
+    for name in dir(module):
+        if not name.startswith("_"):
+            yield name, getattr(module, name, None)
+
+
+@lru_cache(maxsize=None)
+def _core_functions() -> dict[str, Callable]:
+    """Qualified name -> function for every call_function target fxmerge saves and loads."""
+    import builtins
+
+    import torch.nn.functional as F
+
+    table: dict[str, Callable] = {}
+    variable_functions = torch._C._VariableFunctions
+    for name in dir(variable_functions):
+        if name.startswith("_") or name in _DENIED_TORCH:
+            continue
+        obj = getattr(torch, name, None)
+        if obj is not None and obj is getattr(variable_functions, name):
+            _register(table, obj, ("torch.",))
+    for name in torch.functional.__all__:
+        _register(table, getattr(torch, name, None), ("torch.",))
+    _register(table, torch._assert)
+    for _, obj in _public(F):
+        _register(table, obj, ("torch.nn.functional.", "torch._C._nn.", "torch."))
+    for _, obj in _public(torch._C._nn):
+        _register(table, obj, ("torch._C._nn.",))
+    for namespace in (torch.fft, torch.linalg, torch.special):
+        for _, obj in _public(namespace):
+            _register(table, obj, ("torch.",))
+    for name, obj in _public(torch.Tensor):
+        if name not in _DENIED_METHODS:
+            _register(table, obj, ("torch.Tensor.",))
+    for name in _OPERATOR_NAMES:
+        _register(table, getattr(operator, name))
+    for _, obj in _public(math):
+        _register(table, obj, ("math.",))
+    _register(table, builtins.getattr)
+    table.update(_wrapped_functions("torch.fx."))
+    return {name: fn for name, fn in table.items() if fn is not None}
+
+
+def _wrapped_functions(prefix: str) -> dict[str, Callable]:
+    """Functions registered with ``torch.fx.wrap`` by modules under ``prefix`` (torchvision's)."""
+    registry = getattr(torch.fx._symbolic_trace, "_wrapped_fns_to_patch", {})
+    items = registry.items() if isinstance(registry, dict) else ((None, g) for g in registry)
+    table: dict[str, Callable] = {}
+    for key, namespace in items:
+        name = key[1] if isinstance(key, tuple) else None
+        if not isinstance(namespace, dict) or not isinstance(name, str):
+            continue
+        module = namespace.get("__name__")
+        if isinstance(module, str) and module.startswith(prefix):
+            _register(table, namespace.get(name), (prefix,))
+    return table
+
+
+@lru_cache(maxsize=None)
+def _torchvision_functions() -> dict[str, Callable]:
+    """torchvision.ops functions and torchvision's fx-wrapped functions (imports torchvision)."""
+    import torchvision  # noqa: F401 - a fixed, allowlisted import: registers its fx-wrapped functions
+    import torchvision.ops
+
+    table: dict[str, Callable] = {}
+    for name in getattr(torchvision.ops, "__all__", ()):
+        _register(table, getattr(torchvision.ops, name, None), ("torchvision.ops.",))
+    table.update(_wrapped_functions("torchvision."))
+    return {name: fn for name, fn in table.items() if fn is not None}
+
+
+def _function(name: str) -> Callable | None:
+    """The allowlisted function named ``name``, or None. Only table look-ups: no import by name."""
+    if name.startswith("operator."):
+        name = "_" + name
+    if name.startswith("torchvision."):
+        return _torchvision_functions().get(name)
+    return _core_functions().get(name)
+
+
+def _function_name(fn: Any) -> str | None:
+    """The name under which ``fn`` is allowlisted, or None."""
+    name = _qualified_name(fn)
+    if name is None:
+        return None
+    if name.startswith("torchvision.") and "torchvision" not in sys.modules:
+        return None
+    return name if _function(name) is fn else None
+
+
+@lru_cache(maxsize=None)
+def _module_classes() -> dict[str, type[nn.Module]]:
+    """Stored class name -> class for every module class the format rebuilds."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    table: dict[str, type[nn.Module]] = {}
+    for name, obj in _public(nn):
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, nn.Module)
+            and obj.__module__.startswith("torch.nn.modules.")
+            and not name.startswith("Lazy")
+            and obj not in (nn.ParameterList, nn.ParameterDict)
+        ):
+            table[f"torch.nn.{name}"] = obj
+    table["torch.nn.Module"] = nn.Module
+    table["torch.nn.modules.linear.NonDynamicallyQuantizableLinear"] = NonDynamicallyQuantizableLinear
+    table["fxmerge.passes.tails.ChannelMap"] = ChannelMap
+    return table
+
+
+def _class_name(cls: type) -> str | None:
+    for name, known in _module_classes().items():
+        if known is cls:
+            return name
+    return None
+
+
+# ------------------------------------------------------------------------------- value encoding
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Module / tensor path components: fx writes non-identifiers as getattr(self, "<part>") into the
+# code it generates, so quotes, backslashes and the like are never let through.
+_PATH_PART = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _safe_path(path: str) -> bool:
+    return all(_PATH_PART.match(part) for part in path.split("."))
+
+
+def _enum_name(value: Any) -> str:
+    return str(value).removeprefix("torch.")
+
+
+@lru_cache(maxsize=None)
+def _torch_constants(kind: type) -> dict[str, Any]:
+    """Name -> value of torch's dtypes / memory formats / layouts (``vars``: no lazy imports)."""
+    return {_enum_name(v): v for v in vars(torch).values() if isinstance(v, kind)}
+
+
+def _torch_constant(name: Any, kind: type, where: str) -> Any:
+    value = _torch_constants(kind).get(name) if isinstance(name, str) else None
+    if value is None:
+        raise LoadError(f"{where}: {name!r} is not a torch.{kind.__name__}")
+    return value
+
+
+def _is_identifier(name: Any) -> bool:
+    """A Python identifier that is not a keyword: safe to appear in the code fx generates."""
+    return isinstance(name, str) and bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name)
+
+
+def _encode(value: Any, where: str, *, constructor: bool = False) -> Any:
+    """Tagged JSON of a node argument (or, with ``constructor``, a module constructor argument)."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, Node):
+        return {"node": value.name}
+    if isinstance(value, torch.Size):
+        return {"size": [int(v) for v in value]}
+    if isinstance(value, tuple) and type(value) is tuple:
+        return {"tuple": [_encode(v, where, constructor=constructor) for v in value]}
+    if isinstance(value, list):
+        return {"list": [_encode(v, where, constructor=constructor) for v in value]}
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            raise SaveError(f"{where}: a dict argument with non-string keys cannot be stored")
+        return {"dict": [[k, _encode(v, where, constructor=constructor)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": None}
+    if isinstance(value, torch.dtype):
+        return {"dtype": _enum_name(value)}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": _enum_name(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": _enum_name(value)}
+    if constructor and callable(value) and _function_name(value) is not None:
+        return {"function": _function_name(value)}
+    raise SaveError(
+        f"{where}: a value of type {type(value).__module__}.{type(value).__qualname__} cannot be stored "
+        "as data (supported: None, bool, int, float, str, tuple, list, dict, slice, Ellipsis, graph nodes, "
+        "torch.dtype, torch.device, torch.Size, torch.memory_format, torch.layout)"
+    )
+
+
+def _decode(data: Any, env: Mapping[str, Node], where: str, *, constructor: bool = False) -> Any:
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if not isinstance(data, dict) or len(data) != 1:
+        raise LoadError(f"{where}: malformed value {str(data)[:80]!r}")
+    (tag, body), = data.items()
+
+    def items(expected: type = list) -> Any:
+        if not isinstance(body, expected):
+            raise LoadError(f"{where}: malformed {tag!r} value")
+        return body
+
+    if tag == "node":
+        if not isinstance(body, str) or body not in env:
+            raise LoadError(f"{where}: refers to node {body!r}, which is not defined before it")
+        return env[body]
+    if tag in ("tuple", "list"):
+        decoded = [_decode(v, env, where, constructor=constructor) for v in items()]
+        return tuple(decoded) if tag == "tuple" else decoded
+    if tag == "dict":
+        out = {}
+        for pair in items():
+            if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], str):
+                raise LoadError(f"{where}: malformed dict entry")
+            out[pair[0]] = _decode(pair[1], env, where, constructor=constructor)
+        return out
+    if tag == "slice":
+        parts = items()
+        if len(parts) != 3:
+            raise LoadError(f"{where}: malformed slice")
+        return slice(*(_decode(v, env, where) for v in parts))
+    if tag == "ellipsis":
+        return Ellipsis
+    if tag == "float":
+        if body not in ("nan", "inf", "-inf"):
+            raise LoadError(f"{where}: malformed float {body!r}")
+        return float(body)
+    if tag == "size":
+        values = items()
+        if not all(type(v) is int for v in values):
+            raise LoadError(f"{where}: malformed torch.Size")
+        return torch.Size(values)
+    if tag == "dtype":
+        return _torch_constant(body, torch.dtype, where)
+    if tag == "memory_format":
+        return _torch_constant(body, torch.memory_format, where)
+    if tag == "layout":
+        return _torch_constant(body, torch.layout, where)
+    if tag == "device":
+        if not isinstance(body, str) or not re.match(r"^[a-z_]+(:[0-9]+)?$", body):
+            raise LoadError(f"{where}: malformed device {body!r}")
+        return torch.device(body)
+    if constructor and tag == "function":
+        fn = _function(body) if isinstance(body, str) else None
+        if fn is None:
+            raise LoadError(f"{where}: function {body!r} is not allowed")
+        return fn
+    if constructor and tag == "empty":
+        spec = items(dict)
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(type(v) is int and v >= 0 for v in shape):
+            raise LoadError(f"{where}: malformed tensor shape")
+        return torch.empty(shape, dtype=_torch_constant(spec.get("dtype"), torch.dtype, where), device="meta")
+    raise LoadError(f"{where}: unknown value tag {tag!r}")
+
+
+def _encode_meta(value: Any) -> Any:
+    """``tensor_meta`` (a TensorMetadata or a tuple/list of them) as JSON; None if it cannot be."""
+    if value is None:
+        return None
+    if isinstance(value, TensorMetadata):
+        if value.is_quantized:
+            raise SaveError("quantized tensor meta")
+        return {
+            "shape": [int(v) for v in value.shape], "dtype": _enum_name(value.dtype),
+            "requires_grad": bool(value.requires_grad), "stride": [int(v) for v in value.stride],
+            "memory_format": None if value.memory_format is None else _enum_name(value.memory_format),
+        }
+    if isinstance(value, (tuple, list)):
+        return {"items": [_encode_meta(v) for v in value], "list": isinstance(value, list)}
+    raise SaveError("unsupported tensor meta")
+
+
+def _decode_meta(data: Any, where: str) -> Any:
+    if data is None:
+        return None
+    if "items" in data:
+        items = [_decode_meta(v, where) for v in data["items"]]
+        return items if data.get("list") else tuple(items)
+    memory_format = data["memory_format"]
+    return TensorMetadata(
+        torch.Size(int(v) for v in data["shape"]), _torch_constant(data["dtype"], torch.dtype, where),
+        bool(data["requires_grad"]), tuple(int(v) for v in data["stride"]),
+        None if memory_format is None else _torch_constant(memory_format, torch.memory_format, where),
+        False, {},
+    )
+
+
+# ------------------------------------------------------------------------------------ modules
+
+def _owner(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    owner_path, _, name = qualified.rpartition(".")
+    return (root.get_submodule(owner_path) if owner_path else root), name
+
+
+_SPECIAL_ARGUMENTS: dict[tuple[type, str], Callable[[nn.Module], Any]] = {
+    (nn.MultiheadAttention, "bias"): lambda m: m.in_proj_bias is not None,
+    (nn.MultiheadAttention, "add_bias_kv"): lambda m: m.bias_k is not None,
+}
+
+
+def _constructor_args(module: nn.Module, path: str) -> dict[str, Any]:
+    """Encoded constructor arguments of ``module``, read from its same-named attributes."""
+    cls = type(module)
+    if cls in _CONTAINERS:
+        return {}
+    where = f"module {path!r} ({cls.__name__})"
+    args: dict[str, Any] = {}
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
+            continue
+        special = _SPECIAL_ARGUMENTS.get((cls, p.name))
+        if special is not None:
+            args[p.name] = special(module)
+            continue
+        missing = object()
+        value = getattr(module, p.name, missing)
+        if value is missing:
+            if p.default is p.empty:
+                raise SaveError(
+                    f"{where}: constructor argument {p.name!r} has no same-named attribute to read it from"
+                )
+            continue  # the default; the rebuild check below catches a wrong guess
+        if isinstance(p.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None  # bias=True/False from whether the parameter exists
+        elif isinstance(value, torch.Tensor):
+            if not any(value is t for t in (*module._parameters.values(), *module._buffers.values())):
+                raise SaveError(f"{where}: tensor argument {p.name!r} is not a parameter or buffer of the module")
+            args[p.name] = {"empty": {"shape": list(value.shape), "dtype": _enum_name(value.dtype)}}
+            continue
+        elif isinstance(value, nn.Module):
+            raise SaveError(f"{where}: constructor argument {p.name!r} is a module; it cannot be rebuilt from data")
+        args[p.name] = _encode(value, f"{where}, argument {p.name!r}", constructor=True)
+    return args
+
+
+def _plain(value: Any) -> bool:
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
+
+
+def _signature(module: nn.Module) -> dict[str, Any]:
+    """What a rebuilt module must share with the original: own tensors' shapes and child names (those
+    the constructor makes; others are placed by name), and every plain attribute (sizes, flags, strides) except
+    ``training``."""
+    tensors = {k: None if v is None else tuple(v.shape) for k, v in (*module._parameters.items(), *module._buffers.items())}
+    plain = {k: v for k, v in vars(module).items() if k != "training" and _plain(v)}
+    return {"tensors": tensors, "children": sorted(module._modules), "attributes": plain}
+
+
+def _construct(cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
+    with torch.device("meta"):  # no memory is allocated, whatever the sizes say
+        return cls(**args)
+
+
+def _check_rebuild(module: nn.Module, path: str, args: dict[str, Any]) -> None:
+    cls = type(module)
+    decoded = {k: _decode(json.loads(json.dumps(v)), {}, path, constructor=True) for k, v in args.items()}
+    where = f"module {path!r} ({cls.__name__})"
+    try:
+        fresh = _construct(cls, decoded)
+    except Exception as error:  # noqa: BLE001
+        raise SaveError(f"{where}: cannot be rebuilt from its attributes {decoded}: {error}") from error
+    expected, got = _signature(module), _signature(fresh)
+    if set(got["children"]) <= set(expected["children"]):  # the children are rebuilt on their own
+        got["children"] = expected["children"]
+    # tensors the constructor does not make (a container's get_attr parameters) are placed by name
+    got["tensors"] = {**{k: v for k, v in expected["tensors"].items() if v is not None}, **got["tensors"]}
+    for part in ("tensors", "children", "attributes"):
+        if expected[part] != got[part]:
+            raise SaveError(
+                f"{where}: rebuilding it from its constructor arguments {decoded} gives different {part} "
+                f"({got[part]} instead of {expected[part]}): it was modified after construction in a way "
+                "the format cannot store"
+            )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in names)
+
+
+def _module_records(gm: GraphModule) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    seen: dict[int, str] = {id(gm): ""}
+    if _has_hooks(gm):
+        raise SaveError("the GraphModule has hooks; they would be lost: remove them before saving")
+    for path, module in gm.named_modules(remove_duplicate=False):
+        if path == "":
+            continue
+        if not _safe_path(path):
+            raise SaveError(f"module path {path!r}: only letters, digits, '_' and '-' are allowed in module names")
+        if id(module) in seen:
+            records.append({"path": path, "alias_of": seen[id(module)]})
+            continue
+        seen[id(module)] = path
+        cls = type(module)
+        name = _class_name(cls)
+        if name is None:
+            raise SaveError(
+                f"module {path!r} is a {cls.__module__}.{cls.__qualname__}: only torch.nn layer classes, "
+                "plain nn.Module/Sequential/ModuleList/ModuleDict containers and fxmerge's ChannelMap can be "
+                "saved (custom classes would need their code at load time). Trace the model so that "
+                "custom modules are not leaves (their code becomes graph nodes)"
+            )
+        if _has_hooks(module):
+            raise SaveError(f"module {path!r} ({cls.__name__}) has hooks; they would be lost: remove them before saving")
+        args = _constructor_args(module, path)
+        _check_rebuild(module, path, args)
+        records.append({"path": path, "class": name, "args": args})
+    return records
+
+
+# ------------------------------------------------------------------------------------ tensors
+
+def _tensor_entries(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``tensors`` record of graph.json and the tensors to write (tied aliases once)."""
+    parameters: list[str] = []
+    buffers: list[str] = []
+    nonpersistent: list[str] = []
+    attributes: list[str] = []
+    frozen: list[str] = []
+    tied: dict[str, str] = {}
+    first: dict[int, str] = {}
+    stored: dict[str, torch.Tensor] = {}
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        if not _safe_path(name):
+            raise SaveError(f"tensor {name!r}: only letters, digits, '_' and '-' are allowed in names")
+        if tensor.is_sparse or tensor.is_quantized or tensor.is_meta or tensor.layout != torch.strided:
+            raise SaveError(f"tensor {name!r}: only dense, materialised tensors can be saved")
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+            return
+        first[id(tensor)] = name
+        stored[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+
+    for path, module in gm.named_modules(remove_duplicate=False):  # aliases: tied below
+        prefix = f"{path}." if path else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                parameters.append(prefix + name)
+                if not param.requires_grad:
+                    frozen.append(prefix + name)
+                add(prefix + name, param)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                (nonpersistent if name in module._non_persistent_buffers_set else buffers).append(prefix + name)
+                add(prefix + name, buffer)
+    known = set(parameters) | set(buffers) | set(nonpersistent)
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in known or node.target in modules:
+            continue
+        try:
+            owner, name = _owner(gm, node.target)
+            value = getattr(owner, name)
+        except AttributeError as error:
+            raise SaveError(f"node {node.name!r}: get_attr target {node.target!r} does not exist") from error
+        if not isinstance(value, torch.Tensor):
+            raise SaveError(
+                f"node {node.name!r}: get_attr target {node.target!r} is a {type(value).__name__}; only tensors "
+                "and modules can be stored"
+            )
+        attributes.append(node.target)
+        known.add(node.target)
+        add(node.target, value)
+    record = {
+        "parameters": parameters, "buffers": buffers, "nonpersistent_buffers": nonpersistent,
+        "attributes": attributes, "frozen": frozen, "tied": tied,
+    }
+    return record, stored
+
+
+# -------------------------------------------------------------------------------------- graph
+
+def _check_call(op: str, target: Any, args: tuple, kwargs: Mapping, where: str, error: type[Exception]) -> None:
+    """Rules shared by save and load for call_method targets and ``builtins.getattr``."""
+    if op == "call_method":
+        if (
+            not _is_identifier(target) or target.startswith("_")
+            or target in _DENIED_METHODS or not hasattr(torch.Tensor, target)
+        ):
+            raise error(f"{where}: call_method {target!r} is not allowed (public torch.Tensor methods only)")
+    elif op == "call_function" and target is getattr:
+        if kwargs or len(args) not in (2, 3) or not (isinstance(args[1], str) and args[1] in SAFE_ATTRIBUTES):
+            raise error(
+                f"{where}: getattr reads only the literal attributes {sorted(SAFE_ATTRIBUTES)}, "
+                f"got {args[1:2]!r}"
+            )
+
+
+def _node_record(node: Node) -> dict[str, Any]:
+    where = f"node {node.name!r} ({node.op} {node.target!r})"
+    if node.op == "call_function":
+        target = _function_name(node.target)
+        if target is None:
+            raise SaveError(
+                f"node {node.name!r}: call_function target {node.target!r} ({_qualified_name(node.target)}) is not "
+                "in the allowlist (torch, torch.nn.functional, operator, math, builtins.getattr, torchvision ops "
+                "and fx-wrapped functions); lambdas and user functions cannot be stored as data"
+            )
+    elif node.op in ("call_module", "call_method", "get_attr", "placeholder", "output"):
+        target = node.target
+        if not isinstance(target, str):
+            raise SaveError(f"{where}: target must be a string")
+    else:
+        raise SaveError(f"{where}: unknown op {node.op!r}")
+    _check_call(node.op, node.target, node.args, node.kwargs, where, SaveError)
+    record = {
+        "name": node.name, "op": node.op, "target": target,
+        "args": [_encode(a, where) for a in node.args],
+        "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()},
+    }
+    if "tensor_meta" in node.meta:
+        try:
+            record["tensor_meta"] = _encode_meta(node.meta["tensor_meta"])
+        except SaveError:
+            pass  # meta is optional: drop what cannot be stored
+    return record
+
+
+def graph_to_dict(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """graph.json's content and the tensors for weights.safetensors. Raises SaveError."""
+    if not isinstance(gm, GraphModule):
+        raise SaveError(f"save_module needs a torch.fx.GraphModule, got {type(gm).__name__}")
+    if type(gm.graph._codegen) is not CodeGen:
+        raise SaveError(
+            f"the graph uses {type(gm.graph._codegen).__name__} (pytree inputs/outputs); only plain "
+            "CodeGen graphs can be stored"
+        )
+    class_name = type(gm).__name__
+    if not _IDENTIFIER.match(class_name):
+        class_name = "GraphModule"
+    modules = _module_records(gm)
+    tensors, stored = _tensor_entries(gm)
+    nodes = [_node_record(node) for node in gm.graph.nodes]
+    return {"class_name": class_name, "modules": modules, "tensors": tensors, "nodes": nodes}, stored
+
+
+# -------------------------------------------------------------------------------------- files
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+
+def save_module(gm: GraphModule, directory: str | os.PathLike, *, report: Mapping[str, Any] | None = None) -> Path:
+    """Write ``gm`` to ``directory`` (created if needed) as graph.json + weights.safetensors +
+    manifest.json (+ report.json when ``report`` is given). Returns the directory.
+
+    Raises SaveError, before writing anything, when the module cannot be stored as data: a module
+    class outside the allowlist, a call_function target that is not an allowlisted function
+    (lambdas, user functions), an argument value without an encoding, or hooks.
+    """
+    from fxmerge import __version__
+
+    graph, tensors = graph_to_dict(gm)
+    report_bytes = _json_bytes(_jsonable(report)) if report is not None else None
+    graph_bytes = _json_bytes(graph)
+    try:
+        weights_bytes = safetensors.torch.save(tensors, metadata={"format": "pt", "fxmerge_format": FORMAT})
+    except Exception as error:  # noqa: BLE001
+        raise SaveError(f"safetensors cannot store the weights: {error}") from error
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {GRAPH: graph_bytes, WEIGHTS: weights_bytes}
+    if report_bytes is not None:
+        files[REPORT] = report_bytes
+    elif (out / REPORT).exists():
+        (out / REPORT).unlink()  # a stale report would describe another model
+    for name, data in files.items():
+        _write(out / name, data)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "fxmerge_version": __version__,
+        "torch_version": torch.__version__, "safetensors_version": safetensors.__version__,
+        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+    }
+    _write(out / MANIFEST, _json_bytes(manifest))  # last: a half-written folder fails its hashes
+    return out
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise LoadError(f"{directory}: not a directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise LoadError(f"{directory}: {MANIFEST} is missing: not a folder written by fxmerge.io.save_module")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:
+        raise LoadError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise LoadError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    match = re.match(r"^(\d+)\.(\d+)$", version) if isinstance(version, str) else None
+    if match is None:
+        raise LoadError(f"{path}: malformed format_version {version!r}")
+    if int(match.group(1)) != int(FORMAT_VERSION.split(".")[0]):
+        raise LoadError(
+            f"{path}: format version {version} is not readable by this fxmerge (reads {FORMAT_VERSION.split('.')[0]}.x); "
+            f"it was written by fxmerge {manifest.get('fxmerge_version')!r}"
+        )
+    if not isinstance(manifest.get("files"), dict):
+        raise LoadError(f"{path}: malformed 'files' entry")
+    return manifest
+
+
+def _verified(directory: Path, manifest: Mapping[str, Any], name: str) -> bytes:
+    """The bytes of ``name`` (one of the fixed file names), checked against the manifest's sha256."""
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise LoadError(f"{directory}: {MANIFEST} does not list {name}")
+    path = directory / name
+    if not path.is_file():
+        raise LoadError(f"{directory}: {name} is missing")
+    data = path.read_bytes()
+    digest = _sha256(data)
+    if digest != entry["sha256"]:
+        raise LoadError(
+            f"tampered or corrupted: {path} (sha256 {digest[:16]}... does not match the manifest's "
+            f"{entry['sha256'][:16]}...)"
+        )
+    return data
+
+
+def _parse_json(data: bytes, name: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise LoadError(f"{name}: not valid JSON: {error}") from error
+
+
+def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The report.json saved next to a model (checked against the manifest), or None if none was."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    if REPORT not in manifest["files"]:
+        return None
+    return _parse_json(_verified(directory, manifest, REPORT), REPORT)
+
+
+# -------------------------------------------------------------------------------------- loading
+
+def _string_list(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LoadError(f"{GRAPH}: malformed tensors.{key}")
+    return value
+
+
+def _check_path(path: Any, what: str) -> str:
+    if not isinstance(path, str) or not _safe_path(path):
+        raise LoadError(f"{GRAPH}: malformed {what} {path!r}")
+    return path
+
+
+def _build_modules(gm: GraphModule, records: Any) -> None:
+    if not isinstance(records, list):
+        raise LoadError(f"{GRAPH}: malformed 'modules'")
+    classes = _module_classes()
+    for record in records:
+        if not isinstance(record, dict):
+            raise LoadError(f"{GRAPH}: malformed module record")
+        path = _check_path(record.get("path"), "module path")
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = gm.get_submodule(parent_path) if parent_path else gm
+        except AttributeError as error:
+            raise LoadError(f"{GRAPH}: module {path!r} is listed before its parent") from error
+        if "alias_of" in record:
+            target = _check_path(record["alias_of"], "alias")
+            try:
+                module = gm.get_submodule(target)
+            except AttributeError as error:
+                raise LoadError(f"{GRAPH}: module {path!r} aliases unknown module {target!r}") from error
+        else:
+            cls = classes.get(record.get("class"))  # type: ignore[arg-type]
+            if cls is None:
+                raise LoadError(
+                    f"{GRAPH}: module {path!r} has class {record.get('class')!r}, which is not allowed "
+                    "(torch.nn layer classes, containers and fxmerge's ChannelMap only)"
+                )
+            raw = record.get("args", {})
+            if not isinstance(raw, dict):
+                raise LoadError(f"{GRAPH}: module {path!r}: malformed args")
+            where = f"{GRAPH}: module {path!r}"
+            args = {k: _decode(v, {}, where, constructor=True) for k, v in raw.items()}
+            try:
+                module = _construct(cls, args)
+            except Exception as error:  # noqa: BLE001
+                raise LoadError(f"{where}: {cls.__name__}({args}) fails: {error}") from error
+        if hasattr(parent, name) and name not in parent._modules:
+            raise LoadError(f"{GRAPH}: module path {path!r} collides with an attribute")
+        parent.add_module(name, module)
+
+
+def _place_tensors(gm: GraphModule, record: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Create slots that no constructor made, set non-state tensors; return the state dict to load."""
+    parameters = _string_list(record, "parameters")
+    buffers = _string_list(record, "buffers")
+    nonpersistent = _string_list(record, "nonpersistent_buffers")
+    attributes = _string_list(record, "attributes")
+    tied = record.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise LoadError(f"{GRAPH}: malformed tensors.tied")
+
+    def tensor(name: str) -> torch.Tensor:
+        canonical = tied.get(name, name)
+        if canonical not in tensors:
+            raise LoadError(f"{WEIGHTS} has no tensor {canonical!r} (needed for {name!r})")
+        return tensors[canonical]
+
+    def owner(name: str) -> tuple[nn.Module, str]:
+        _check_path(name, "tensor name")
+        try:
+            return _owner(gm, name)
+        except AttributeError as error:
+            raise LoadError(f"{GRAPH}: tensor {name!r} belongs to no module") from error
+
+    state: dict[str, torch.Tensor] = {}
+    for name in parameters:
+        module, attr = owner(name)
+        if module._parameters.get(attr) is None:
+            if hasattr(module, attr) and attr not in module._parameters:
+                raise LoadError(f"{GRAPH}: parameter {name!r} collides with an attribute")
+            module.register_parameter(attr, nn.Parameter(tensor(name)))
+        state[name] = tensor(name)
+    for name in buffers + nonpersistent:
+        module, attr = owner(name)
+        persistent = name in buffers
+        if attr not in module._buffers or module._buffers[attr] is None or not persistent:
+            if hasattr(module, attr) and attr not in module._buffers:
+                raise LoadError(f"{GRAPH}: buffer {name!r} collides with an attribute")
+            module.register_buffer(attr, tensor(name), persistent=persistent)
+        if persistent:
+            state[name] = tensor(name)
+    for name in attributes:
+        module, attr = owner(name)
+        if hasattr(module, attr):
+            raise LoadError(f"{GRAPH}: tensor attribute {name!r} collides with an existing attribute")
+        setattr(module, attr, tensor(name))
+    unused = set(tensors) - set(state) - set(nonpersistent) - set(attributes)
+    if unused:
+        raise LoadError(f"{WEIGHTS} has tensors the graph does not name: {sorted(unused)[:5]}")
+    return state
+
+
+def _build_graph(gm: GraphModule, nodes: Any, tensor_names: set[str]) -> Graph:
+    if not isinstance(nodes, list):
+        raise LoadError(f"{GRAPH}: malformed 'nodes'")
+    modules = {name for name, _ in gm.named_modules(remove_duplicate=False)} - {""}
+    graph = Graph()
+    env: dict[str, Node] = {}
+    for index, record in enumerate(nodes):
+        if not isinstance(record, dict):
+            raise LoadError(f"{GRAPH}: node {index} is malformed")
+        name, op, target = record.get("name"), record.get("op"), record.get("target")
+        if not _is_identifier(name) or name in env:
+            raise LoadError(f"{GRAPH}: node {index} has a bad or repeated name {name!r}")
+        where = f"{GRAPH}: node {name!r}"
+        if op == "call_function":
+            fn = _function(target) if isinstance(target, str) else None
+            if fn is None:
+                raise LoadError(
+                    f"{where}: call_function target {target!r} is not allowed (only torch, torch.nn.functional, "
+                    "operator, math, builtins.getattr and torchvision's ops and fx-wrapped functions)"
+                )
+            target = fn
+        elif op == "call_module":
+            if target not in modules:
+                raise LoadError(f"{where}: call_module target {target!r} is not a module of the tree")
+        elif op == "get_attr":
+            if target not in tensor_names and target not in modules:
+                raise LoadError(f"{where}: get_attr target {target!r} is not a saved tensor or module")
+        elif op == "placeholder":
+            if not isinstance(target, str) or not _is_identifier(target.removeprefix("**").removeprefix("*")):
+                raise LoadError(f"{where}: malformed placeholder target {target!r}")
+        elif op == "output":
+            if target != "output" or index != len(nodes) - 1:
+                raise LoadError(f"{where}: the output node must be last")
+        elif op != "call_method":
+            raise LoadError(f"{where}: unknown op {op!r}")
+        raw_args, raw_kwargs = record.get("args", []), record.get("kwargs", {})
+        if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
+            raise LoadError(f"{where}: malformed args/kwargs")
+        args = tuple(_decode(a, env, where) for a in raw_args)
+        if not all(_is_identifier(k) for k in raw_kwargs):
+            raise LoadError(f"{where}: keyword argument names must be identifiers")
+        kwargs = {k: _decode(v, env, where) for k, v in raw_kwargs.items()}
+        _check_call(op, target, args, kwargs, where, LoadError)
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if record.get("tensor_meta") is not None:
+            try:
+                node.meta["tensor_meta"] = _decode_meta(record["tensor_meta"], where)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise LoadError(f"{where}: malformed tensor_meta") from error
+        env[name] = node
+    if not nodes or nodes[-1].get("op") != "output":
+        raise LoadError(f"{GRAPH}: the graph has no output node")
+    return graph
+
+
+def load_module(directory: str | os.PathLike) -> GraphModule:
+    """Load a GraphModule written by :func:`save_module`, in eval mode.
+
+    The manifest is checked first (format, version, sha256 of every file); the module tree is
+    rebuilt from allowlisted classes only (on the meta device, then the weights are assigned with
+    ``load_state_dict(strict=True, assign=True)``), and every call_function target must be an
+    allowlisted function: nothing from the folder is evaluated, executed, imported or unpickled.
+    Raises LoadError naming the file or node at fault.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    graph_bytes = _verified(directory, manifest, GRAPH)
+    weights_bytes = _verified(directory, manifest, WEIGHTS)
+    data = _parse_json(graph_bytes, GRAPH)
+    if not isinstance(data, dict):
+        raise LoadError(f"{GRAPH}: malformed")
+    try:
+        tensors = safetensors.torch.load(weights_bytes)  # the verified bytes, not a second read
+    except Exception as error:  # noqa: BLE001 - SafetensorError and friends
+        raise LoadError(f"{directory / WEIGHTS}: unreadable: {error}") from error
+    try:
+        return _build(data, tensors)
+    except FxMergeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a malformed file must not escape as a random error
+        raise LoadError(f"{directory / GRAPH}: malformed: {type(error).__name__}: {error}") from error
+
+
+def _build(data: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> GraphModule:
+    class_name = data.get("class_name", "GraphModule")
+    if not _is_identifier(class_name):
+        raise LoadError(f"{GRAPH}: malformed class_name {class_name!r}")
+    gm = GraphModule(nn.Module(), Graph(), class_name)
+    _build_modules(gm, data.get("modules", []))
+    record = data.get("tensors", {})
+    if not isinstance(record, dict):
+        raise LoadError(f"{GRAPH}: malformed 'tensors'")
+    state = _place_tensors(gm, record, tensors)
+    try:
+        gm.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise LoadError(f"{WEIGHTS} does not fit the module tree of {GRAPH}: {error}") from error
+    for alias, canonical in record.get("tied", {}).items():
+        module, attr = _owner(gm, alias)
+        source, source_attr = _owner(gm, canonical)
+        if attr in module._parameters and source_attr in source._parameters:
+            module._parameters[attr] = source._parameters[source_attr]
+        elif attr in module._buffers and source_attr in source._buffers:
+            module._buffers[attr] = source._buffers[source_attr]
+    frozen = set(_string_list(record, "frozen"))
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        parameter.requires_grad_(name not in frozen)
+    left = [
+        f"{path}.{key}".lstrip(".")
+        for path, module in gm.named_modules()
+        for key, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta
+    ] + [name for name, t in (*gm.named_parameters(), *gm.named_buffers()) if t.is_meta]
+    if left:
+        raise LoadError(f"{WEIGHTS} lacks values for {left[:5]}")
+    tensor_names = set().union(*(set(_string_list(record, k)) for k in ("parameters", "buffers", "nonpersistent_buffers", "attributes")))
+    graph = _build_graph(gm, data.get("nodes"), tensor_names | set(record.get("tied", {})))
+    gm.graph = graph  # sets the owning module and recompiles
+    try:
+        graph.lint()
+    except Exception as error:  # noqa: BLE001
+        raise LoadError(f"{GRAPH}: the graph is inconsistent: {error}") from error
+    gm.recompile()
+    return gm.eval()
+
+
+# ------------------------------------------------------------------------------------- reports
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, numpy scalars/arrays as Python values, non-finite floats as None."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return _jsonable(value.tolist())
+    if isinstance(value, (int,)):
+        return int(value)
+    return str(value)
+
+
+def result_to_dict(result: Any) -> dict[str, Any]:
+    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment."""
+    from fxmerge import __version__
+
+    alignment = None
+    if result.alignment is not None:
+        alignment = []
+        for item in result.alignment:
+            segmentation = item.segmentation
+            alignment.append({
+                "model": item.model,
+                "deep_units": list(item.deep_units),
+                "shallow_units": list(item.shallow_units),
+                "cka": _jsonable(item.cka),
+                "segments": [list(s) for s in item.segments],
+                "first_units": list(getattr(segmentation, "first_units", ())),
+                "objective": getattr(segmentation, "objective", None),
+                "objective_value": _jsonable(float(item.objective_value)),
+            })
+    return _jsonable({
+        "fxmerge_version": __version__,
+        "config": result.config.as_dict(),
+        "groups": [asdict(group) for group in result.groups],
+        "timings": dict(result.timings),
+        "alignment": alignment,
+    })

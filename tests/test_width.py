@@ -1,0 +1,414 @@
+"""Issue #5: width-heterogeneous merging (elastic neuron zipping, Section III-C of the paper).
+
+The central exact check is recovery from a Net2Net-widened copy: ``net2net_widen`` duplicates every
+hidden channel of every free group of a model (producer rows, biases, norm entries and BatchNorm
+running statistics copied; each consumer's input weights divided between the copies), which gives
+a model twice as wide computing the same function. Merging ``[m, widened]`` with zip to
+``width="min"`` can then only reproduce ``m`` if every merged unit is exactly one channel of ``m``
+together with its two copies: any other cluster mixes channels and changes the function.
+
+ZipIt's alpha matters here, and the tests pin down what is true:
+
+* zip first merges every pair scoring 1 (identical features). For a cluster of three (``m``'s unit
+  and its two copies) that is one pair per channel -- in practice the two copies inside the widened
+  model, whose features are bit-identical -- and it leaves ``m``'s unit alone. Its score with its own
+  cluster is now ``alpha * min(1, 1) = alpha``, while the score between two *singletons* is their
+  raw correlation. With the default ``alpha=0.5``, any two distinct channels of ``m`` that correlate
+  above 0.5 on the calibration data are zipped together before they join their copies: recovery
+  fails (``test_default_alpha_fails_on_clusters_of_three``; ``test_alpha_mechanism`` shows the rule
+  on a 2-channel similarity matrix). With ``alpha=1.0`` the true partner scores ``min(1, 1) = 1``
+  and wins: recovery is exact.
+* a cluster of four (``[m, permuted m, widened]``) is made of two score-1 pairs, and the two pairs
+  then meet at ``alpha * 1`` while every other candidate is a decayed ``alpha * correlation < alpha``:
+  recovery is exact at both alphas.
+
+Elastic widths, permute for unequal widths, MuDSC (incl. a ViT with 4 heads), depth and width in
+one call, and ``torch.compile`` of the results are checked on zoo models. torchvision's resnet50 +
+wide_resnet50_2 takes ~50 s per merge on this machine: it lives in ``benchmarks/width.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxmerge
+from fxmerge import zoo
+from fxmerge.errors import ConfigError
+from fxmerge.match import match
+from fxmerge.passes.repair import reset_batchnorm
+from fxmerge.passes.rewrite import load_state_resizing, transform_state_dict
+from fxmerge.testing import random_permute
+
+TOL = 1e-3  # relative error ||y - y'|| / ||y|| of a recovered model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def net2net_widen(
+    model: nn.Module, example: torch.Tensor, factor: int = 2, target: nn.Module | None = None
+) -> nn.Module:
+    """A model ``factor`` times as wide as ``model`` in every free channel group, same function.
+
+    For each free group of size n (``fxmerge.analyze``), "out" axes get the duplication matrix
+    D = [I; I; ...] (factor*n, n): copy j of channel i is channel j*n + i, producer rows, biases,
+    norm entries and BatchNorm running statistics copied; "in" axes get D / factor, dividing each
+    consumer's input weights between the copies. Groups that are factors of a composite
+    (attention heads x head channels) are left alone: duplicating a head channel would change the
+    attention scale. ``target``: a module of the widened shapes to load into (e.g. the same
+    factory at ``width_multiplier=factor``); without it, a deep copy of ``model`` is resized.
+    """
+    analysis = fxmerge.analyze(model, example)
+    out_t: dict[int, torch.Tensor] = {}
+    in_t: dict[int, torch.Tensor] = {}
+    for group in analysis.free_groups:
+        if group.factor_of:
+            continue
+        duplicate = torch.cat([torch.eye(group.size)] * factor, dim=0)
+        out_t[analysis.space_ids[group.name]] = duplicate
+        in_t[analysis.space_ids[group.name]] = duplicate / factor
+    state = transform_state_dict(
+        model.state_dict(), analysis.param_layouts, analysis.param_roles, analysis.aliases, out_t, in_t,
+        analysis.space_sizes,
+    )
+    if target is None:
+        wide = copy.deepcopy(model)
+        load_state_resizing(wide, state)
+    else:
+        wide = target
+        wide.load_state_dict(state)
+    return wide.eval()
+
+
+def _relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
+    return ((y - y2).norm() / y.norm()).item()
+
+
+def _batches(count: int = 4, shape: tuple[int, ...] = (16, 1, 8, 8), seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        y = module(x)
+    assert torch.isfinite(y).all()
+    return y
+
+
+def _free_widths(result: fxmerge.MergeResult) -> dict[str, int]:
+    return {g.name: g.width for g in result.groups if not g.fixed}
+
+
+Factory = Callable[[float], nn.Module]
+FACTORIES: dict[str, Factory] = {
+    "zoo_resnet": lambda w: zoo.resnet((1, 1, 1), width_multiplier=w, in_channels=1, image_size=8),
+    "zoo_vgg": lambda w: zoo.vgg(width_multiplier=w, in_channels=1, image_size=8),
+}
+
+
+def _calibrated(factory: Factory, batches: list[torch.Tensor], seed: int = 0) -> nn.Module:
+    """``factory(1)`` in eval mode with BatchNorm statistics of the calibration data (merging resets
+    BatchNorm on that data, so a recovered model can only equal ``m`` if ``m``'s are those too)."""
+    torch.manual_seed(seed)
+    model = factory(1.0).eval()
+    reset_batchnorm(model, batches, quiet=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FACTORIES))
+def widened_case(request) -> tuple[nn.Module, nn.Module, list[torch.Tensor], torch.Tensor]:
+    """(m, widened m built by the factory at width multiplier 2, calibration batches, m(batch 0))."""
+    factory = FACTORIES[request.param]
+    batches = _batches()
+    model = _calibrated(factory, batches)
+    wide = net2net_widen(model, batches[0], 2, factory(2.0))
+    return model, wide, batches, _run(model, batches[0])
+
+
+# ------------------------------------------------------------------------- 1. Net2Net recovery
+
+
+def test_net2net_widen_preserves_the_function(widened_case) -> None:
+    model, wide, batches, y = widened_case
+    for x in batches:
+        assert _relative_error(_run(model, x), _run(wide, x)) < 1e-5
+    narrow_groups = {g.name: g.size for g in fxmerge.analyze(model, batches[0]).groups}
+    wide_groups = {g.name: (g.size, g.fixed) for g in fxmerge.analyze(wide, batches[0]).groups}
+    for name, (size, fixed) in wide_groups.items():
+        assert size == (narrow_groups[name] if fixed else 2 * narrow_groups[name]), name
+    assert _params(wide) > 3 * _params(model)
+    # without a target the copy is resized in place of being rebuilt: the same function again
+    resized = net2net_widen(model, batches[0], 2)
+    assert _relative_error(y, _run(resized, batches[0])) < 1e-5
+    assert _params(resized) == _params(wide)
+
+
+@pytest.mark.parametrize("width", ["min", "max"])
+def test_zip_recovers_m_from_widened_copy(widened_case, width: str) -> None:
+    model, wide, batches, y = widened_case
+    result = fxmerge.merge([model, wide], batches, method="zip", width=width, alpha=1.0, quiet=True)
+    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    for group in result.groups:
+        if not group.fixed:
+            # 1 up to the 1e-3 weight tie-break that groups with dead units add to the correlation
+            assert group.similarity == pytest.approx(1.0, abs=2e-3), group.name
+            assert group.width == (min if width == "min" else max)(group.sizes)
+    if width == "min":
+        assert _params(result.module) == _params(model)
+
+
+def test_mudsc_recovers_m_from_widened_copy(widened_case) -> None:
+    model, wide, batches, y = widened_case
+    result = fxmerge.merge([model, wide], batches, method="mudsc", width="min", alpha=1.0, quiet=True)
+    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+
+
+def test_default_alpha_fails_on_clusters_of_three(widened_case) -> None:
+    """alpha=0.5 (the default): m's unit meets its copies at score 0.5, after distinct channels of m
+    that correlate above 0.5 were already zipped together (see the module docstring)."""
+    model, wide, batches, y = widened_case
+    result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)
+    assert result.config.alpha == 0.5
+    assert _relative_error(y, _run(result.module, batches[0])) > 0.05
+    # the wrongly zipped clusters show up as a mean matched similarity below 1
+    assert min(g.similarity for g in result.groups if not g.fixed) < 0.99
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_three_models_m_permuted_widened(widened_case, alpha: float) -> None:
+    """Clusters of four (two score-1 pairs, then one merge at alpha): exact at both alphas."""
+    model, wide, batches, y = widened_case
+    twin = random_permute(model, batches[0], seed=1).eval()
+    result = fxmerge.merge([model, twin, wide], batches, method="zip", width="min", alpha=alpha, quiet=True)
+    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert _params(result.module) == _params(model)
+
+
+def test_three_models_m_widened_widened2(widened_case) -> None:
+    """Clusters of five (m's unit and four copies): exact with alpha=1; alpha=0.5 leaves
+    singletons that meet their clusters at a decayed score, as for clusters of three."""
+    model, wide, batches, y = widened_case
+    wide2 = random_permute(wide, batches[0], seed=3).eval()
+    models = [model, wide, wide2]
+    result = fxmerge.merge(models, batches, method="zip", width="min", alpha=1.0, quiet=True)
+    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    default = fxmerge.merge(models, batches, method="zip", width="min", quiet=True)
+    assert _relative_error(y, _run(default.module, batches[0])) > 0.05
+
+
+@pytest.mark.parametrize(("correlation", "alpha", "recovered"), [
+    (0.6, 0.5, False),  # distinct channels correlate above alpha: zipped together first
+    (0.4, 0.5, True),
+    (0.6, 1.0, True),
+    (0.99, 1.0, True),
+])
+def test_alpha_mechanism(correlation: float, alpha: float, recovered: bool) -> None:
+    """Two channels of m (units 0, 1) and the widened copy's four (2, 3 copy 1; 4, 5 copy 2)."""
+    channel = np.array([0, 1, 0, 1, 0, 1])
+    similarity = np.where(channel[:, None] == channel[None, :], 1.0, correlation)
+    pairs = match(similarity, [2, 4], 2, method="zip", alpha=alpha, beta=1.0)
+    clusters = np.concatenate([u.argmax(axis=1) for _, u in pairs])
+    pure = all(len(set(channel[clusters == c])) == 1 for c in range(2))
+    assert pure == recovered
+
+
+# ----------------------------------------------------------------------------- 2. elastic widths
+
+
+@pytest.fixture(scope="module")
+def equal_resnets() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    batches = _batches()
+    factory = FACTORIES["zoo_resnet"]
+    return _calibrated(factory, batches, seed=0), _calibrated(factory, batches, seed=1), batches
+
+
+def test_float_widths_scale_the_model_and_compile(equal_resnets) -> None:
+    a, b, batches = equal_resnets
+    x = batches[0]
+    counts = []
+    for multiple in (0.5, 1.0, 1.5, 2.0):
+        result = fxmerge.merge([a, b], batches, method="zip", width=multiple, quiet=True)
+        for group in result.groups:
+            expected = group.sizes[0] if group.fixed else round(multiple * max(group.sizes))
+            assert group.width == expected, (multiple, group.name)
+        widths = _free_widths(result)
+        assert result.module.get_submodule("stem.0").weight.shape[0] == widths["stem.0:out"]
+        assert result.module.get_submodule("head").weight.shape[1] == widths["stage3.0.conv2:out"]
+        counts.append(_params(result.module))
+        eager = _run(result.module, x)
+        compiled = torch.compile(result.module, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+        if multiple == 2.0:
+            # every unit kept on its own: the merged model is the two models side by side and its
+            # (fixed, averaged) output is exactly their ensemble average
+            assert _relative_error((_run(a, x) + _run(b, x)) / 2, eager) < 1e-5
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
+
+
+def test_float_width_above_the_sum_is_capped(equal_resnets) -> None:
+    """Documented behaviour: a float multiple is capped at keeping every unit (no error)."""
+    a, b, batches = equal_resnets
+    result = fxmerge.merge([a, b], batches, width=3.0, quiet=True)
+    assert all(g.width == sum(g.sizes) for g in result.groups if not g.fixed)
+
+
+def test_int_and_dict_widths(equal_resnets) -> None:
+    a, b, batches = equal_resnets
+    result = fxmerge.merge([a, b], batches, width=20, quiet=True)
+    assert set(_free_widths(result).values()) == {20}
+    assert result.module.get_submodule("stage3.0.conv1").weight.shape[:2] == (20, 20)
+    _run(result.module, batches[0])
+
+    requested = {"stem.0:out": 5, "stage2.0.conv1:out": 7, "stage3.0.conv1:out": 100}
+    result = fxmerge.merge([a, b], batches, width=requested, quiet=True)
+    for group in result.groups:
+        if not group.fixed:
+            assert group.width == requested.get(group.name, max(group.sizes)), group.name
+    assert result.module.get_submodule("stage2.0.conv1").weight.shape[0] == 7
+    assert result.module.get_submodule("stage2.0.conv2").weight.shape[1] == 7
+    assert result.module.get_submodule("stage3.0.conv2").weight.shape[1] == 100
+    _run(result.module, batches[0])
+
+
+@pytest.mark.parametrize("width", [0, -3, 33, 1000, {"stem.0:out": 0}, {"stem.0:out": 33}, {"no_such_group": 4}, 0.0, "wide"])
+def test_invalid_widths_raise_config_error(equal_resnets, width) -> None:
+    a, b, batches = equal_resnets  # every group of [a, b] has 16 + 16 = 32 units at least
+    with pytest.raises(ConfigError):
+        fxmerge.merge([a, b], batches, width=width, quiet=True)
+
+
+# --------------------------------------------------------------------- 3. permute, unequal widths
+
+
+@pytest.fixture(scope="module")
+def narrow_wide() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    batches = _batches()
+    torch.manual_seed(0)
+    narrow = zoo.resnet((1, 1, 1), 8, in_channels=1, image_size=8).eval()
+    wide = zoo.resnet((1, 1, 1), 16, in_channels=1, image_size=8).eval()
+    return narrow, wide, batches
+
+
+@pytest.mark.parametrize("order", ["narrow_first", "wide_first"])
+def test_permute_unequal_widths_keeps_unmatched_units(narrow_wide, order: str) -> None:
+    narrow, wide, batches = narrow_wide
+    models = [narrow, wide] if order == "narrow_first" else [wide, narrow]
+    k_narrow, k_wide = (0, 1) if order == "narrow_first" else (1, 0)
+    result = fxmerge.merge(models, batches, method="permute", quiet=True)
+    for group in result.groups:
+        if group.fixed:
+            continue
+        n, w = group.sizes[k_narrow], group.sizes[k_wide]
+        assert w == 2 * n and group.width == w, group.name
+        merge_narrow = result.matches[group.name].merge[k_narrow].numpy()
+        merge_wide = result.matches[group.name].merge[k_wide].numpy()
+        # every narrow unit is matched to one wide unit (averaged, 1/2) ...
+        assert ((merge_narrow != 0).sum(axis=0) == 1).all() and set(merge_narrow[merge_narrow != 0]) == {0.5}
+        # ... and the w - n unmatched wide units are merged units on their own (weight 1)
+        members = (merge_narrow != 0).sum(axis=1) + (merge_wide != 0).sum(axis=1)
+        assert sorted(members.tolist()) == [1] * (w - n) + [2] * n
+        assert sorted(merge_wide[merge_wide != 0].tolist()) == [0.5] * n + [1.0] * (w - n)
+    assert _params(result.module) == _params(wide)
+    _run(result.module, batches[0])
+    with pytest.raises(ConfigError, match="permute"):
+        fxmerge.merge(models, batches, method="permute", width="min", quiet=True)
+
+
+# ---------------------------------------------------------------------- 4. MuDSC, unequal widths
+
+
+@pytest.mark.parametrize("width", ["max", "min"])
+def test_mudsc_unequal_resnets(narrow_wide, width: str) -> None:
+    narrow, wide, batches = narrow_wide
+    result = fxmerge.merge([narrow, wide], batches, method="mudsc", width=width, quiet=True)
+    for group in result.groups:
+        if not group.fixed:
+            assert group.width == (max if width == "max" else min)(group.sizes)
+    assert _params(result.module) == _params(wide if width == "max" else narrow)
+    _run(result.module, batches[0])
+
+
+def _vit(layers: int, hidden: int) -> nn.Module:
+    return zoo.vit(
+        patch_size=2, num_layers=layers, num_heads=4, hidden_dim=hidden, mlp_dim=2 * hidden, in_channels=1, image_size=8
+    ).eval()
+
+
+def _attention(module: nn.Module) -> list[nn.MultiheadAttention]:
+    return [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+@pytest.mark.parametrize(("width", "embed"), [("max", 64), ("min", 32)])
+def test_mudsc_unequal_vits(width: str, embed: int) -> None:
+    batches = _batches()
+    torch.manual_seed(0)
+    small, large = _vit(2, 32), _vit(2, 64)
+    result = fxmerge.merge([small, large], batches, method="mudsc", width=width, quiet=True)
+    attention = _attention(result.module)
+    assert len(attention) == 2
+    for mha in attention:
+        assert (mha.embed_dim, mha.num_heads, mha.head_dim) == (embed, 4, embed // 4)
+        assert tuple(mha.in_proj_weight.shape) == (3 * embed, embed)
+        assert tuple(mha.out_proj.weight.shape) == (embed, embed)
+    assert result.module.get_submodule("conv_proj").weight.shape[0] == embed
+    heads = [g for g in result.groups if g.name.endswith(":heads")]
+    assert heads and all(g.width == 4 for g in heads)
+    assert _params(result.module) == _params(large if width == "max" else small)
+    y = _run(result.module, batches[0])
+    assert y.shape == (16, 10)
+
+
+# ------------------------------------------------------------------------ 5. depth and width
+
+
+def _check_depth_and_width(result: fxmerge.MergeResult, deep_wide: nn.Module, x: torch.Tensor) -> None:
+    assert result.alignment is not None and len(result.alignment) == 1
+    for group in result.groups:
+        if not group.fixed:
+            assert group.width == max(group.sizes), group.name
+    # the merged model has the deep model's structure and widths
+    assert _params(result.module) == _params(deep_wide)
+    assert {k: v.shape for k, v in result.module.state_dict().items()} == {
+        k: v.shape for k, v in deep_wide.state_dict().items()
+    }
+    _run(result.module, x)
+
+
+@pytest.mark.parametrize("order", ["shallow_first", "deep_first"])
+def test_depth_and_width_resnets(order: str) -> None:
+    batches = _batches()
+    torch.manual_seed(0)
+    shallow_narrow = zoo.resnet((1, 1, 1), 8, in_channels=1, image_size=8).eval()
+    deep_wide = zoo.resnet((2, 2, 2), 16, in_channels=1, image_size=8).eval()
+    models = [shallow_narrow, deep_wide] if order == "shallow_first" else [deep_wide, shallow_narrow]
+    result = fxmerge.merge(models, batches, method="zip", quiet=True)
+    _check_depth_and_width(result, deep_wide, batches[0])
+
+
+def test_depth_and_width_vits() -> None:
+    batches = _batches()
+    torch.manual_seed(0)
+    shallow_narrow, deep_wide = _vit(2, 32), _vit(3, 64)
+    result = fxmerge.merge([shallow_narrow, deep_wide], batches, method="zip", quiet=True)
+    _check_depth_and_width(result, deep_wide, batches[0])
+    assert [m.embed_dim for m in _attention(result.module)] == [64, 64, 64]
