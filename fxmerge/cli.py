@@ -255,15 +255,13 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import json
     import os
 
     if os.path.isdir(args.target):
-        from fxmerge.io import load_module
+        from fxmerge.io import load_module, load_report
 
         module = load_module(args.target)
-        report_path = os.path.join(args.target, "report.json")
-        report = json.load(open(report_path, encoding="utf-8")) if os.path.exists(report_path) else {}
+        report = load_report(args.target) or {}
         print(_format_report(report))
         if args.graph:
             print(module.print_readable(print_output=False))

@@ -165,8 +165,8 @@ def _core_functions() -> dict[str, Callable]:
     for name in torch.functional.__all__:
         _register(table, getattr(torch, name, None), ("torch.",))
     _register(table, torch._assert)
-    for _, obj in _public(F):
-        _register(table, obj, ("torch.nn.functional.", "torch._C._nn.", "torch."))
+    for _, obj in _public(F):  # not F's helpers (handle_torch_function, boolean_dispatch, ...)
+        _register(table, obj, ("torch.nn.functional.", "torch._C._nn."))
     for _, obj in _public(torch._C._nn):
         _register(table, obj, ("torch._C._nn.",))
     for namespace in (torch.fft, torch.linalg, torch.special):
