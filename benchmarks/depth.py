@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import itertools
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fxmerge  # noqa: E402
 from fxmerge.experiments import TaskModels, calibration_data, evaluate, train_task_models  # noqa: E402
 from fxmerge.metrics import loss_barrier, loss_curve  # noqa: E402
-from fxmerge.passes.depth import align_depth, extend  # noqa: E402
+from fxmerge.passes.depth import align_depth, compatibility, extend  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
 from fxmerge.passes.units import find_units  # noqa: E402
 from fxmerge.testing import permute_model  # noqa: E402
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--barrier-steps", type=int, default=11)
     parser.add_argument("--no-barrier", action="store_true", help="skip the loss barriers")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only re-write the markdown (and print it) from a JSON file written by this script")
     return parser.parse_args(argv)
 
 
@@ -175,6 +178,19 @@ def barriers(result, model_a, model_b, head, split, example, steps: int, batches
     return out
 
 
+def feasible_segmentations(shallow: nn.Module, deep: nn.Module, example: torch.Tensor) -> int:
+    """How many segmentations the depth DP chooses from (enumerated under its constraints)."""
+    shallow_gm, deep_gm = fxmerge.trace(shallow, example), fxmerge.trace(deep, example)
+    deep_units, shallow_units = find_units(deep_gm), find_units(shallow_gm)
+    first_ok, extra_ok = compatibility(deep_gm, deep_units, shallow_gm, shallow_units)
+    m, n = first_ok.shape
+    count = 0
+    for inner in itertools.combinations(range(1, m), n - 1):
+        starts, ends = (0, *inner), (*inner, m)
+        count += all(first_ok[s, i] and extra_ok[s + 1 : e].all() for i, (s, e) in enumerate(zip(starts, ends)))
+    return count
+
+
 def extension_of(shallow: nn.Module, deep: nn.Module, batches, objective: str, k: int, expected_segments):
     """The shallow model extended to the deep structure, as ``merge`` builds it."""
     shallow_gm, deep_gm = fxmerge.trace(shallow, batches[0]), fxmerge.trace(deep, batches[0])
@@ -199,6 +215,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
     head, split = shallow.head, shallow.split
     models = {"shallow A": shallow.model_a, "shallow B": shallow.model_b, "deep A": deep.model_a, "deep B": deep.model_b}
     depths = {name: len(find_units(fxmerge.trace(m, split.x_test[:8]))) for name, m in models.items()}
+    depths["feasible segmentations"] = feasible_segmentations(models["shallow A"], models["deep A"], split.x_test[:8])
     singles = {name: scores(evaluate(m, head, split)) for name, m in models.items()}
     calibration = calibration_data(split, seed=seed, num_batches=args.calibration_batches)
     example = calibration[0]
@@ -279,6 +296,9 @@ def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[
         for method in HOMO_METHODS:
             chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method]
             rows.setdefault(f"Homo {LABELS[method]}", {})[seed] = mean(chosen)
+        for depth in ("shallow", "deep"):  # not in the paper's table: the two pairs behind Homo Zip
+            chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == "zip"]
+            rows.setdefault(f"Homo Zip, {depth} pair only", {})[seed] = mean(chosen)
         for method, depth in HETERO:
             chosen = [m for m in merges if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth]
             rows.setdefault(f"Hetero {LABELS[method]}+{depth.upper()}", {})[seed] = mean(chosen)
@@ -347,6 +367,8 @@ def checks(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> li
 
     claim("hetero Zip+LMA within 2 points of (or above) homo Zip, per-task avg", within("Hetero Zip+LMA", "Homo Zip", "average", 2.0))
     claim("hetero Zip+LMA within 2 points of (or above) homo Zip, joint", within("Hetero Zip+LMA", "Homo Zip", "joint", 2.0))
+    claim("hetero Zip+LMA within 2 points of (or above) homo Zip of the deep pair (the merged structure), per-task avg",
+          within("Hetero Zip+LMA", "Homo Zip, deep pair only", "average", 2.0))
     claim("hetero Zip+LMA above both single models, per-task avg", above("Hetero Zip+LMA", ["Task A", "Task B"], "average"))
     claim("hetero Zip+LMA above both single models, joint", above("Hetero Zip+LMA", ["Task A", "Task B"], "joint"))
     claim("hetero Zip+LMA above homo Avg, per-task avg", above("Hetero Zip+LMA", ["Homo Avg"], "average"))
@@ -400,7 +422,9 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
         depths = per_seed[seeds[0]]["depths"]
         rows = table_rows(per_seed)
         lines += ["", f"## {family}: {description}", "",
-                  f"Units along the spine (what the depth DP aligns): shallow {depths['shallow A']}, deep {depths['deep A']}.",
+                  f"Units along the spine (what the depth DP aligns): shallow {depths['shallow A']}, deep {depths['deep A']}; "
+                  f"feasible segmentations under the DP's constraints: {depths.get('feasible segmentations', '?')}"
+                  + (" (so SMA and LMA necessarily choose the same one)." if depths.get("feasible segmentations") == 1 else "."),
                   "", *markdown_table(rows, seeds), "", "Claims of the paper, checked (per seed and on the means):", ""]
         for c in checks(rows, seeds):
             verdict = "holds" if c["holds_on_means"] else "DOES NOT HOLD"
@@ -437,6 +461,17 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        saved = argparse.Namespace(**{**payload["config"], "out": Path(payload["config"]["out"]), "render": None})
+        results = {
+            family: {int(seed): data for seed, data in entry["per_seed"].items()}
+            for family, entry in payload["results"].items()
+        }
+        text = markdown(results, saved, payload["machine"], payload["total_seconds"])
+        (args.render.parent / f"{saved.name}.md").write_text(text)
+        print(text)
+        return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

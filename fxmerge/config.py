@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from fxmerge.errors import ConfigError
 
@@ -18,6 +21,16 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (numpy's included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (numpy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,14 @@ class MergeConfig:
         _choice("output", self.output, OUTPUT_POLICIES)
         for name in ("alpha", "beta"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
-        if not isinstance(self.balance, (int, float)) or not 0 <= self.balance <= 1:
+        if not _is_number(self.balance) or not 0 <= self.balance <= 1:
             raise ConfigError(f"balance={self.balance!r} must be in [0, 1]")
-        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+        if not _is_int(self.calibration_batches) or self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches={self.calibration_batches!r} must be an int >= 1")
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed={self.seed!r} must be an int")
         width = self.width
         if isinstance(width, bool) or not (
             width in ("max", "min")

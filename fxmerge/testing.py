@@ -1,4 +1,5 @@
-"""Tools for testing function-preserving rewrites: random permutations of every free group."""
+"""Tools for testing function-preserving rewrites: random permutations of every free group, and
+Net2Net widening (every free channel duplicated)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from fxmerge.passes.dependency import Analysis, analyze
-from fxmerge.passes.rewrite import transform_state_dict
+from fxmerge.passes.rewrite import load_state_resizing, transform_state_dict
 
 
 def random_permutations(analysis: Analysis, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -54,3 +55,38 @@ def random_permute(
     """
     analysis = analyze(model, example_input, strict=strict, leaf_modules=leaf_modules)
     return permute_model(model, analysis, random_permutations(analysis, seed))
+
+
+def net2net_widen(
+    model: nn.Module, example: torch.Tensor, factor: int = 2, target: nn.Module | None = None
+) -> nn.Module:
+    """A model ``factor`` times as wide as ``model`` in every free channel group, same function.
+
+    For each free group of size n (``fxmerge.analyze``), "out" axes get the duplication matrix
+    D = [I; I; ...] (factor*n, n): copy j of channel i is channel j*n + i, producer rows, biases,
+    norm entries and BatchNorm running statistics copied; "in" axes get D / factor, dividing each
+    consumer's input weights between the copies. Groups that are factors of a composite
+    (attention heads x head channels) are left alone: duplicating a head channel would change the
+    attention scale. ``target``: a module of the widened shapes to load into (e.g. the same
+    factory at ``width_multiplier=factor``); without it, a deep copy of ``model`` is resized.
+    """
+    analysis = analyze(model, example)
+    out_t: dict[int, torch.Tensor] = {}
+    in_t: dict[int, torch.Tensor] = {}
+    for group in analysis.free_groups:
+        if group.factor_of:
+            continue
+        duplicate = torch.cat([torch.eye(group.size)] * factor, dim=0)
+        out_t[analysis.space_ids[group.name]] = duplicate
+        in_t[analysis.space_ids[group.name]] = duplicate / factor
+    state = transform_state_dict(
+        model.state_dict(), analysis.param_layouts, analysis.param_roles, analysis.aliases, out_t, in_t,
+        analysis.space_sizes,
+    )
+    if target is None:
+        wide = copy.deepcopy(model)
+        load_state_resizing(wide, state)
+    else:
+        wide = target
+        wide.load_state_dict(state)
+    return wide.eval()

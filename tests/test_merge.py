@@ -225,28 +225,38 @@ def test_merging_three_copies_recovers_the_model(cases, name: str, method: str, 
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_three_copies_zip_at_default_alpha_does_not_recover(cases, name: str) -> None:
-    """ZipIt's default alpha=0.5 is NOT enough for three copies (observed, and explained below).
+def test_three_copies_zip_at_default_alpha_recovers(cases, name: str) -> None:
+    """Three copies at ZipIt's default alpha=0.5.
 
-    The first merges pair two copies of a feature (score 1); that cluster's score with the third
-    copy then decays to alpha * 1 = 0.5, while two still-unmerged third copies of DIFFERENT
-    features keep their raw similarity. Any such pair above alpha is merged first, so some clusters
-    end up with two units of one model and none of another, and m is not recovered.
+    With plain ZipIt decay this fails: after two copies of a feature merge (score 1), their score
+    with the third copy decays to alpha * 1 = 0.5 and two unmerged third copies of DIFFERENT
+    features with similarity above 0.5 are merged first. fxmerge does not decay a merge of two
+    identical features (score >= 1 - 1e-6: deduplication), so every cluster is one unit per model.
     """
     case = cases(name)
     result, y2 = merged_output([case.model, case.twin1, case.twin2], case, method="zip")
-    assert rel_err(case.y, y2) > 1e-2
+    assert rel_err(case.y, y2) < TOL
     good, total = triple_clusters(result)
-    assert good < total, "every cluster holds one unit of each model, yet m was not recovered"
+    assert good == total
 
 
-@pytest.mark.parametrize(("cross", "alpha", "recovered"), [(0.4, 0.5, True), (0.6, 0.5, False), (0.6, 1.0, True), (0.99, 1.0, True)])
-def test_zip_three_copies_mechanism(cross: float, alpha: float, recovered: bool) -> None:
-    """Three copies of two features with similarity ``cross`` between the features: the zip
-    matcher recovers the copies exactly when the decayed score alpha beats ``cross``."""
+@pytest.mark.parametrize(
+    ("copy_similarity", "cross", "alpha", "recovered"),
+    [
+        (1.0, 0.6, 0.5, True),    # identical copies: deduplicated, no decay
+        (1.0, 0.9, 0.5, True),
+        (0.99, 0.4, 0.5, True),   # near copies decay: 0.5 * 0.99 > 0.4
+        (0.99, 0.6, 0.5, False),  # 0.5 * 0.99 < 0.6: two different features merge first
+        (0.99, 0.6, 1.0, True),
+    ],
+)
+def test_zip_three_copies_mechanism(copy_similarity: float, cross: float, alpha: float, recovered: bool) -> None:
+    """Three copies of two features with similarity ``cross`` between the features: identical
+    copies always come together; near copies only when the decayed score beats ``cross``."""
     sizes = [2, 2, 2]
     feature = np.arange(6) % 2
-    similarity = np.where(feature[:, None] == feature[None, :], 1.0, cross)
+    similarity = np.where(feature[:, None] == feature[None, :], copy_similarity, cross)
+    np.fill_diagonal(similarity, 1.0)
     pairs = match(similarity, sizes, 2, method="zip", alpha=alpha, beta=1.0)
     labels = np.concatenate([u.argmax(axis=1) for _, u in pairs])
     copies_together = all(len(set(labels[feature == f])) == 1 for f in (0, 1))

@@ -7,20 +7,14 @@ a model twice as wide computing the same function. Merging ``[m, widened]`` with
 ``width="min"`` can then only reproduce ``m`` if every merged unit is exactly one channel of ``m``
 together with its two copies: any other cluster mixes channels and changes the function.
 
-ZipIt's alpha matters here, and the tests pin down what is true:
-
-* zip first merges every pair scoring 1 (identical features). For a cluster of three (``m``'s unit
-  and its two copies) that is one pair per channel -- in practice the two copies inside the widened
-  model, whose features are bit-identical -- and it leaves ``m``'s unit alone. Its score with its own
-  cluster is now ``alpha * min(1, 1) = alpha``, while the score between two *singletons* is their
-  raw correlation. With the default ``alpha=0.5``, any two distinct channels of ``m`` that correlate
-  above 0.5 on the calibration data are zipped together before they join their copies: recovery
-  fails (``test_default_alpha_fails_on_clusters_of_three``; ``test_alpha_mechanism`` shows the rule
-  on a 2-channel similarity matrix). With ``alpha=1.0`` the true partner scores ``min(1, 1) = 1``
-  and wins: recovery is exact.
-* a cluster of four (``[m, permuted m, widened]``) is made of two score-1 pairs, and the two pairs
-  then meet at ``alpha * 1`` while every other candidate is a decayed ``alpha * correlation < alpha``:
-  recovery is exact at both alphas.
+ZipIt's alpha matters here. Plain ZipIt decay fails at the default ``alpha=0.5``: zip first merges
+the score-1 pair inside the widened model (two bit-identical copies), and m's unit then meets that
+cluster at ``alpha * min(1, 1) = 0.5`` -- after any two distinct channels of m correlating above 0.5
+were zipped together. fxmerge's zip does not decay a merge of two identical features (score
+>= 1 - 1e-6, ``fxmerge.match.zip.IDENTICAL``): deduplication is not a new merge. Recovery is then
+exact at the default alpha (``test_default_alpha_recovers_from_widened_copy``), and
+``test_alpha_mechanism`` pins the rule on a 2-channel similarity matrix: *near* copies (0.99) still
+decay as in ZipIt.
 
 Elastic widths, permute for unequal widths, MuDSC (incl. a ViT with 4 heads), depth and width in
 one call, and ``torch.compile`` of the results are checked on zoo models. torchvision's resnet50 +
@@ -29,7 +23,6 @@ wide_resnet50_2 takes ~50 s per merge on this machine: it lives in ``benchmarks/
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -42,8 +35,7 @@ from fxmerge import zoo
 from fxmerge.errors import ConfigError
 from fxmerge.match import match
 from fxmerge.passes.repair import reset_batchnorm
-from fxmerge.passes.rewrite import load_state_resizing, transform_state_dict
-from fxmerge.testing import random_permute
+from fxmerge.testing import net2net_widen, random_permute
 
 TOL = 1e-3  # relative error ||y - y'|| / ||y|| of a recovered model
 
@@ -57,41 +49,6 @@ def one_thread() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def net2net_widen(
-    model: nn.Module, example: torch.Tensor, factor: int = 2, target: nn.Module | None = None
-) -> nn.Module:
-    """A model ``factor`` times as wide as ``model`` in every free channel group, same function.
-
-    For each free group of size n (``fxmerge.analyze``), "out" axes get the duplication matrix
-    D = [I; I; ...] (factor*n, n): copy j of channel i is channel j*n + i, producer rows, biases,
-    norm entries and BatchNorm running statistics copied; "in" axes get D / factor, dividing each
-    consumer's input weights between the copies. Groups that are factors of a composite
-    (attention heads x head channels) are left alone: duplicating a head channel would change the
-    attention scale. ``target``: a module of the widened shapes to load into (e.g. the same
-    factory at ``width_multiplier=factor``); without it, a deep copy of ``model`` is resized.
-    """
-    analysis = fxmerge.analyze(model, example)
-    out_t: dict[int, torch.Tensor] = {}
-    in_t: dict[int, torch.Tensor] = {}
-    for group in analysis.free_groups:
-        if group.factor_of:
-            continue
-        duplicate = torch.cat([torch.eye(group.size)] * factor, dim=0)
-        out_t[analysis.space_ids[group.name]] = duplicate
-        in_t[analysis.space_ids[group.name]] = duplicate / factor
-    state = transform_state_dict(
-        model.state_dict(), analysis.param_layouts, analysis.param_roles, analysis.aliases, out_t, in_t,
-        analysis.space_sizes,
-    )
-    if target is None:
-        wide = copy.deepcopy(model)
-        load_state_resizing(wide, state)
-    else:
-        wide = target
-        wide.load_state_dict(state)
-    return wide.eval()
 
 
 def _relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
@@ -182,15 +139,16 @@ def test_mudsc_recovers_m_from_widened_copy(widened_case) -> None:
     assert _relative_error(y, _run(result.module, batches[0])) < TOL
 
 
-def test_default_alpha_fails_on_clusters_of_three(widened_case) -> None:
-    """alpha=0.5 (the default): m's unit meets its copies at score 0.5, after distinct channels of m
-    that correlate above 0.5 were already zipped together (see the module docstring)."""
+def test_default_alpha_recovers_from_widened_copy(widened_case) -> None:
+    """alpha=0.5 (the default), as the issue asks: the widened copy's two copies of a channel are
+    identical features, so merging them is deduplication and spends no decay; m's unit then meets
+    the pair at score ~1 (plain ZipIt decay would make it 0.5, after distinct channels of m that
+    correlate above 0.5 were zipped together)."""
     model, wide, batches, y = widened_case
     result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)
     assert result.config.alpha == 0.5
-    assert _relative_error(y, _run(result.module, batches[0])) > 0.05
-    # the wrongly zipped clusters show up as a mean matched similarity below 1
-    assert min(g.similarity for g in result.groups if not g.fixed) < 0.99
+    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert _params(result.module) == _params(model)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
@@ -204,27 +162,28 @@ def test_three_models_m_permuted_widened(widened_case, alpha: float) -> None:
 
 
 def test_three_models_m_widened_widened2(widened_case) -> None:
-    """Clusters of five (m's unit and four copies): exact with alpha=1; alpha=0.5 leaves
-    singletons that meet their clusters at a decayed score, as for clusters of three."""
+    """Clusters of five (m's unit and four copies): exact at both alphas (identical copies are
+    deduplicated without decay)."""
     model, wide, batches, y = widened_case
     wide2 = random_permute(wide, batches[0], seed=3).eval()
     models = [model, wide, wide2]
-    result = fxmerge.merge(models, batches, method="zip", width="min", alpha=1.0, quiet=True)
-    assert _relative_error(y, _run(result.module, batches[0])) < TOL
-    default = fxmerge.merge(models, batches, method="zip", width="min", quiet=True)
-    assert _relative_error(y, _run(default.module, batches[0])) > 0.05
+    for alpha in (0.5, 1.0):
+        result = fxmerge.merge(models, batches, method="zip", width="min", alpha=alpha, quiet=True)
+        assert _relative_error(y, _run(result.module, batches[0])) < TOL, alpha
 
 
-@pytest.mark.parametrize(("correlation", "alpha", "recovered"), [
-    (0.6, 0.5, False),  # distinct channels correlate above alpha: zipped together first
-    (0.4, 0.5, True),
-    (0.6, 1.0, True),
-    (0.99, 1.0, True),
+@pytest.mark.parametrize(("copy_similarity", "correlation", "alpha", "recovered"), [
+    (1.0, 0.6, 0.5, True),    # identical copies: deduplicated without decay
+    (1.0, 0.4, 0.5, True),
+    (0.99, 0.6, 0.5, False),  # near copies decay: distinct channels above 0.5 * 0.99 zip first
+    (0.99, 0.4, 0.5, True),
+    (0.99, 0.6, 1.0, True),
 ])
-def test_alpha_mechanism(correlation: float, alpha: float, recovered: bool) -> None:
+def test_alpha_mechanism(copy_similarity: float, correlation: float, alpha: float, recovered: bool) -> None:
     """Two channels of m (units 0, 1) and the widened copy's four (2, 3 copy 1; 4, 5 copy 2)."""
     channel = np.array([0, 1, 0, 1, 0, 1])
-    similarity = np.where(channel[:, None] == channel[None, :], 1.0, correlation)
+    similarity = np.where(channel[:, None] == channel[None, :], copy_similarity, correlation)
+    np.fill_diagonal(similarity, 1.0)
     pairs = match(similarity, [2, 4], 2, method="zip", alpha=alpha, beta=1.0)
     clusters = np.concatenate([u.argmax(axis=1) for _, u in pairs])
     pure = all(len(set(channel[clusters == c])) == 1 for c in range(2))

@@ -73,16 +73,28 @@ def initial_scores(similarity: np.ndarray) -> np.ndarray:
     return scores
 
 
+# Two units whose similarity is at least this are the same feature (e.g. a Net2Net copy): merging
+# them is deduplication, not a new merge, so it does not spend ZipIt's alpha decay.
+IDENTICAL = 1.0 - 1e-6
+
+
 def decayed_merged_scores(scores: np.ndarray, kept: int, absorbed: int, alpha: float) -> np.ndarray:
     """Scores of the merged cluster with every cluster: alpha * min of its two parts' scores.
+
+    ZipIt!'s decay keeps a feature from absorbing ever more units. fxmerge does not decay when the
+    two parts are identical (score >= IDENTICAL): a duplicated feature is one feature, and decaying
+    it would let two *different* features with correlation above alpha be merged before the
+    duplicate's original — this is what makes a Net2Net-widened copy, or three permuted copies,
+    recoverable at the default alpha.
 
     Returns a new (N,) row; -inf entries (dead, forbidden, or the two parts themselves) stay -inf, which
     a plain multiplication would turn into NaN when alpha == 0.  Shared with the reference so both
     round identically.
     """
+    decay = 1.0 if scores[kept, absorbed] >= IDENTICAL else alpha
     merged = np.minimum(scores[kept], scores[absorbed])
     finite = np.isfinite(merged)
-    merged[finite] = alpha * merged[finite]
+    merged[finite] = decay * merged[finite]
     merged[kept] = -np.inf
     merged[absorbed] = -np.inf
     return merged

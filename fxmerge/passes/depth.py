@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError, IncompatibleModelsError, InvarianceError
 from fxmerge.metrics import MIN_CKA_BATCH, CKAAccumulator
 from fxmerge.passes.features import tap_extractor
@@ -107,26 +109,46 @@ def unit_cka(
     batches: Sequence[torch.Tensor],
     *,
     quiet: bool = False,
+    process_group: Any = None,
 ) -> np.ndarray:
     """(m, n) linear CKA between unit outputs, averaged over calibration batches (unbiased HSIC).
 
     Batches of fewer than ``MIN_CKA_BATCH`` (4) samples are skipped: the unbiased estimator is
     undefined on them (a data set's last, partial batch); CalibrationError if no batch is left.
+
+    ``process_group``: None, or a ``torch.distributed`` ProcessGroup whose processes each pass
+    their own shard of the batches: the accumulators' sums (``CKAAccumulator.state()``) are
+    summed over the processes, so every process returns the same matrix — the CKA over all
+    shards' batches (a process may have no usable batch as long as some process has one).
     """
+    group = check_group(process_group)
     usable = [batch for batch in batches if batch.shape[0] >= MIN_CKA_BATCH]
-    if not usable:
-        raise CalibrationError(
-            f"depth alignment needs calibration batches of at least {MIN_CKA_BATCH} samples for the unbiased "
-            f"CKA estimator; got batch sizes {sorted({int(b.shape[0]) for b in batches})}"
-        )
-    deep_taps = tap_extractor(deep, [u.end for u in deep_units])
-    shallow_taps = tap_extractor(shallow, [u.end for u in shallow_units])
+    no_batch = CalibrationError(
+        f"depth alignment needs calibration batches of at least {MIN_CKA_BATCH} samples for the unbiased "
+        f"CKA estimator; got batch sizes {sorted({int(b.shape[0]) for b in batches})}"
+    )
+    if not usable and group is None:
+        raise no_batch
     accumulator = CKAAccumulator(len(deep_units), len(shallow_units))
-    with torch.no_grad():
-        for batch in progress(usable, total=len(usable), description="unit CKA", quiet=quiet):
-            rows = [v.reshape(v.shape[0], -1) for v in deep_taps(batch)]
-            cols = [v.reshape(v.shape[0], -1) for v in shallow_taps(batch)]
-            accumulator.update(rows, cols)
+    error: BaseException | None = None
+    try:
+        deep_taps = tap_extractor(deep, [u.end for u in deep_units])
+        shallow_taps = tap_extractor(shallow, [u.end for u in shallow_units])
+        with torch.no_grad():
+            for batch in progress(usable, total=len(usable), description="unit CKA", quiet=quiet):
+                rows = [v.reshape(v.shape[0], -1) for v in deep_taps(batch)]
+                cols = [v.reshape(v.shape[0], -1) for v in shallow_taps(batch)]
+                accumulator.update(rows, cols)
+    except collect_errors() as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        raise_together(error, group, "unit CKA", agree=(len(deep_units), len(shallow_units)))
+        state = accumulator.state()
+        accumulator.load_state(sum_(state, group))
+        if accumulator.num_batches == 0:
+            raise CalibrationError(f"{no_batch} (on every process of the process group)")
     return accumulator.matrix()
 
 
@@ -138,13 +160,17 @@ def align_depth(
     model: int,
     *,
     quiet: bool = False,
+    process_group: Any = None,
 ) -> DepthAlignment:
-    """Measure CKA between units and solve the depth DP for one shallower model."""
+    """Measure CKA between units and solve the depth DP for one shallower model.
+
+    ``process_group``: see ``unit_cka`` (every process gets the same alignment).
+    """
     deep_units, shallow_units = find_units(deep), find_units(shallow)
     if len(deep_units) < len(shallow_units):
         raise IncompatibleModelsError("align_depth: the first model must be the deeper one")
     first_ok, extra_ok = compatibility(deep, deep_units, shallow, shallow_units)
-    cka = unit_cka(deep, deep_units, shallow, shallow_units, batches, quiet=quiet)
+    cka = unit_cka(deep, deep_units, shallow, shallow_units, batches, quiet=quiet, process_group=process_group)
     segmentation = segment(
         cka,
         objective,

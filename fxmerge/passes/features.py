@@ -11,47 +11,131 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError
 from fxmerge.groups import ChannelSpace, Tap
-from fxmerge.metrics import correlation
 from fxmerge.progress import progress
 
 _CONSUMER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.ConvTranspose2d)
 
 
+# Samples are converted to float64 in chunks of at most this many bytes (rows x dim x 8).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
 class RunningMoments:
     """Streaming mean and covariance of d-dimensional samples, in float64.
 
-    ``update(x)`` takes a (samples, d) batch; memory is O(d^2) whatever the number of batches.
+    ``update(x)`` takes a (samples, d) batch — or a sequence of (samples, d_k) blocks whose
+    columns are concatenated (the models' features), so the joint feature matrix is never built —
+    and merges it into the running statistics (Chan et al.). Memory is O(d^2) whatever the number
+    of batches, and an update allocates no d x d temporary: samples are converted to float64
+    ``chunk_rows`` rows at a time into one reusable (chunk_rows, d) buffer, their centred outer
+    products are added to ``scatter`` in place (``addmm_``), and the correction for the shift of
+    the mean is a rank-one ``addr_``. Peak memory of an update is ``scatter`` plus the chunk
+    buffer (``chunk_bytes``, 64 MiB by default), whatever the number of samples.
+
+    ``count``, ``mean`` and ``scatter`` (the sum of outer products of the samples centred at
+    ``mean``) are sufficient statistics: ``all_reduce_moments`` combines those of several
+    processes exactly.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, dim: int, device: torch.device | str = "cpu", *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.dim = dim
         self.count = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # sum of centred outer products
+        self.chunk_bytes = chunk_bytes
 
-    def update(self, samples: torch.Tensor) -> None:
-        samples = samples.to(torch.float64)
-        n = samples.shape[0]
+    def chunk_rows(self) -> int:
+        """Rows converted to float64 at a time: ``chunk_bytes`` worth, at least 64."""
+        return max(64, self.chunk_bytes // (8 * max(self.dim, 1)))
+
+    def update(self, samples: torch.Tensor | Sequence[torch.Tensor], *, chunk_rows: int | None = None) -> None:
+        """Add a batch of samples: a (n, d) tensor or a sequence of (n, d_k) blocks, sum d_k = d."""
+        blocks = [samples] if isinstance(samples, torch.Tensor) else list(samples)
+        n = int(blocks[0].shape[0])
+        widths = [int(b.shape[1]) for b in blocks]
+        if any(b.dim() != 2 or b.shape[0] != n for b in blocks) or sum(widths) != self.dim:
+            raise ValueError(
+                f"RunningMoments.update: expected (n, d_k) blocks with one n and sum d_k = {self.dim}, "
+                f"got shapes {[tuple(b.shape) for b in blocks]}"
+            )
         if n == 0:
             return
-        batch_mean = samples.mean(dim=0)
-        centred = samples - batch_mean
-        batch_scatter = centred.T @ centred
+        rows = min(n, chunk_rows if chunk_rows is not None else self.chunk_rows())
+        offsets = np.cumsum([0, *widths]).tolist()
+        buffer = torch.empty(rows, self.dim, dtype=torch.float64, device=self.mean.device)
+
+        def load(start: int) -> torch.Tensor:
+            """Rows start..start+rows of the joint samples, as float64, in the reused buffer."""
+            stop = min(start + rows, n)
+            chunk = buffer[: stop - start]
+            for block, lo, hi in zip(blocks, offsets[:-1], offsets[1:]):
+                chunk[:, lo:hi].copy_(block[start:stop])
+            return chunk
+
+        # Pass 1: the batch mean. Pass 2: scatter += sum of outer products centred at it.
+        batch_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.mean.device)
+        for start in range(0, n, rows):
+            batch_sum += load(start).sum(dim=0)
+        batch_mean = batch_sum.div_(n)
+        for start in range(0, n, rows):
+            chunk = load(start).sub_(batch_mean)
+            self.scatter.addmm_(chunk.T, chunk)
+        del buffer
         total = self.count + n
-        delta = batch_mean - self.mean
-        self.scatter += batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
-        self.mean += delta * (n / total)
+        delta = batch_mean.sub_(self.mean)
+        self.scatter.addr_(delta, delta, alpha=self.count * n / total)
+        self.mean.add_(delta, alpha=n / total)
         self.count = total
 
     def covariance(self) -> torch.Tensor:
+        """The sample covariance (d, d), a new tensor."""
         return self.scatter / max(self.count - 1, 1)
+
+    def covariance_(self) -> torch.Tensor:
+        """The sample covariance computed in place in ``scatter`` (the moments are consumed)."""
+        return self.scatter.div_(max(self.count - 1, 1))
+
+
+def all_reduce_moments(moments: Sequence[RunningMoments], group: Any) -> None:
+    """Combine, in place, every process's moments into those of all processes' samples together.
+
+    Exact (Chan's parallel formula, about the global mean, so no cancellation): with per-process
+    counts n_r, means m_r and scatters S_r, the global mean is m = sum n_r m_r / N and the
+    global scatter is sum_r [S_r + n_r (m_r - m)(m_r - m)^T]. Two collectives: one over all
+    counts and weighted means, one per scatter. Every process ends with the same bits
+    (``fxmerge.distributed.sum_``). ``moments`` must list the same statistics in the same order
+    on every process.
+    """
+    if group is None or not moments:
+        return
+    device = moments[0].mean.device
+    head = torch.cat(
+        [torch.cat([torch.tensor([float(m.count)], dtype=torch.float64, device=device), m.mean * m.count]) for m in moments]
+    )
+    sum_(head, group)
+    offset = 0
+    for m in moments:
+        total = float(head[offset])
+        global_mean = head[offset + 1 : offset + 1 + m.dim] / max(total, 1.0)
+        offset += 1 + m.dim
+        if m.count:
+            delta = m.mean - global_mean
+            m.scatter.addr_(delta, delta, alpha=float(m.count))
+        sum_(m.scatter, group)
+        m.mean = global_mean.clone()
+        m.count = int(round(total))
 
 
 @dataclass(frozen=True)
@@ -115,23 +199,47 @@ def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
 
 
 def _constant_units(moments: RunningMoments) -> torch.Tensor:
-    variance = torch.diagonal(moments.covariance())
+    variance = torch.diagonal(moments.scatter) / max(moments.count - 1, 1)
     return variance <= 1e-12 * variance.max().clamp_min(1e-30)
 
 
-def _similarity(moments: RunningMoments) -> torch.Tensor:
+def _correlation_(cov: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
+    """``fxmerge.metrics.correlation(cov)`` computed in place in ``cov`` (the same values, bit for
+    bit), with temporaries of ``block_rows`` rows instead of several (d, d) matrices."""
+    std = torch.sqrt(torch.diagonal(cov).clamp(min=0.0))
+    for start in range(0, cov.shape[0], block_rows):
+        block = cov[start : start + block_rows]
+        denominator = torch.outer(std[start : start + block_rows], std)
+        positive = denominator > 0
+        block.div_(torch.where(positive, denominator, 1.0))
+        block.masked_fill_(~positive, 0.0)
+    cov.clamp_(-1.0, 1.0)
+    cov.fill_diagonal_(1.0)
+    return cov
+
+
+def _similarity_(moments: RunningMoments) -> torch.Tensor:
     """Correlation, with one addition: units that are constant on the calibration data (dead
     ReLUs) at the same value are identical features, so their similarity is 1 (correlation
-    alone says 0 and would let a matcher merge a live unit into a dead one first)."""
-    cov = moments.covariance()
-    corr = correlation(cov)
+    alone says 0 and would let a matcher merge a live unit into a dead one first).
+
+    Computed in place in ``moments.scatter``: the moments are consumed.
+    """
     constant = _constant_units(moments)
+    corr = _correlation_(moments.covariance_())
     if constant.any():
         means = moments.mean[constant]
         same = (means[:, None] - means[None, :]).abs() <= 1e-6 * (1 + means.abs().max())
         index = torch.nonzero(constant).squeeze(1)
         corr[index[:, None], index[None, :]] = torch.where(same, 1.0, corr[index[:, None], index[None, :]])
     return corr
+
+
+def _similarity(moments: RunningMoments) -> torch.Tensor:
+    """``_similarity_`` on a copy: the moments are left as they are."""
+    copy = RunningMoments.__new__(RunningMoments)
+    copy.__dict__.update(moments.__dict__, scatter=moments.scatter.clone())
+    return _similarity_(copy)
 
 
 def _samples(value: torch.Tensor, dim: int) -> torch.Tensor:
@@ -147,6 +255,7 @@ def feature_statistics(
     *,
     num_batches: int | None = None,
     quiet: bool = False,
+    process_group: Any = None,
 ) -> dict[str, GroupStatistics]:
     """Correlation of every listed group's units across all models, from one pass over ``batches``.
 
@@ -154,7 +263,17 @@ def feature_statistics(
         models: K traced models (eval mode) whose tap node names correspond.
         groups: per model, the groups to observe, in the same order for every model (same names).
         batches: input batches (tensors), each fed to every model.
+        process_group: None (one process), or a ``torch.distributed`` ProcessGroup: each process
+            passes its own shard of the calibration batches (at least one), the moments of all
+            shards are combined exactly (``all_reduce_moments``) and every process returns the
+            same statistics — those of all shards' batches together.
+
+    Memory: one float64 (d, d) scatter matrix per (group, tap), d = the group's joint width,
+    held for the whole pass; per batch, the taps' features and one float64 chunk buffer
+    (``RunningMoments``). The correlation of a group is computed in place in its first tap's
+    scatter matrix, and each tap's matrix is released as soon as it is folded in.
     """
+    group = check_group(process_group)
     reference = groups[0]
     tap_lists = {g.name: choose_taps(models[0], g) for g in reference}
     names = [t.node for taps in tap_lists.values() for t in taps]
@@ -163,37 +282,55 @@ def feature_statistics(
     sizes = {g.name: tuple(model_groups[i].size for model_groups in groups) for i, g in enumerate(reference)}
     moments: dict[tuple[str, str], RunningMoments] = {}
     seen = 0
-    with torch.no_grad():
-        for batch in progress(batches, total=num_batches, description="feature statistics", quiet=quiet):
-            values = [dict(zip(unique_names, extractor(batch))) for extractor in extractors]
-            for group in reference:
-                for tap in tap_lists[group.name]:
-                    joint = torch.cat([_samples(v[tap.node], tap.dim) for v in values], dim=1)
-                    if not torch.isfinite(joint).all():
-                        raise CalibrationError(
-                            f"non-finite features at node '{tap.node}' (group {group.name}): "
-                            "check the calibration data and the models"
-                        )
-                    key = (group.name, tap.node)
-                    if key not in moments:
-                        moments[key] = RunningMoments(joint.shape[1], joint.device)
-                    moments[key].update(joint)
-            seen += 1
-    if seen == 0:
-        raise CalibrationError("the calibration data yielded no batch")
+    error: BaseException | None = None
+    try:
+        with torch.no_grad():
+            for batch in progress(batches, total=num_batches, description="feature statistics", quiet=quiet):
+                values = [dict(zip(unique_names, extractor(batch))) for extractor in extractors]
+                for reference_group in reference:
+                    for tap in tap_lists[reference_group.name]:
+                        blocks = [_samples(v[tap.node], tap.dim) for v in values]
+                        if not all(bool(torch.isfinite(block).all()) for block in blocks):
+                            raise CalibrationError(
+                                f"non-finite features at node '{tap.node}' (group {reference_group.name}): "
+                                "check the calibration data and the models"
+                            )
+                        key = (reference_group.name, tap.node)
+                        if key not in moments:
+                            moments[key] = RunningMoments(sum(b.shape[1] for b in blocks), blocks[0].device)
+                        moments[key].update(blocks)
+                        del blocks
+                del values
+                seen += 1
+        if seen == 0:
+            raise CalibrationError("the calibration data yielded no batch")
+    except collect_errors() as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        signature = [(name, tap, m.dim) for (name, tap), m in moments.items()]
+        raise_together(error, group, "feature statistics", agree=signature)
+        all_reduce_moments(list(moments.values()), group)
     result: dict[str, GroupStatistics] = {}
-    for group in reference:
-        taps = tap_lists[group.name]
+    for reference_group in reference:
+        taps = tap_lists[reference_group.name]
         if not taps:
             continue
-        corr = sum(_similarity(moments[(group.name, t.node)]) for t in taps) / len(taps)
-        result[group.name] = GroupStatistics(
-            name=group.name,
-            sizes=sizes[group.name],
+        keys = [(reference_group.name, t.node) for t in taps]
+        samples = moments[keys[0]].count
+        constant = torch.stack([_constant_units(moments[key]) for key in keys]).all(0).cpu().numpy()
+        corr = _similarity_(moments.pop(keys[0]))
+        for key in keys[1:]:
+            corr.add_(_similarity_(moments.pop(key)))
+        corr.div_(len(taps))
+        result[reference_group.name] = GroupStatistics(
+            name=reference_group.name,
+            sizes=sizes[reference_group.name],
             correlation=corr.cpu().numpy(),
             taps=tuple(t.node for t in taps),
-            samples=moments[(group.name, taps[0].node)].count,
-            constant=torch.stack([_constant_units(moments[(group.name, t.node)]) for t in taps]).all(0).cpu().numpy(),
+            samples=samples,
+            constant=constant,
         )
     return result
 
