@@ -136,22 +136,27 @@ def _target_name(node: Node) -> str:
 
 
 def _torchvision_function(name: str) -> Any:
-    """A torch.fx-wrapped torchvision function by dotted name, or None if torchvision lacks it."""
-    try:
-        import importlib
+    """A torch.fx-wrapped torchvision function by dotted name, if its module is already imported.
 
-        module_name, attr = name.rsplit(".", 1)
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        return None
+    A graph can only contain such a function when the model's code imported torchvision, so
+    looking in ``sys.modules`` is enough — and keeps ``import fxmerge`` from importing torchvision.
+    """
+    import sys
+
+    module_name, attr = name.rsplit(".", 1)
+    module = sys.modules.get(module_name)
+    return getattr(module, attr, None) if module is not None else None
 
 
-_STOCHASTIC_DEPTH = _torchvision_function("torchvision.ops.stochastic_depth.stochastic_depth")
-_SWIN_ATTENTION = _torchvision_function("torchvision.models.swin_transformer.shifted_window_attention")
-_SWIN_BIAS = _torchvision_function("torchvision.models.swin_transformer._get_relative_position_bias")
-_SWIN_MERGE_PAD = _torchvision_function("torchvision.models.swin_transformer._patch_merging_pad")
-if _STOCHASTIC_DEPTH is not None:
-    _ELEMENTWISE_FUNCTIONS.add(_STOCHASTIC_DEPTH)
+_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.stochastic_depth"
+_SWIN_ATTENTION = "torchvision.models.swin_transformer.shifted_window_attention"
+_SWIN_BIAS = "torchvision.models.swin_transformer._get_relative_position_bias"
+_SWIN_MERGE_PAD = "torchvision.models.swin_transformer._patch_merging_pad"
+
+
+def _is(target: Any, name: str) -> bool:
+    function = _torchvision_function(name)
+    return function is not None and target is function
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +426,7 @@ class _Analyzer:
             # Pure Python/shape arithmetic (x.shape[1] * 2, torch._assert, zeros(...)) carries no
             # channels of any input; a fresh tensor from it is a constant.
             return _opaque_like(self.meta_shape(node))
-        if target in _ELEMENTWISE_FUNCTIONS:
+        if target in _ELEMENTWISE_FUNCTIONS or _is(target, _STOCHASTIC_DEPTH):
             return self.preserve(args[0] if args else next(iter(kwargs.values())))
         if target in _BINARY_FUNCTIONS:
             return self.broadcast(node, list(args) + [v for k, v in kwargs.items() if k != "alpha"])
@@ -474,11 +479,11 @@ class _Analyzer:
             return self.reshape(node, args[0])
         if target is torch.broadcast_to:
             return self.expand(node, args[0])
-        if _SWIN_ATTENTION is not None and target is _SWIN_ATTENTION:
+        if _is(target, _SWIN_ATTENTION):
             return self.swin_attention(node)
-        if _SWIN_BIAS is not None and target is _SWIN_BIAS:
+        if _is(target, _SWIN_BIAS):
             return self.swin_position_bias(node, args[0])
-        if _SWIN_MERGE_PAD is not None and target is _SWIN_MERGE_PAD:
+        if _is(target, _SWIN_MERGE_PAD):
             return self.swin_merge_pad(node, args[0])
         return self.fail_closed(node, "no rule for this function")
 

@@ -165,6 +165,11 @@ def _update_layer_attributes(module: torch.nn.Module) -> None:
 
     if isinstance(module, nn.modules.conv._ConvNd):
         weight = module.weight
+        if not module.transposed and module.groups > 1 and module.groups == module.in_channels and weight.shape[1] == 1:
+            # depthwise (one input channel per group): its channel group was resized, the number
+            # of groups follows (``multiplier`` outputs per input channel stay as they were)
+            multiplier = module.out_channels // module.groups
+            module.groups = weight.shape[0] // multiplier
         if module.transposed:
             module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
         else:
@@ -201,12 +206,15 @@ def load_state_resizing(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
     from torch import nn
 
     touched: set[str] = set()
+    created: dict[int, nn.Parameter] = {}  # one new Parameter per tensor: tied names stay tied
     for key, value in state.items():
         owner_name, _, attr = key.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
         if attr in owner._parameters and owner._parameters[attr] is not None:
             old = owner._parameters[attr]
-            owner._parameters[attr] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+            if id(value) not in created:
+                created[id(value)] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+            owner._parameters[attr] = created[id(value)]
         elif attr in owner._buffers:
             owner._buffers[attr] = value.detach().clone()
         else:

@@ -109,6 +109,11 @@ def unit_weight_features(
                     chosen = out_t if roles[other] == "out" else in_t
                     tensor = transform_axis(tensor, other, other_layout, chosen, analysis.space_sizes)
             moved = tensor.movedim(axis, 0)
+            # factors multiplied with the key on its own axis (a grouped conv's group index next to
+            # its channels per group) are brought into the merged basis too, so that the units of
+            # different models are described in one order
+            own = out_t if roles[axis] == "out" else in_t
+            beside = {k: v for k, v in own.items() if not set(k if isinstance(k, tuple) else (k,)) & set(key)}
             offset = 0
             for piece in layout:
                 extent = 1
@@ -116,18 +121,36 @@ def unit_weight_features(
                     extent *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
                 if _contains(piece, key):
                     at = _position(piece, key)
-                    outer = extent // n_units
-                    inner = 1
-                    for f in piece[at + len(key) :]:
-                        inner *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
-                    outer //= inner
-                    segment = moved[offset : offset + extent].reshape(outer, n_units, inner, -1)
+                    segment = transform_axis(moved[offset : offset + extent], 0, (piece,), beside, analysis.space_sizes)
+                    inner = _merged_extent(piece[at + len(key) :], beside, analysis.space_sizes)
+                    outer = segment.shape[0] // (n_units * inner)
+                    segment = segment.reshape(outer, n_units, inner, -1)
                     rows = segment.permute(1, 0, 2, 3).reshape(n_units, -1)
                     norm = rows.norm()
                     if norm > 0:
                         blocks.append(rows / norm)
                 offset += extent
     return torch.cat(blocks, dim=1) if blocks else None
+
+
+def _merged_extent(factors: tuple, transforms: Mapping, sizes: Mapping[int, int]) -> int:
+    """Extent of consecutive layout factors after ``transforms`` (as ``transform_axis`` applies them)."""
+    extent, k = 1, 0
+    while k < len(factors):
+        pair = tuple(factors[k : k + 2])
+        if len(pair) == 2 and pair in transforms:
+            extent *= transforms[pair].shape[0]
+            k += 2
+            continue
+        factor = factors[k]
+        if isinstance(factor, Opaque):
+            extent *= factor.size
+        elif factor in transforms:
+            extent *= transforms[factor].shape[0]
+        else:
+            extent *= sizes[factor]
+        k += 1
+    return extent
 
 
 def _contains(piece: tuple, key: tuple[int, ...]) -> bool:
@@ -398,6 +421,46 @@ def match_groups(
     matcher = "zip" if method == "mudsc" else method
     structures = {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
+    deferred: list[tuple[str, tuple[int, ...]]] = []
+
+    def _match_plain(name: str, sizes: tuple[int, ...], *, defer: bool) -> bool:
+        """Match one group on its own; False (nothing recorded) if ``defer`` and nothing tells its units apart."""
+        activation = statistics.get(name)
+        weights = None
+        ties = activation is not None and bool(activation.constant.any())
+        if method == "mudsc" or activation is None or ties:
+            weights = weight_similarity(name, analyses, states, results)
+        matcher_for_group = matcher
+        if activation is not None and weights is not None and method == "mudsc":
+            similarity = balance * weights + (1 - balance) * activation.correlation
+            source = f"mudsc(balance={balance})"
+        elif activation is not None and ties and weights is not None:
+            # units constant on the calibration data (dead) all look alike: their weights decide
+            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
+        elif activation is not None:
+            similarity, source = activation.correlation, "activations"
+        elif weights is not None:
+            similarity, source = weights, "weights"
+        else:
+            if defer:
+                return False
+            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
+        target = resolve_width(width, name, sizes)
+        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
+            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
+        pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
+        results[name] = GroupMatch(
+            name,
+            sizes,
+            target,
+            False,
+            _mean_merged_similarity(similarity, [u for _, u in pairs]),
+            source,
+            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
+            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
+        )
+        return True
+
     for group in analyses[0].groups:
         if include is not None and group.name not in include:
             continue
@@ -419,38 +482,13 @@ def match_groups(
             continue
         if group.name in in_structure:
             continue
-        activation = statistics.get(group.name)
-        weights = None
-        ties = activation is not None and bool(activation.constant.any())
-        if method == "mudsc" or activation is None or ties:
-            weights = weight_similarity(group.name, analyses, states, results)
-        matcher_for_group = matcher
-        if activation is not None and weights is not None and method == "mudsc":
-            similarity = balance * weights + (1 - balance) * activation.correlation
-            source = f"mudsc(balance={balance})"
-        elif activation is not None and ties and weights is not None:
-            # units constant on the calibration data (dead) all look alike: their weights decide
-            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
-        elif activation is not None:
-            similarity, source = activation.correlation, "activations"
-        elif weights is not None:
-            similarity, source = weights, "weights"
-        else:
-            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
-        target = resolve_width(width, group.name, sizes)
-        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
-            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
-        pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
-        results[group.name] = GroupMatch(
-            group.name,
-            sizes,
-            target,
-            False,
-            _mean_merged_similarity(similarity, [u for _, u in pairs]),
-            source,
-            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
-            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
-        )
+        if not _match_plain(group.name, sizes, defer=True):
+            deferred.append((group.name, sizes))
+    # groups with neither activation statistics nor weight features when their turn came (a factor
+    # of a product whose other factors were not matched yet, e.g. a grouped conv's input channels
+    # per group): matched last, when the weights around them can be read in the merged basis
+    for name, sizes in deferred:
+        _match_plain(name, sizes, defer=False)
     return results
 
 
@@ -505,18 +543,28 @@ def merged_state(
                 merged[key] = value.clone()
             continue
         total = None
+        weight = None
         for k, (analysis, state) in enumerate(zip(analyses, states)):
             layouts = analysis.param_layouts[canonical]
             roles = analysis.param_roles[canonical]
             out_t, in_t = per_model[k]
-            term = transform_tensor(state[canonical].to(torch.float64), layouts, roles, out_t, in_t, analysis.space_sizes)
-            averaged = any(
-                role == "out" and layout is not None and any(_piece_transformed(piece, out_t) for piece in layout)
-                for layout, role in zip(layouts, roles)
+            tensor = state[canonical].to(torch.float64)
+            term = transform_tensor(tensor, layouts, roles, out_t, in_t, analysis.space_sizes)
+            # How much each merged "out" entry is weighted in total: M_k applied to ones. One matched
+            # factor per piece gives 1 summed over the models (M's rows average a cluster), no
+            # transformed "out" axis gives count; a product of separately matched factors (a conv's
+            # output read by a grouped conv: groups x in-channels-per-group) gives the product of
+            # their averaging weights, e.g. 1/count**2 each, which must be normalised away.
+            ones_shape = [
+                size if role == "out" and layout is not None else 1
+                for size, layout, role in zip(tensor.shape, layouts, roles)
+            ]
+            ones = transform_tensor(
+                torch.ones(ones_shape, dtype=torch.float64), layouts, roles, out_t, {}, analysis.space_sizes
             )
-            if not averaged:
-                term = term / count
             total = term if total is None else total + term
+            weight = ones if weight is None else weight + ones
+        total = total / torch.where(weight > 0, weight, torch.ones_like(weight))  # type: ignore[operator]
         merged[key] = total.to(value.dtype)  # type: ignore[union-attr]
         merged[canonical] = merged[key]
     return {key: merged[key] for key in states[0]}

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torchvision.models import VisionTransformer
+
+if TYPE_CHECKING:  # torchvision is imported when a ViT is built, not with fxmerge
+    from torchvision.models import VisionTransformer
 
 __all__ = ["vit"]
 
@@ -34,6 +38,8 @@ def vit(
       head makes every output exactly 0 at init, which defeats trace/eager equality checks and
       gives a degenerate gradient when outputs are L2-normalised (CLIP-style TextHead).
     """
+    from torchvision.models import VisionTransformer
+
     if image_size % patch_size != 0:
         raise ValueError(f"vit: image_size {image_size} is not divisible by patch_size {patch_size}")
     if num_heads < 1 or num_layers < 1:

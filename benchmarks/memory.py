@@ -1,0 +1,298 @@
+"""Peak memory and wall time of covariance accumulation and of whole merges.
+
+Usage:
+    python benchmarks/memory.py [--cases update-8192 resnet50 wide_resnet50_2]
+                                [--baseline-features FILE] [--threads 2] [--out benchmarks/results]
+
+Every case runs in a fresh subprocess (``--child``), whose peak resident set size is read from
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (tracemalloc does not see torch's allocations).
+"before" is the process's resident size just before the measured call (models, data and torch
+loaded), so "peak - before" is what the call itself added.
+
+Cases:
+
+* ``update-8192``: ``RunningMoments(8192)`` — the joint covariance of a group of 4096 units per
+  model in 2 models (8192 x 8192 float64 = 512 MiB) — updated twice with 4096 samples given as
+  the two models' (4096, 4096) float32 feature blocks.
+* ``resnet50`` / ``wide_resnet50_2``: ``fxmerge.merge`` of two torchvision models of that
+  architecture (random weights, seeds 0 and 1, eval mode), method zip, 4 calibration batches of
+  8x3x64x64. "widest cov" is the largest joint covariance (N x N float64, N = the sum of the
+  group's widths); "all covs" is the sum over every (group, tap) covariance held during the
+  feature-statistics pass. "peak after pass" is ru_maxrss when each pass of ``merge`` ends.
+
+``--baseline-features FILE`` additionally runs every case with another version of
+``fxmerge/passes/features.py`` (e.g. ``git show <commit>:fxmerge/passes/features.py > old.py``)
+patched in, for a before/after comparison.
+
+Writes ``memory.md`` and ``memory.json`` (every number, the machine, the versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = ("update-8192", "resnet50", "wide_resnet50_2")
+MiB = 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / MiB
+    return float("nan")
+
+
+def _features_module(path: str | None) -> Any:
+    """fxmerge.passes.features, or the version in ``path`` loaded and patched into fxmerge.api."""
+    import fxmerge.api
+    import fxmerge.passes.features as current
+
+    if path is None:
+        return current
+    spec = importlib.util.spec_from_file_location("fxmerge_baseline_features", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    fxmerge.api.feature_statistics = module.feature_statistics
+    return module
+
+
+def _tally_moments(features: Any) -> list[int]:
+    """Record the dimension of every RunningMoments the module creates."""
+    dims: list[int] = []
+    original = features.RunningMoments.__init__
+
+    def init(self: Any, dim: int, *args: Any, **kwargs: Any) -> None:
+        dims.append(dim)
+        original(self, dim, *args, **kwargs)
+
+    features.RunningMoments.__init__ = init
+    return dims
+
+
+def _child_update(features: Any) -> dict:
+    import torch
+
+    dim, samples = 8192, 4096
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(samples, dim // 2, generator=generator) + 1.0 for _ in range(2)]
+    moments = features.RunningMoments(dim)
+    chunked = "chunk_rows" in features.RunningMoments.update.__code__.co_varnames
+    before = _rss_mib()
+    start = time.perf_counter()
+    for _ in range(2):
+        # The pre-chunking update takes the joint (samples, dim) matrix: build it outside the
+        # measured call's own temporaries (it counts in "before" for the next round only).
+        moments.update(blocks if chunked else torch.cat(blocks, dim=1))
+    wall = time.perf_counter() - start
+    cov_mib = dim * dim * 8 / MiB
+    return {
+        "wall_s": wall,
+        "before_mib": before,
+        "peak_mib": _peak_mib(),
+        "widest_dim": dim,
+        "widest_cov_mib": cov_mib,
+        "all_covs_mib": cov_mib,
+        "input_mib": sum(b.numel() * b.element_size() for b in blocks) / MiB,
+    }
+
+
+def _child_merge(case: str, features: Any) -> dict:
+    import torch
+    import torchvision.models as tvm
+
+    import fxmerge
+    import fxmerge.api
+
+    dims = _tally_moments(features)
+    pass_peaks: dict[str, float] = {}
+    timed = fxmerge.api._timed
+
+    @contextmanager
+    def recording(timings: dict[str, float], name: str) -> Iterator[None]:
+        with timed(timings, name):
+            yield
+        pass_peaks[name] = _peak_mib()
+
+    fxmerge.api._timed = recording
+    builder = getattr(tvm, case)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(builder(weights=None).eval())
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(4)]
+    before = _rss_mib()
+    start = time.perf_counter()
+    result = fxmerge.merge(models, batches, method="zip", quiet=True)
+    wall = time.perf_counter() - start
+    widest = max(result.groups, key=lambda g: sum(g.sizes) if not g.fixed else 0)
+    return {
+        "wall_s": wall,
+        "before_mib": before,
+        "peak_mib": _peak_mib(),
+        "widest_group": widest.name,
+        "widest_sizes": list(widest.sizes),
+        "widest_dim": max(dims),
+        "widest_cov_mib": max(dims) ** 2 * 8 / MiB,
+        "all_covs_mib": sum(d * d * 8 for d in dims) / MiB,
+        "num_covs": len(dims),
+        "pass_peaks_mib": pass_peaks,
+        "timings_s": result.timings,
+    }
+
+
+def child(case: str, features_path: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    features = _features_module(features_path)
+    record = _child_update(features) if case == "update-8192" else _child_merge(case, features)
+    print("RESULT " + json.dumps(record))
+
+
+def run_case(case: str, features_path: str | None, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", case, "--threads", str(threads)]
+    if features_path:
+        command += ["--features", features_path]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"case {case} failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
+    record = json.loads(lines[-1][len("RESULT ") :])
+    record["added_mib"] = record["peak_mib"] - record["before_mib"]
+    record["added_over_widest_cov"] = record["added_mib"] / record["widest_cov_mib"]
+    record["added_over_all_covs"] = record["added_mib"] / record["all_covs_mib"]
+    return record
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    import torchvision
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": __import__("numpy").__version__,
+    }
+
+
+def source_info() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("status", "--porcelain", "--", "fxmerge").splitlines()}
+
+
+def _row(case: str, version: str, r: dict) -> str:
+    passes = r.get("pass_peaks_mib", {})
+    where = ", ".join(f"{k} {v:.0f}" for k, v in passes.items() if k in ("depth", "features", "width", "rewrite", "repair"))
+    widest = f"{r['widest_dim']} ({'+'.join(map(str, r['widest_sizes']))})" if "widest_sizes" in r else str(r["widest_dim"])
+    return (
+        f"| {case} | {version} | {r['wall_s']:.1f} | {widest} | {r['widest_cov_mib']:.0f} | {r['all_covs_mib']:.0f} | "
+        f"{r['before_mib']:.0f} | {r['peak_mib']:.0f} | {r['added_mib']:.0f} | {r['added_over_widest_cov']:.2f} | "
+        f"{r['added_over_all_covs']:.2f} | {where or '-'} |"
+    )
+
+
+def write(out: Path, payload: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    lines = [
+        "# Memory: covariance accumulation and whole merges",
+        "",
+        "Produced by `python benchmarks/memory.py"
+        + (" --baseline-features FILE" if payload["baseline_features"] else "")
+        + f" --threads {m['torch_threads']}`. Each row is a fresh process; peak = `ru_maxrss`, "
+        "before = resident size just before the measured call, added = peak - before (MiB). "
+        "widest N = joint width of the widest group (per-model widths); widest cov = N x N float64; "
+        "all covs = every (group, tap) covariance held during the feature-statistics pass. "
+        "`update-8192`: two `RunningMoments(8192).update` calls with 4096 samples (two models' "
+        "(4096, 4096) float32 blocks). resnet50 / wide_resnet50_2: `fxmerge.merge` of two torchvision "
+        "models (random weights), method zip, 4 calibration batches of 8x3x64x64; the last column is "
+        "ru_maxrss (MiB) when each pass ends.",
+        "",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s); python {m['python']}, "
+        f"torch {m['torch']}, torchvision {m['torchvision']}, numpy {m['numpy']}. Source: commit "
+        f"{payload['source']['commit'][:10]}"
+        + (f" with uncommitted changes in {len(payload['source']['modified'])} file(s)" if payload["source"]["modified"] else "")
+        + ".",
+        "",
+    ]
+    if payload["baseline_features"]:
+        lines += [
+            f"`baseline`: the same case with `{payload['baseline_features']}` (features.py before chunking) patched in.",
+            "",
+        ]
+    lines += [
+        "| case | features.py | wall (s) | widest N | widest cov (MiB) | all covs (MiB) | before (MiB) | peak (MiB) | added (MiB) | added / widest cov | added / all covs | peak after pass (MiB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for case, versions in payload["results"].items():
+        for version, record in versions.items():
+            lines.append(_row(case, version, record))
+    lines.append("")
+    (out / "memory.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--baseline-features", default=None, help="another features.py to compare with")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--features", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.features, args.threads)
+        return 0
+    results: dict[str, dict[str, dict]] = {}
+    for case in args.cases:
+        results[case] = {}
+        versions = [("current", None)] + ([("baseline", args.baseline_features)] if args.baseline_features else [])
+        for version, path in versions:
+            record = run_case(case, path, args.threads)
+            results[case][version] = record
+            print(_row(case, version, record), flush=True)
+    payload = {
+        "config": {"cases": args.cases, "threads": args.threads, "batches": "4 x (8, 3, 64, 64)", "method": "zip"},
+        "baseline_features": args.baseline_features,
+        "machine": machine_info(args.threads),
+        "source": source_info(),
+        "results": results,
+    }
+    write(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
