@@ -152,6 +152,22 @@ def machine_info() -> dict:
     }
 
 
+def write_plots(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace) -> None:
+    """One accuracy bar chart per family (means over seeds), if matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from fxmerge.plots import plot_accuracy
+
+    for family, per_seed in results.items():
+        rows = [
+            {"name": name, **{c: float(np.mean([getattr(per_seed[s][i], c) for s in per_seed])) for c in COLUMNS}}
+            for i, name in enumerate(row.name for row in next(iter(per_seed.values())))
+        ]
+        plot_accuracy(rows, args.out / f"{args.name}_{family}.png", title=f"{family}: merged vs single models (mean of {len(per_seed)} seeds)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = markdown(results, args, machine)
     (args.out / f"{args.name}.md").write_text(text)
+    write_plots(results, args)
     print(text)
     return 0
 

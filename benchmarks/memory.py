@@ -12,8 +12,8 @@ loaded), so "peak - before" is what the call itself added.
 Cases:
 
 * ``update-8192``: ``RunningMoments(8192)`` — the joint covariance of a group of 4096 units per
-  model in 2 models (8192 x 8192 float64 = 512 MiB) — updated twice with 4096 samples given as
-  the two models' (4096, 4096) float32 feature blocks.
+  model in 2 models (8192 x 8192 float64 = 512 MiB) — updated twice with 2048 samples given as
+  the two models' (2048, 4096) float32 feature blocks.
 * ``resnet50`` / ``wide_resnet50_2``: ``fxmerge.merge`` of two torchvision models of that
   architecture (random weights, seeds 0 and 1, eval mode), method zip, 4 calibration batches of
   8x3x64x64. "widest cov" is the largest joint covariance (N x N float64, N = the sum of the
@@ -72,7 +72,10 @@ def _features_module(path: str | None) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    fxmerge.api.feature_statistics = module.feature_statistics
+    def feature_statistics(*args: Any, process_group: Any = None, **kwargs: Any) -> Any:
+        return module.feature_statistics(*args, **kwargs)  # an older signature: one process only
+
+    fxmerge.api.feature_statistics = feature_statistics
     return module
 
 
@@ -92,7 +95,7 @@ def _tally_moments(features: Any) -> list[int]:
 def _child_update(features: Any) -> dict:
     import torch
 
-    dim, samples = 8192, 4096
+    dim, samples = 8192, 2048
     generator = torch.Generator().manual_seed(0)
     blocks = [torch.randn(samples, dim // 2, generator=generator) + 1.0 for _ in range(2)]
     moments = features.RunningMoments(dim)
@@ -100,8 +103,8 @@ def _child_update(features: Any) -> dict:
     before = _rss_mib()
     start = time.perf_counter()
     for _ in range(2):
-        # The pre-chunking update takes the joint (samples, dim) matrix: build it outside the
-        # measured call's own temporaries (it counts in "before" for the next round only).
+        # The pre-chunking update takes the joint (samples, dim) float32 matrix, which its
+        # feature_statistics built with torch.cat: that copy counts against it.
         moments.update(blocks if chunked else torch.cat(blocks, dim=1))
     wall = time.perf_counter() - start
     cov_mib = dim * dim * 8 / MiB
@@ -178,10 +181,24 @@ def run_case(case: str, features_path: str | None, threads: int) -> dict:
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"case {case} failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
-    record = json.loads(lines[-1][len("RESULT ") :])
+    return derive(json.loads(lines[-1][len("RESULT ") :]))
+
+
+def derive(record: dict) -> dict:
+    """Add the derived figures: what the measured call added, and the statistics' footprint.
+
+    footprint: the memory the covariance statistics took at their peak — for ``update-8192``
+    the (pre-allocated) covariance plus what the updates added; for a merge, how much the
+    feature-statistics pass raised the process's peak (ru_maxrss after it minus before it),
+    which includes every covariance it holds, the taps' features and the update buffers.
+    """
     record["added_mib"] = record["peak_mib"] - record["before_mib"]
-    record["added_over_widest_cov"] = record["added_mib"] / record["widest_cov_mib"]
-    record["added_over_all_covs"] = record["added_mib"] / record["all_covs_mib"]
+    passes = record.get("pass_peaks_mib")
+    if passes:
+        record["footprint_mib"] = passes["features"] - passes["structure"]
+    else:
+        record["footprint_mib"] = record["widest_cov_mib"] + record["added_mib"]
+    record["footprint_over_covs"] = record["footprint_mib"] / record["all_covs_mib"]
     return record
 
 
@@ -213,12 +230,13 @@ def source_info() -> dict:
 
 def _row(case: str, version: str, r: dict) -> str:
     passes = r.get("pass_peaks_mib", {})
-    where = ", ".join(f"{k} {v:.0f}" for k, v in passes.items() if k in ("depth", "features", "width", "rewrite", "repair"))
+    where = ", ".join(f"{k} {v:.0f}" for k, v in passes.items() if k in ("trace", "features", "width", "rewrite", "repair"))
+    features_s = r["timings_s"]["features"] if "timings_s" in r else r["wall_s"]
     widest = f"{r['widest_dim']} ({'+'.join(map(str, r['widest_sizes']))})" if "widest_sizes" in r else str(r["widest_dim"])
     return (
-        f"| {case} | {version} | {r['wall_s']:.1f} | {widest} | {r['widest_cov_mib']:.0f} | {r['all_covs_mib']:.0f} | "
-        f"{r['before_mib']:.0f} | {r['peak_mib']:.0f} | {r['added_mib']:.0f} | {r['added_over_widest_cov']:.2f} | "
-        f"{r['added_over_all_covs']:.2f} | {where or '-'} |"
+        f"| {case} | {version} | {r['wall_s']:.1f} | {features_s:.1f} | {widest} | {r['widest_cov_mib']:.0f} | "
+        f"{r['all_covs_mib']:.0f} | {r['footprint_mib']:.0f} | **{r['footprint_over_covs']:.2f}** | "
+        f"{r['before_mib']:.0f} | {r['peak_mib']:.0f} | {where or '-'} |"
     )
 
 
@@ -232,13 +250,16 @@ def write(out: Path, payload: dict) -> None:
         "Produced by `python benchmarks/memory.py"
         + (" --baseline-features FILE" if payload["baseline_features"] else "")
         + f" --threads {m['torch_threads']}`. Each row is a fresh process; peak = `ru_maxrss`, "
-        "before = resident size just before the measured call, added = peak - before (MiB). "
+        "before = resident size just before the measured call (MiB). "
         "widest N = joint width of the widest group (per-model widths); widest cov = N x N float64; "
         "all covs = every (group, tap) covariance held during the feature-statistics pass. "
-        "`update-8192`: two `RunningMoments(8192).update` calls with 4096 samples (two models' "
-        "(4096, 4096) float32 blocks). resnet50 / wide_resnet50_2: `fxmerge.merge` of two torchvision "
-        "models (random weights), method zip, 4 calibration batches of 8x3x64x64; the last column is "
-        "ru_maxrss (MiB) when each pass ends.",
+        "`update-8192`: two `RunningMoments(8192).update` calls with 2048 samples (two models' "
+        "(2048, 4096) float32 blocks). resnet50 / wide_resnet50_2: `fxmerge.merge` of two torchvision "
+        "models (random weights), method zip, 4 calibration batches of 8x3x64x64; statistics (s) = the "
+        "features pass; the last column is ru_maxrss (MiB) when each pass ends. statistics footprint = "
+        "for update-8192, the covariance plus what the updates added; for a merge, how much the "
+        "feature-statistics pass raised the peak (every covariance it holds, taps' features, buffers). "
+        "footprint / covs = footprint / all covs: the goal is at most about 2.",
         "",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s); python {m['python']}, "
         f"torch {m['torch']}, torchvision {m['torchvision']}, numpy {m['numpy']}. Source: commit "
@@ -253,8 +274,8 @@ def write(out: Path, payload: dict) -> None:
             "",
         ]
     lines += [
-        "| case | features.py | wall (s) | widest N | widest cov (MiB) | all covs (MiB) | before (MiB) | peak (MiB) | added (MiB) | added / widest cov | added / all covs | peak after pass (MiB) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | features.py | wall (s) | statistics (s) | widest N | widest cov (MiB) | all covs (MiB) | statistics footprint (MiB) | footprint / covs | before (MiB) | peak (MiB) | peak after pass (MiB) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case, versions in payload["results"].items():
         for version, record in versions.items():
@@ -269,11 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-features", default=None, help="another features.py to compare with")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--render", action="store_true", help="rewrite memory.md from memory.json in --out")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--features", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.features, args.threads)
+        return 0
+    if args.render:
+        payload = json.loads((args.out / "memory.json").read_text())
+        for versions in payload["results"].values():
+            for record in versions.values():
+                derive(record)
+        write(args.out, payload)
         return 0
     results: dict[str, dict[str, dict]] = {}
     for case in args.cases:

@@ -15,7 +15,7 @@ import numpy as np
 
 from fxmerge.errors import ConfigError
 
-__all__ = ["plot_alignment", "plot_groups"]
+__all__ = ["plot_accuracy", "plot_alignment", "plot_groups"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -157,5 +157,33 @@ def plot_groups(result: Any, path: str | Path, *, title: str | None = None) -> P
         bottom.text(x, 0.02, "fixed" if fixed[x] else "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
     bottom.set_xticks(positions)
     bottom.set_xticklabels([_short(g.name, 28) for g in groups], rotation=60, ha="right", fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_accuracy(rows: Sequence[Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Grouped bars of a results table: joint, task A, task B and average accuracy per row.
+
+    rows: items with ``name``, ``joint``, ``task_a``, ``task_b``, ``average`` (fractions in [0, 1],
+        e.g. ``fxmerge.experiments.Row``), or dicts with those keys. Returns the path written.
+    """
+    def get(row: Any, key: str) -> Any:
+        return row[key] if isinstance(row, dict) else getattr(row, key)
+
+    if not rows:
+        raise ConfigError("plot_accuracy: no rows")
+    columns = (("joint", "joint"), ("task_a", "task A"), ("task_b", "task B"), ("average", "avg"))
+    figure = _figure(max(6.0, 1.2 + 1.1 * len(rows)), 3.8)
+    axes = figure.subplots()
+    positions = np.arange(len(rows))
+    width = 0.8 / len(columns)
+    for k, (key, label) in enumerate(columns):
+        values = [100 * float(get(row, key)) for row in rows]
+        axes.bar(positions + (k - 1.5) * width, values, width=width, label=label)
+    axes.set_xticks(positions, [_short(str(get(row, "name")), 18) for row in rows], rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylim(0, 105)
+    axes.legend(fontsize=7, ncols=4, loc="upper left")
+    axes.set_title(title or "Accuracy per model", fontsize=9)
     figure.tight_layout()
     return _save(figure, path)

@@ -30,7 +30,7 @@ from fxmerge import zoo
 from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.metrics import correlation
 from fxmerge.passes.dependency import analyze_graph, state_name_map
-from fxmerge.passes.features import RunningMoments, _correlation_, feature_statistics
+from fxmerge.passes.features import NonFiniteSamples, RunningMoments, _correlation_, feature_statistics
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.trace import trace
 
@@ -241,6 +241,31 @@ def test_default_chunks_and_blocks() -> None:
     torch.testing.assert_close(blocks.scatter, joint.scatter, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="sum d_k = 64"):
         blocks.update([a])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_samples_are_refused(bad: float) -> None:
+    moments = RunningMoments(6)
+    moments.update(torch.randn(10, 6))
+    mean, scatter = moments.mean.clone(), moments.scatter.clone()
+    samples = torch.randn(50, 6)
+    samples[33, 4] = bad
+    with pytest.raises(NonFiniteSamples):
+        moments.update([samples[:, :2], samples[:, 2:]], chunk_rows=8)
+    assert moments.count == 10 and torch.equal(moments.mean, mean) and torch.equal(moments.scatter, scatter)
+
+
+def test_feature_statistics_names_the_non_finite_node() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # float32 overflow on the first hidden layer
+    batches = [torch.rand(5, 4) + 1.0 for _ in range(2)]
+    graphs = [trace(model, batches[0]), trace(model, batches[0])]
+    analyses = [analyze_graph(gm, state_name_map(model)) for gm in graphs]
+    names = [g.name for g in analyses[0].groups if not g.fixed]
+    free = [[a.group(name) for name in names] for a in analyses]
+    with pytest.raises(CalibrationError, match="non-finite features at node"):
+        feature_statistics(graphs, free, batches, quiet=True)
 
 
 def test_in_place_correlation_is_metrics_correlation() -> None:

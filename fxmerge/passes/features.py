@@ -9,6 +9,7 @@ is the correlation matrix over all models' units, averaged over the group's taps
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,10 @@ _CONSUMER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAtt
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
+class NonFiniteSamples(ValueError):
+    """``RunningMoments.update`` got a NaN or Inf sample (the statistics are left unchanged)."""
+
+
 class RunningMoments:
     """Streaming mean and covariance of d-dimensional samples, in float64.
 
@@ -38,9 +43,10 @@ class RunningMoments:
     and merges it into the running statistics (Chan et al.). Memory is O(d^2) whatever the number
     of batches, and an update allocates no d x d temporary: samples are converted to float64
     ``chunk_rows`` rows at a time into one reusable (chunk_rows, d) buffer, their centred outer
-    products are added to ``scatter`` in place (``addmm_``), and the correction for the shift of
-    the mean is a rank-one ``addr_``. Peak memory of an update is ``scatter`` plus the chunk
-    buffer (``chunk_bytes``, 64 MiB by default), whatever the number of samples.
+    products are added to ``scatter`` in place (``addmm_``), and the rank-one correction for the
+    shift of the mean rides along as one extra row of the last chunk. Peak memory of an update is
+    ``scatter`` plus the chunk buffer (``chunk_bytes``, 64 MiB by default), whatever the number
+    of samples. A NaN or Inf sample raises ``NonFiniteSamples`` and leaves the moments unchanged.
 
     ``count``, ``mean`` and ``scatter`` (the sum of outer products of the samples centred at
     ``mean``) are sufficient statistics: ``all_reduce_moments`` combines those of several
@@ -74,7 +80,8 @@ class RunningMoments:
             return
         rows = min(n, chunk_rows if chunk_rows is not None else self.chunk_rows())
         offsets = np.cumsum([0, *widths]).tolist()
-        buffer = torch.empty(rows, self.dim, dtype=torch.float64, device=self.mean.device)
+        # One spare row: the mean-shift correction rides along in the last chunk's product.
+        buffer = torch.empty(rows + 1, self.dim, dtype=torch.float64, device=self.mean.device)
 
         def load(start: int) -> torch.Tensor:
             """Rows start..start+rows of the joint samples, as float64, in the reused buffer."""
@@ -84,18 +91,28 @@ class RunningMoments:
                 chunk[:, lo:hi].copy_(block[start:stop])
             return chunk
 
-        # Pass 1: the batch mean. Pass 2: scatter += sum of outer products centred at it.
+        # Pass 1: the batch mean. A float64 sum of float32 (or narrower) samples cannot overflow,
+        # so it is finite exactly when every sample is: the finiteness check costs nothing more.
         batch_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.mean.device)
         for start in range(0, n, rows):
             batch_sum += load(start).sum(dim=0)
+        if not bool(torch.isfinite(batch_sum).all()):
+            raise NonFiniteSamples("RunningMoments.update: the samples contain NaN or Inf")
         batch_mean = batch_sum.div_(n)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        # Pass 2: scatter += sum of outer products centred at the batch mean, plus the rank-one
+        # correction (count * n / total) delta delta^T for the shift of the mean (Chan et al.),
+        # as one extra row sqrt(count * n / total) delta of the last chunk.
         for start in range(0, n, rows):
-            chunk = load(start).sub_(batch_mean)
+            chunk = buffer[:n] if n <= rows else load(start)  # one chunk: still loaded by pass 1
+            chunk.sub_(batch_mean)
+            if start + rows >= n and self.count:
+                extra = buffer[chunk.shape[0]]
+                torch.mul(delta, math.sqrt(self.count * n / total), out=extra)
+                chunk = buffer[: chunk.shape[0] + 1]
             self.scatter.addmm_(chunk.T, chunk)
         del buffer
-        total = self.count + n
-        delta = batch_mean.sub_(self.mean)
-        self.scatter.addr_(delta, delta, alpha=self.count * n / total)
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
@@ -235,13 +252,6 @@ def _similarity_(moments: RunningMoments) -> torch.Tensor:
     return corr
 
 
-def _similarity(moments: RunningMoments) -> torch.Tensor:
-    """``_similarity_`` on a copy: the moments are left as they are."""
-    copy = RunningMoments.__new__(RunningMoments)
-    copy.__dict__.update(moments.__dict__, scatter=moments.scatter.clone())
-    return _similarity_(copy)
-
-
 def _samples(value: torch.Tensor, dim: int) -> torch.Tensor:
     """(..., n, ...) -> (samples, n): every other position is one sample."""
     moved = value.movedim(dim, -1)
@@ -290,15 +300,16 @@ def feature_statistics(
                 for reference_group in reference:
                     for tap in tap_lists[reference_group.name]:
                         blocks = [_samples(v[tap.node], tap.dim) for v in values]
-                        if not all(bool(torch.isfinite(block).all()) for block in blocks):
-                            raise CalibrationError(
-                                f"non-finite features at node '{tap.node}' (group {reference_group.name}): "
-                                "check the calibration data and the models"
-                            )
                         key = (reference_group.name, tap.node)
                         if key not in moments:
                             moments[key] = RunningMoments(sum(b.shape[1] for b in blocks), blocks[0].device)
-                        moments[key].update(blocks)
+                        try:
+                            moments[key].update(blocks)
+                        except NonFiniteSamples:
+                            raise CalibrationError(
+                                f"non-finite features at node '{tap.node}' (group {reference_group.name}): "
+                                "check the calibration data and the models"
+                            ) from None
                         del blocks
                 del values
                 seen += 1
