@@ -365,13 +365,13 @@ def resnets(draw, blocks: tuple[int, ...] | None = None) -> ZooSpec:
 
 
 @st.composite
-def vggs(draw, convs: tuple[int, ...] | None = None) -> ZooSpec:
+def vggs(draw, convs: tuple[int, ...] | None = None, batch_norm: bool | None = None) -> ZooSpec:
     if convs is None:
         convs = tuple(draw(st.lists(st.integers(1, 2), min_size=1, max_size=3)))
+    if batch_norm is None:
+        batch_norm = draw(st.booleans())
     widths = tuple(draw(st.lists(WIDTHS, min_size=len(convs), max_size=len(convs))))
-    return _spec(
-        "vgg", cfg=zoo.vgg_cfg(convs, widths), batch_norm=draw(st.booleans()), hidden=draw(WIDTHS)
-    )
+    return _spec("vgg", cfg=zoo.vgg_cfg(convs, widths), batch_norm=batch_norm, hidden=draw(WIDTHS))
 
 
 @st.composite
@@ -422,7 +422,9 @@ def deeper_pairs(draw) -> tuple[ZooSpec, ZooSpec, str]:
     deeper = tuple(a + b for a, b in zip(stages, extra))
     if family == "resnet":
         return draw(resnets(stages)), draw(resnets(deeper)), objective
-    return draw(vggs(stages)), draw(vggs(deeper)), objective
+    # siblings of one family: with and without BatchNorm are different structures
+    batch_norm = draw(st.booleans())
+    return draw(vggs(stages, batch_norm)), draw(vggs(deeper, batch_norm)), objective
 
 
 # ----------------------------------------------------------------------------------- helpers
