@@ -30,15 +30,17 @@ Properties, each checked on every drawn model:
    independently drawn width: ``align_depth`` + ``extend`` gives a graph of the deep structure that
    computes the shallow model's function (relative error 1e-5) on inputs outside calibration.
 4. **Net2Net recovery** -- ``merge([m, net2net_widen(m)], method="zip", width="min", alpha=1.0)``
-   reproduces ``m``. alpha=1.0 because ZipIt's default alpha=0.5 fails on clusters of three (see
-   tests/test_width.py); ViTs and programs with nn.MultiheadAttention are not widened (an MHA's
+   reproduces ``m`` (alpha=1.0 here; the default alpha also recovers identical copies since zip
+   deduplicates them, see tests/test_width.py); ViTs and programs with nn.MultiheadAttention are not widened (an MHA's
    residual stream is its embed dim = heads x head channels, which Net2Net leaves alone).
 
 Every property runs ``derandomize=True`` (the same examples every run) with a small
-``max_examples``; ``benchmarks/properties.py`` runs the same checks with many more examples.
+``max_examples`` (``EXAMPLES``); set ``FXMERGE_PROPERTY_EXAMPLES=200`` for a longer profile.
 """
 
 from __future__ import annotations
+
+import os
 
 import math
 import warnings
@@ -565,6 +567,8 @@ ALL_MODELS = st.one_of(zoo_models(), programs())
 WIDENABLE = st.one_of(zoo_models(("resnet", "vgg", "mlp")), programs(tuple(k for k in BLOCK_KINDS if k != "mha")))
 
 EXAMPLES = {"invariance": 25, "recovery": 20, "extension": 15, "net2net": 20}
+if os.environ.get("FXMERGE_PROPERTY_EXAMPLES"):  # the longer profile, outside the timed suite
+    EXAMPLES = dict.fromkeys(EXAMPLES, int(os.environ["FXMERGE_PROPERTY_EXAMPLES"]))
 
 
 def _settings(name: str) -> settings:
