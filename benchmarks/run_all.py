@@ -26,6 +26,7 @@ SCRIPTS = {
     "partial": ["partial.py"],
     "timings": ["timings.py"],
     "memory": ["memory.py"],
+    "properties": ["properties.py"],
 }
 SEEDED = {"homogeneous", "depth", "width", "partial"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only

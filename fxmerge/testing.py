@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.passes.dependency import Analysis, analyze
 from fxmerge.passes.rewrite import load_state_resizing, transform_state_dict
 
@@ -57,25 +58,44 @@ def random_permute(
     return permute_model(model, analysis, random_permutations(analysis, seed))
 
 
+def net2net_groups(analysis: Analysis) -> list[ChannelSpace]:
+    """The free groups ``net2net_widen`` duplicates (see there for the ones it leaves alone)."""
+    outer: set[int] = set()
+    for layouts in analysis.param_layouts.values():
+        for layout in layouts:
+            for piece in layout or ():
+                for factor, following in zip(piece, piece[1:]):
+                    if not isinstance(factor, Opaque) and not isinstance(following, Opaque):
+                        outer.add(factor)
+    return [
+        group
+        for group in analysis.free_groups
+        if group.kind == "channels" and group.consumers and analysis.space_ids[group.name] not in outer
+    ]
+
+
 def net2net_widen(
     model: nn.Module, example: torch.Tensor, factor: int = 2, target: nn.Module | None = None
 ) -> nn.Module:
-    """A model ``factor`` times as wide as ``model`` in every free channel group, same function.
+    """A model ``factor`` times as wide as ``model`` in its free channel groups, same function.
 
-    For each free group of size n (``fxmerge.analyze``), "out" axes get the duplication matrix
+    For each widened group of size n (``fxmerge.analyze``), "out" axes get the duplication matrix
     D = [I; I; ...] (factor*n, n): copy j of channel i is channel j*n + i, producer rows, biases,
     norm entries and BatchNorm running statistics copied; "in" axes get D / factor, dividing each
-    consumer's input weights between the copies. Groups that are factors of a composite
-    (attention heads x head channels) are left alone: duplicating a head channel would change the
-    attention scale. ``target``: a module of the widened shapes to load into (e.g. the same
-    factory at ``width_multiplier=factor``); without it, a deep copy of ``model`` is resized.
+    consumer's input weights between the copies. Left alone, because duplicating them would change
+    the function or a layer's structure: attention heads and head channels (``kind`` other than
+    "channels"), groups that no parameter reads (q/k channels of an explicit attention, contracted
+    between two activations), and outer factors of a product (attention heads, GroupNorm groups,
+    the groups of a grouped conv: their count is a module attribute or a shape literal). Inner
+    factors (channels per group) and pieces of a concatenation are widened; a depthwise conv's
+    ``groups`` follows its channels. ``target``: a module of the widened shapes to load into
+    (e.g. the same factory at ``width_multiplier=factor``); without it, a deep copy of ``model``
+    is resized.
     """
     analysis = analyze(model, example)
     out_t: dict[int, torch.Tensor] = {}
     in_t: dict[int, torch.Tensor] = {}
-    for group in analysis.free_groups:
-        if group.factor_of:
-            continue
+    for group in net2net_groups(analysis):
         duplicate = torch.cat([torch.eye(group.size)] * factor, dim=0)
         out_t[analysis.space_ids[group.name]] = duplicate
         in_t[analysis.space_ids[group.name]] = duplicate / factor

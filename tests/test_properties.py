@@ -2,47 +2,56 @@
 
 Two kinds of models are drawn:
 
-* **zoo** -- a model of a ``fxmerge.zoo`` family with random hyper-parameters: ResNet (1-3 stages
-  of 1-2 blocks, base width 4-16), VGG (1-3 stages of 1-2 convs, widths 4-16, with or without
-  BatchNorm), MLP (1-3 hidden layers of 4-16, with or without LayerNorm), ViT (1-2 layers, 1, 2
-  or 4 heads of 2-4 channels, patch 2 or 4).
-* **program** -- a ``ProgramNet`` built from a drawn list of block specs (``Program``): a conv
-  stem, then 1-4 blocks among plain conv, residual block (identity or projection shortcut),
-  DenseNet-style channel concat, squeeze-excitation gating, depthwise conv, grouped conv, max
-  pool, a standalone norm, ``nn.MultiheadAttention`` over the flattened spatial tokens and a
-  timm-style ``scaled_dot_product_attention`` block with head reshapes; every conv block draws
-  its norm among none / BatchNorm / GroupNorm / LayerNorm (channels-last); the head is global
-  average pooling + Linear or flatten (C*H*W) + a 2-layer MLP. The list of blocks is fixed at
-  construction, so ``forward`` is a plain loop that ``torch.fx`` unrolls.
+* **zoo** -- a ``fxmerge.zoo`` model with random hyper-parameters on 3x8x8 inputs: ResNet (1-3
+  stages of 1-2 blocks, base width 4-16), VGG (1-3 stages of 1-2 convs, widths 4-16, with or
+  without BatchNorm, hidden 4-16), MLP (1-3 hidden layers of 4-16, with or without LayerNorm),
+  ViT (1-2 layers, 1, 2 or 4 heads of 2-4 channels, MLP 4-16, patch 2 or 4).
+* **program** -- a ``ProgramNet`` built from a drawn ``Program`` on 3x7x7 inputs: a conv stem,
+  then 2-5 blocks among plain conv, residual block (identity or 1x1 projection shortcut),
+  DenseNet-style channel concat, squeeze-excitation gating, depthwise conv, grouped conv (2-4
+  groups), max pool, a standalone norm, ``nn.MultiheadAttention`` over the flattened spatial
+  tokens (heads dividing the channels) and a timm-style ``scaled_dot_product_attention`` block
+  (separate q/k/v projections to 1, 2 or 4 heads of 2-4 channels, ``view``/``transpose`` head
+  reshapes); every conv block draws its norm among none / BatchNorm / GroupNorm (1-4 groups) /
+  LayerNorm (channels-last, ConvNeXt-style); the head is global average pooling + Linear or
+  flatten (C*H*W) + a 2-layer MLP. The block list is fixed at construction (an
+  ``nn.ModuleList`` and a plain loop in ``forward``, which ``torch.fx`` unrolls).
 
 Weights are random everywhere (``conftest.randomize_``: constant inits would hide a parameter
-that is not moved), BatchNorm statistics are then those of the calibration batches
+that is not moved), then BatchNorm statistics are those of the calibration batches
 (``reset_batchnorm``), as a merge resets BatchNorm on them.
 
 Properties, each checked on every drawn model:
 
-1. **invariance** -- ``random_permute`` keeps the outputs (relative error 1e-4), and the analysis
-   has free groups to move; ``conftest.assert_invariant`` (permutations never the identity)
-   additionally checks that exactly the tensors carrying a free group of size > 1 changed.
+1. **invariance** -- ``random_permute`` keeps the outputs on fresh inputs (relative error 1e-4);
+   ``conftest.assert_invariant`` (permutations never the identity) also checks that exactly the
+   tensors carrying a free group of size > 1 change; no fail-closed warning is raised (every op
+   of the generators has a rule), and a model with nothing to permute must have a reason for
+   every fixed group.
 2. **recovery** -- ``merge([m, random_permute(m)], method="permute")`` reproduces ``m``
-   (relative error 1e-3).
+   (relative error 1e-3, on calibration and on fresh inputs).
 3. **identity extension** (zoo ResNet / VGG / ViT) -- a shallow model and a deeper sibling of
-   independently drawn width: ``align_depth`` + ``extend`` gives a graph of the deep structure that
-   computes the shallow model's function (relative error 1e-5) on inputs outside calibration.
-4. **Net2Net recovery** -- ``merge([m, net2net_widen(m)], method="zip", width="min", alpha=1.0)``
-   reproduces ``m`` (alpha=1.0 here; the default alpha also recovers identical copies since zip
-   deduplicates them, see tests/test_width.py); ViTs and programs with nn.MultiheadAttention are not widened (an MHA's
-   residual stream is its embed dim = heads x head channels, which Net2Net leaves alone).
+   independent widths: ``align_depth`` + ``extend`` gives a graph node for node like the deep one that
+   computes the shallow model's function on fresh inputs (relative error 1e-5).
+4. **Net2Net recovery** -- ``merge([m, net2net_widen(m)], method="zip", width="min")`` at the
+   DEFAULT alpha reproduces ``m`` (relative error 1e-3). This holds since zip does not decay a
+   merge of two identical features (tests/test_width.py); on 80 examples alpha=0.5 and alpha=1.0
+   passed and failed on exactly the same ones. No ViTs and no "mha" blocks here: an
+   nn.MultiheadAttention's residual stream is its embed dim = heads x head channels, which
+   Net2Net cannot widen alone.
 
-Every property runs ``derandomize=True`` (the same examples every run) with a small
-``max_examples`` (``EXAMPLES``); set ``FXMERGE_PROPERTY_EXAMPLES=200`` for a longer profile.
+The program generator avoids one coincidence on which the library fails *loudly*
+(IncompatibleModelsError, never a wrong model), pinned by a strict xfail at the end: a channel
+count equal to a spatial size (programs: 7x7 inputs, even channel counts).
+
+Every property runs ``derandomize=True`` (the same examples every run) with 12-30 examples;
+``benchmarks/properties.py`` runs the same checks on the same strategies with a long profile
+(so does this file with ``FXMERGE_PROPERTY_EXAMPLES=200`` in the environment).
 """
 
 from __future__ import annotations
 
 import os
-
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,18 +65,22 @@ from torch import Tensor, nn
 
 import fxmerge
 from fxmerge import zoo
+from fxmerge.errors import IncompatibleModelsError
 from fxmerge.passes.depth import align_depth, extend
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.units import find_units
-from fxmerge.testing import net2net_widen, random_permute
+from fxmerge.testing import net2net_groups, net2net_widen, random_permute
 
 from conftest import assert_invariant, randomize_
 
 IN_CHANNELS = 3
-IMAGE = 8
+ZOO_IMAGE = 8  # zoo models: 8x8 (three 2x poolings of VGG, patches of 2 or 4 for ViT)
+# Programs: 7x7 inputs (pooled to 3x3, 1x1) and even channel counts, so that a channel count never
+# equals a spatial size -- see test_channels_last_norm_units_depend_on_width_coincidence
+PROGRAM_IMAGE = 7
 BATCH = 8
 CALIBRATION_BATCHES = 4
-NUM_OUTPUTS = 5
+NUM_OUTPUTS = 3
 
 # ------------------------------------------------------------------------------------ programs
 
@@ -225,7 +238,7 @@ class Program:
 class ProgramNet(nn.Module):
     """stem conv -> blocks -> head, from a ``Program``; the blocks are a fixed ModuleList."""
 
-    def __init__(self, program: Program, in_channels: int = IN_CHANNELS, image: int = IMAGE) -> None:
+    def __init__(self, program: Program, in_channels: int = IN_CHANNELS, image: int = PROGRAM_IMAGE) -> None:
         super().__init__()
         self.program = program
         self.stem = ConvBlock(in_channels, program.stem, program.stem_norm, program.stem_gn_groups)
@@ -285,40 +298,39 @@ def _norm(draw, channels: int) -> tuple[str, int]:
     return kind, groups
 
 
+EVEN = st.sampled_from((4, 6, 8, 10, 12))
 BLOCK_KINDS = ("conv", "residual", "dense", "se", "depthwise", "grouped", "norm", "pool", "mha", "sdpa")
 
 
 @st.composite
-def programs(draw, kinds: tuple[str, ...] = BLOCK_KINDS, max_blocks: int = 4) -> Program:
-    stem = draw(st.integers(4, 12))
+def programs(draw, kinds: tuple[str, ...] = BLOCK_KINDS, min_blocks: int = 2, max_blocks: int = 5) -> Program:
+    """A random ``Program``: every channel count is even (the input is 7x7, see PROGRAM_IMAGE)."""
+    stem = draw(EVEN)
     stem_norm, stem_groups = draw(_norm(stem))
-    channels, size = stem, IMAGE
+    channels, size = stem, PROGRAM_IMAGE
     blocks: list[Block] = []
-    for _ in range(draw(st.integers(1, max_blocks))):
-        allowed = [k for k in kinds if not (k == "pool" and size < 4) and not (k == "dense" and channels > 16)]
+    for _ in range(draw(st.integers(min_blocks, max_blocks))):
+        allowed = [k for k in kinds if not (k == "pool" and size < 2) and not (k == "dense" and channels > 16)]
         kind = draw(st.sampled_from(allowed))
         if kind in ("conv", "residual"):
-            out = draw(st.integers(4, 12))
+            out = draw(EVEN)
             norm, groups = draw(_norm(out))
             blocks.append(Block(kind, out=out, norm=norm, gn_groups=groups))
             channels = out
         elif kind == "grouped":
-            groups = draw(st.sampled_from([g for g in _divisors(channels, 4) if g > 1] or [1]))
-            out = groups * draw(st.integers(2, 4))
+            groups = draw(st.sampled_from([g for g in _divisors(channels, 4) if g > 1]))
+            out = groups * draw(st.sampled_from((2, 4)))
             norm, gn_groups = draw(_norm(out))
             blocks.append(Block(kind, out=out, norm=norm, gn_groups=gn_groups, groups=groups))
             channels = out
         elif kind == "dense":
-            growth = draw(st.integers(2, 6))
+            growth = draw(st.sampled_from((2, 4, 6)))
             norm, groups = draw(_norm(growth))
             blocks.append(Block(kind, out=growth, norm=norm, gn_groups=groups))
             channels += growth
         elif kind == "se":
             blocks.append(Block(kind, hidden=draw(st.integers(2, 6))))
-        elif kind == "depthwise":
-            norm, groups = draw(_norm(channels))
-            blocks.append(Block(kind, norm=norm, gn_groups=groups))
-        elif kind == "norm":
+        elif kind in ("depthwise", "norm"):
             norm, groups = draw(_norm(channels))
             blocks.append(Block(kind, norm=norm, gn_groups=groups))
         elif kind == "pool":
@@ -345,7 +357,7 @@ class ZooSpec:
 
     def build(self) -> nn.Module:
         return zoo.FAMILIES[self.family](
-            **dict(self.options), in_channels=IN_CHANNELS, image_size=IMAGE, num_outputs=NUM_OUTPUTS
+            **dict(self.options), in_channels=IN_CHANNELS, image_size=ZOO_IMAGE, num_outputs=NUM_OUTPUTS
         )
 
     def __repr__(self) -> str:
@@ -357,23 +369,19 @@ def _spec(family: str, **options: object) -> ZooSpec:
 
 
 WIDTHS = st.integers(4, 16)
+STAGES = st.lists(st.integers(1, 2), min_size=1, max_size=3).map(tuple)
 
 
 @st.composite
 def resnets(draw, blocks: tuple[int, ...] | None = None) -> ZooSpec:
-    if blocks is None:
-        blocks = tuple(draw(st.lists(st.integers(1, 2), min_size=1, max_size=3)))
-    return _spec("resnet", blocks_per_stage=blocks, width=draw(WIDTHS))
+    return _spec("resnet", blocks_per_stage=draw(STAGES) if blocks is None else blocks, width=draw(WIDTHS))
 
 
 @st.composite
-def vggs(draw, convs: tuple[int, ...] | None = None, batch_norm: bool | None = None) -> ZooSpec:
-    if convs is None:
-        convs = tuple(draw(st.lists(st.integers(1, 2), min_size=1, max_size=3)))
-    if batch_norm is None:
-        batch_norm = draw(st.booleans())
+def vggs(draw) -> ZooSpec:
+    convs = draw(STAGES)
     widths = tuple(draw(st.lists(WIDTHS, min_size=len(convs), max_size=len(convs))))
-    return _spec("vgg", cfg=zoo.vgg_cfg(convs, widths), batch_norm=batch_norm, hidden=draw(WIDTHS))
+    return _spec("vgg", cfg=zoo.vgg_cfg(convs, widths), batch_norm=draw(st.booleans()), hidden=draw(WIDTHS))
 
 
 @st.composite
@@ -383,15 +391,12 @@ def mlps(draw) -> ZooSpec:
 
 
 @st.composite
-def vits(draw, layers: int | None = None, heads: int | None = None) -> ZooSpec:
-    if layers is None:
-        layers = draw(st.integers(1, 2))
-    if heads is None:
-        heads = draw(st.sampled_from((1, 2, 4)))
+def vits(draw, layers: int | None = None, heads: int | None = None, patch: int | None = None) -> ZooSpec:
+    heads = draw(st.sampled_from((1, 2, 4))) if heads is None else heads
     return _spec(
         "vit",
-        patch_size=draw(st.sampled_from((2, 4))),
-        num_layers=layers,
+        patch_size=draw(st.sampled_from((2, 4))) if patch is None else patch,
+        num_layers=draw(st.integers(1, 2)) if layers is None else layers,
         num_heads=heads,
         hidden_dim=heads * draw(st.integers(2, 4)),
         mlp_dim=draw(WIDTHS),
@@ -405,28 +410,36 @@ def zoo_models(families: tuple[str, ...] = ("resnet", "vgg", "mlp", "vit")) -> s
 
 @st.composite
 def deeper_pairs(draw) -> tuple[ZooSpec, ZooSpec, str]:
-    """(shallow, deeper sibling, depth objective): same stage structure, more blocks / convs /
-    layers, widths drawn independently (the extension takes the shallow model's widths)."""
+    """(shallow, deeper sibling, depth objective) of one family and stage structure.
+
+    The deep model has 1-2 more layers (ViT) or 0-2 more blocks / convs per stage (at least one
+    more in all). Widths differ between the two: the extension takes the shallow model's widths.
+    Widths are drawn independently (a layer may be square in one model and not in the other: depth
+    alignment ignores channel counts); both VGGs make the same BatchNorm choice.
+    """
     family = draw(st.sampled_from(("resnet", "vgg", "vit")))
     objective = draw(st.sampled_from(("lma", "sma")))
     if family == "vit":
-        layers = draw(st.integers(1, 2))
-        heads = draw(st.sampled_from((1, 2, 4)))
-        shallow = draw(vits(layers, heads))
-        deep = draw(vits(layers + draw(st.integers(1, 2)), heads))
-        # the patch size fixes the token count, which a unit's shape change includes
-        deep = _spec("vit", **{**dict(deep.options), "patch_size": dict(shallow.options)["patch_size"]})
+        shallow = draw(vits())
+        options = dict(shallow.options)
+        deep = draw(vits(options["num_layers"] + draw(st.integers(1, 2)), options["num_heads"], options["patch_size"]))
         return shallow, deep, objective
-    stages = tuple(draw(st.lists(st.integers(1, 2), min_size=1, max_size=3)))
+    stages = draw(STAGES)
     extra = tuple(draw(st.lists(st.integers(0, 2), min_size=len(stages), max_size=len(stages))))
     if not any(extra):
-        extra = (1,) + extra[1:]
+        extra = (1, *extra[1:])
     deeper = tuple(a + b for a, b in zip(stages, extra))
     if family == "resnet":
         return draw(resnets(stages)), draw(resnets(deeper)), objective
-    # siblings of one family: with and without BatchNorm are different structures
-    batch_norm = draw(st.booleans())
-    return draw(vggs(stages, batch_norm)), draw(vggs(deeper, batch_norm)), objective
+    batch_norm = draw(st.booleans())  # with and without BatchNorm are different structures
+    shallow, deep = (
+        _spec("vgg", cfg=zoo.vgg_cfg(convs, widths), batch_norm=batch_norm, hidden=draw(WIDTHS))
+        for convs, widths in (
+            (stages, tuple(draw(st.lists(WIDTHS, min_size=len(stages), max_size=len(stages))))),
+            (deeper, tuple(draw(st.lists(WIDTHS, min_size=len(stages), max_size=len(stages))))),
+        )
+    )
+    return shallow, deep, objective
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -440,30 +453,34 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def calibration() -> list[Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(BATCH, IN_CHANNELS, IMAGE, IMAGE, generator=generator) for _ in range(CALIBRATION_BATCHES)]
-
-
-def test_input() -> Tensor:
-    """Inputs outside the calibration data (another generator, scale and offset)."""
-    generator = torch.Generator().manual_seed(1000)
-    return 1.3 * torch.randn(2 * BATCH, IN_CHANNELS, IMAGE, IMAGE, generator=generator) + 0.2
-
-
-test_input.__test__ = False  # not a pytest test
-
-
 Spec = ZooSpec | Program
 
 
-def build(spec: Spec, seed: int = 0, batches: list[Tensor] | None = None) -> nn.Module:
+def _image(spec: Spec) -> int:
+    return ZOO_IMAGE if isinstance(spec, ZooSpec) else PROGRAM_IMAGE
+
+
+def calibration(spec: Spec) -> list[Tensor]:
+    """CALIBRATION_BATCHES batches of BATCH standard normal images of the spec's size."""
+    generator = torch.Generator().manual_seed(0)
+    size = _image(spec)
+    return [torch.randn(BATCH, IN_CHANNELS, size, size, generator=generator) for _ in range(CALIBRATION_BATCHES)]
+
+
+def fresh_inputs(spec: Spec) -> Tensor:
+    """Inputs outside the calibration data (another generator, scale and offset)."""
+    generator = torch.Generator().manual_seed(1000)
+    size = _image(spec)
+    return 1.3 * torch.randn(2 * BATCH, IN_CHANNELS, size, size, generator=generator) + 0.2
+
+
+def build(spec: Spec, seed: int = 0) -> nn.Module:
     """The model of ``spec`` with random weights everywhere, then BatchNorm statistics of the
     calibration batches; eval mode."""
     torch.manual_seed(seed)
     model = spec.build() if isinstance(spec, ZooSpec) else ProgramNet(spec)
     randomize_(model.eval(), seed + 1)
-    reset_batchnorm(model, calibration() if batches is None else batches, quiet=True)
+    reset_batchnorm(model, calibration(spec), quiet=True)
     return model.eval()
 
 
@@ -486,22 +503,20 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def has_attention_module(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
-
-
 # -------------------------------------------------------------------------------- properties
 
 
 def check_invariance(spec: Spec) -> None:
     """random_permute keeps the function; exactly the tensors carrying a free group change."""
-    batches = calibration()
-    model, x = build(spec, batches=batches), test_input()
+    batches = calibration(spec)
+    model, x = build(spec), fresh_inputs(spec)
     with warnings.catch_warnings():
-        # every op the generators use is supported: a fail-closed warning is a coverage gap
+        # every op the generators use has a rule: a fail-closed warning here is a coverage gap
         warnings.simplefilter("error")
         analysis = fxmerge.analyze(model, batches[0])
-    assert analysis.free_groups, "nothing to permute: the property would prove nothing"
+    # a model with nothing to permute must be one the analysis failed closed on, with reasons
+    # (e.g. a depthwise conv over a DenseNet concatenation: "grouped conv ... over concatenated channels")
+    assert analysis.free_groups or all(g.reason for g in analysis.groups), analysis.summary()
     y = output(model, x)
     assert y.abs().max() > 0
     twin = random_permute(model, batches[0], seed=1).eval()
@@ -511,22 +526,22 @@ def check_invariance(spec: Spec) -> None:
 
 
 def check_recovery(spec: Spec) -> None:
-    """merge([m, permuted m], method="permute") gives m back."""
-    batches = calibration()
-    model = build(spec, batches=batches)
+    """merge([m, permuted m], method="permute") gives m back, on calibration and fresh inputs."""
+    batches = calibration(spec)
+    model = build(spec)
     twin = random_permute(model, batches[0], seed=1).eval()
     result = fxmerge.merge([model, twin], batches, method="permute", quiet=True)
     assert all(g.width == g.sizes[0] for g in result.groups)
-    for x in (batches[0], test_input()):
+    for x in (batches[0], fresh_inputs(spec)):
         err = norm_relative(output(model, x), output(result.module, x))
         assert err < 1e-3, f"merged model differs from m: {err:.2e}"
 
 
 def check_extension(pair: tuple[ZooSpec, ZooSpec, str]) -> None:
-    """align_depth + extend: the deep structure computing the shallow function."""
+    """align_depth + extend: the deep structure, computing the shallow function on fresh inputs."""
     shallow_spec, deep_spec, objective = pair
-    batches = calibration()
-    shallow, deep = build(shallow_spec, 0, batches), build(deep_spec, 1, batches)
+    batches = calibration(shallow_spec)
+    shallow, deep = build(shallow_spec, 0), build(deep_spec, 1)
     shallow_gm, deep_gm = fxmerge.trace(shallow, batches[0]), fxmerge.trace(deep, batches[0])
     deep_units, shallow_units = find_units(deep_gm), find_units(shallow_gm)
     assert len(deep_units) > len(shallow_units)
@@ -534,8 +549,9 @@ def check_extension(pair: tuple[ZooSpec, ZooSpec, str]) -> None:
     assert len(alignment.segments) == len(shallow_units)
     assert [j for s in alignment.segments for j in s] == list(range(len(deep_units)))
     extended = extend(shallow_gm, deep_gm, alignment, batches[0])
-    assert [(n.op, str(n.target)) for n in extended.graph.nodes] == [(n.op, str(n.target)) for n in deep_gm.graph.nodes]
-    x = test_input()
+    structure = [(n.op, str(n.target)) for n in extended.graph.nodes]
+    assert structure == [(n.op, str(n.target)) for n in deep_gm.graph.nodes]
+    x = fresh_inputs(shallow_spec)
     expected = output(shallow, x)
     assert expected.abs().max() > 0
     err = max_relative(expected, output(extended, x))
@@ -543,37 +559,60 @@ def check_extension(pair: tuple[ZooSpec, ZooSpec, str]) -> None:
 
 
 def check_net2net(spec: Spec) -> None:
-    """zip(width="min", alpha=1) of [m, Net2Net-widened m] gives m back."""
-    batches = calibration()
-    model = build(spec, batches=batches)
+    """zip(width="min") at the default alpha of [m, Net2Net-widened m] gives m back."""
+    batches = calibration(spec)
+    model = build(spec)
+    analysis = fxmerge.analyze(model, batches[0])
+    if not net2net_groups(analysis):
+        # nothing to widen: only where the analysis failed closed (a GroupNorm or depthwise conv
+        # over a DenseNet concatenation fixes the channels it reads), never silently
+        assert all(g.reason for g in analysis.groups if g.fixed) and not any(
+            g.kind == "channels" and g.consumers for g in analysis.free_groups if not g.factor_of
+        ), analysis.summary()
+        return
     wide = net2net_widen(model, batches[0], 2)
     assert params(wide) > params(model), "nothing was widened"
-    x = test_input()
+    x = fresh_inputs(spec)
     y = output(model, x)
     err = max_relative(y, output(wide, x))
     assert err <= 1e-5, f"the Net2Net widening changed the function: {err:.2e}"
-    result = fxmerge.merge([model, wide], batches, method="zip", width="min", alpha=1.0, quiet=True)
+    result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)  # default alpha
     assert params(result.module) == params(model)
-    for x in (batches[0], x):
-        err = norm_relative(output(model, x), output(result.module, x))
+    for inputs in (batches[0], x):
+        err = norm_relative(output(model, inputs), output(result.module, inputs))
         assert err < 1e-3, f"merged model differs from m: {err:.2e}"
 
 
 # ---------------------------------------------------------------------------------- the tests
 
-ALL_MODELS = st.one_of(zoo_models(), programs())
-# Net2Net leaves attention head channels alone, so an nn.MultiheadAttention (embed dim = heads x
-# head channels = its residual stream) cannot be widened: no ViTs, no "mha" blocks.
-WIDENABLE = st.one_of(zoo_models(("resnet", "vgg", "mlp")), programs(tuple(k for k in BLOCK_KINDS if k != "mha")))
+# An nn.MultiheadAttention's residual stream is its embed dim = heads x head channels, which
+# Net2Net leaves alone (fxmerge.testing.net2net_widen): no ViTs, no "mha" blocks when widening.
+WIDENABLE_KINDS = tuple(k for k in BLOCK_KINDS if k != "mha")
 
-EXAMPLES = {"invariance": 25, "recovery": 20, "extension": 15, "net2net": 20}
-if os.environ.get("FXMERGE_PROPERTY_EXAMPLES"):  # the longer profile, outside the timed suite
-    EXAMPLES = dict.fromkeys(EXAMPLES, int(os.environ["FXMERGE_PROPERTY_EXAMPLES"]))
+# name -> (check, strategy, examples in this suite); benchmarks/properties.py runs the same
+# checks on the same strategies with many more examples.
+PROPERTIES: dict[str, tuple[Callable, st.SearchStrategy, int]] = {
+    "invariance/zoo": (check_invariance, zoo_models(), 20),
+    "invariance/programs": (check_invariance, programs(), 30),
+    "recovery/zoo": (check_recovery, zoo_models(), 15),
+    "recovery/programs": (check_recovery, programs(), 25),
+    "extension/zoo": (check_extension, deeper_pairs(), 20),
+    "net2net/zoo": (check_net2net, zoo_models(("resnet", "vgg", "mlp")), 12),
+    "net2net/programs": (check_net2net, programs(WIDENABLE_KINDS), 25),
+}
 
 
-def _settings(name: str) -> settings:
+if os.environ.get("FXMERGE_PROPERTY_EXAMPLES"):  # a longer profile, outside the timed suite
+    PROPERTIES = {
+        name: (check, strategy, int(os.environ["FXMERGE_PROPERTY_EXAMPLES"]))
+        for name, (check, strategy, _) in PROPERTIES.items()
+    }
+
+
+def property_settings(max_examples: int) -> settings:
+    """Deterministic (``derandomize``: the same examples on every run), no deadline, no database."""
     return settings(
-        max_examples=EXAMPLES[name],
+        max_examples=max_examples,
         deadline=None,
         derandomize=True,
         database=None,
@@ -581,25 +620,143 @@ def _settings(name: str) -> settings:
     )
 
 
-@_settings("invariance")
-@given(spec=ALL_MODELS)
-def test_random_permute_is_invariant(spec: Spec) -> None:
-    check_invariance(spec)
+def _property_test(name: str) -> Callable[[], None]:
+    check, strategy, examples = PROPERTIES[name]
+
+    @property_settings(examples)
+    @given(case=strategy)
+    def test(case) -> None:
+        check(case)
+
+    test.__name__ = f"test_{name.replace('/', '_')}"
+    test.__doc__ = check.__doc__
+    return test
 
 
-@_settings("recovery")
-@given(spec=ALL_MODELS)
-def test_permute_merge_recovers_the_model(spec: Spec) -> None:
+test_invariance_zoo = _property_test("invariance/zoo")
+test_invariance_programs = _property_test("invariance/programs")
+test_recovery_zoo = _property_test("recovery/zoo")
+test_recovery_programs = pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")(_property_test("recovery/programs"))
+test_extension_zoo = _property_test("extension/zoo")
+test_net2net_zoo = _property_test("net2net/zoo")
+test_net2net_programs = pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")(_property_test("net2net/programs"))
+
+
+# ------------------------------------------------------------------- minimal repros of findings
+
+
+@pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")
+def test_grouped_conv_channels_per_group_are_matched() -> None:
+    """Minimised from recovery/programs and net2net/programs (hypothesis shrinks their failures to
+    ``Program(4, "none", 1, (Block("grouped", out=4, groups=2), Block("pool")), "pool", 0)``): a
+    conv read by a grouped conv (ResNeXt's conv1 -> conv2).
+
+    The conv's output channels factor into (groups x input channels per group); the grouped conv
+    reads the per-group factor alone (weight dim 1). ``random_permute`` moves that factor and the
+    model keeps its function, but ``match_groups`` has neither activation statistics nor weight
+    features for it when its turn comes ("none: identity"), so the permuted twin is merged with the
+    factor in identity order: a silently wrong model. torchvision resnext50_32x4d with a permuted
+    twin gives a relative error of 0.82 the same way.
+    """
+    spec = Program(4, "none", 1, (Block("grouped", out=4, groups=2), Block("conv", out=4)), "pool", 0)
     check_recovery(spec)
 
 
-@_settings("extension")
-@given(pair=deeper_pairs())
-def test_identity_extension_is_exact(pair: tuple[ZooSpec, ZooSpec, str]) -> None:
-    check_extension(pair)
+@pytest.mark.xfail(strict=True, reason="open bug: a GroupNorm composite matched before the residual stream has only 2 weight features")
+def test_groupnorm_residual_block_is_recovered() -> None:
+    """Minimised from recovery/programs (5 of its 32 failures in the long profile; the other 27 are
+    the grouped conv above): a residual block with GroupNorm(2 groups) after a stem without one.
+
+    The GroupNorm composites (groups x channels per group) are matched as structures from weight
+    features only, in topological order. conv1's composite comes before the residual stream, so
+    conv1's weights (whose input axis is the unmatched stream) are skipped and only the norm's
+    weight and bias are left: 2 features per unit, whose Pearson correlation is always +-1. The
+    block pairing and the matching inside blocks are then arbitrary: a silently wrong model (0.23
+    relative error). The activation statistics of these channels are never consulted for
+    structures. (torchvision resnet18 with GroupNorm(8) everywhere is recovered: its stem has the
+    GroupNorm, so the stream is matched first.)
+    """
+    spec = Program(4, "none", 1, (Block("residual", out=4, norm="gn", gn_groups=2), Block("conv", out=4)), "pool", 0)
+    check_recovery(spec)
 
 
-@_settings("net2net")
-@given(spec=WIDENABLE)
-def test_zip_recovers_the_model_from_its_net2net_widening(spec: Spec) -> None:
+def test_grouped_conv_merged_with_itself_is_the_model() -> None:
+    """Regression: merging [m, m] used to scale the conv before a grouped conv by 1/2 (the merge
+    matrices of its two factors, groups and channels per group, each averaged the models:
+    1/K**2), so even ``method="average"`` of a model with itself changed it (0.13 relative error on
+    torchvision resnext50_32x4d). Fixed in ``merged_state`` by normalising each merged entry by
+    the total weight the models' merge matrices give it."""
+    spec = Program(4, "none", 1, (Block("grouped", out=4, groups=2), Block("conv", out=4)), "pool", 0)
+    batches = calibration(spec)
+    model = build(spec)
+    x = fresh_inputs(spec)
+    for method in ("average", "permute", "zip"):
+        result = fxmerge.merge([model, model], batches, method=method, quiet=True)
+        assert norm_relative(output(model, x), output(result.module, x)) < 1e-6, method
+
+
+def test_width_change_keeps_depthwise_and_instance_groupnorm_per_channel() -> None:
+    """Regression: a width change of a channel group read by a depthwise conv (groups = channels)
+    or a GroupNorm with one channel per group kept the old ``groups`` / ``num_groups``: merging
+    widths 4 and 6 at width="max" gave a model that crashed (depthwise) or a GroupNorm(4, 8)
+    normalising pairs of channels (width=8). ``load_state_resizing`` now keeps them per channel.
+    A depthwise conv with a channel multiplier keeps its ``groups`` when the multiplier widens."""
+    small = Program(4, "gn", 4, (Block("depthwise", norm="gn", gn_groups=4),), "pool", 0)
+    large = Program(6, "gn", 6, (Block("depthwise", norm="gn", gn_groups=6),), "pool", 0)
+    batches = calibration(small)
+    models = [build(small), build(large, 1)]
+    for width, channels in (("max", 6), ("min", 4), (8, 8)):
+        merged = fxmerge.merge(models, batches, method="zip", width=width, quiet=True).module
+        conv = merged.get_submodule("blocks.0.block.conv")
+        norms = [merged.get_submodule(n) for n in ("stem.norm.norm", "blocks.0.block.norm.norm")]
+        assert conv.groups == conv.in_channels == conv.out_channels == channels
+        assert all(n.num_groups == n.num_channels == channels for n in norms)
+        output(merged, batches[0])
+    multiplier = Program(4, "none", 1, (Block("se", hidden=2), Block("grouped", out=8, groups=4)), "pool", 0)
+    model = build(multiplier)
+    wide = net2net_widen(model, batches[0], 2)  # widens the 2 outputs per input channel to 4
+    assert wide.get_submodule("blocks.1.conv").groups == 4
+    assert max_relative(output(model, batches[0]), output(wide, batches[0])) < 1e-5
+
+
+def test_collinear_dead_units_are_told_apart_by_weights() -> None:
+    """Regression, minimised from net2net/programs: channels dead after the stem's ReLU become, after
+    a later LayerNorm, affine functions of the same per-position statistics, so their activations
+    correlate exactly +-1 without being one feature. zip merged two of them (and permute could
+    swap them): a wrong model. Such collinear units now get the weight tie-break that constant
+    (dead) units get."""
+    spec = Program(12, "ln", 1, (Block("pool"), Block("norm", norm="ln")), "pool", 0)
     check_net2net(spec)
+    check_recovery(spec)
+
+
+@pytest.mark.xfail(raises=IncompatibleModelsError, strict=True, reason="units depend on a channel/spatial coincidence")
+def test_channels_last_norm_units_depend_on_width_coincidence() -> None:
+    """``find_units`` decides that a layer-free spine step reshapes by comparing tensor shapes:
+    ``x.permute(0, 2, 3, 1)`` of an (N, C, H, W) tensor "reshapes" unless C == H == W. A
+    ConvNeXt-style channels-last LayerNorm therefore makes its own unit at 4 channels on 8x8
+    inputs, but not at 8 channels, and merging a model with its Net2Net widening (or any two
+    widths) fails with IncompatibleModelsError (loud, never a wrong model). The properties avoid
+    it with 7x7 program inputs and even channel counts."""
+    spec = Program(4, "ln", 1, (Block("conv", out=6, norm="ln"),), "pool", 0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(BATCH, IN_CHANNELS, 8, 8, generator=generator) for _ in range(CALIBRATION_BATCHES)]
+    torch.manual_seed(0)
+    model = randomize_(ProgramNet(spec, image=8).eval(), 1)
+    wide = net2net_widen(model, batches[0], 2)
+    result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)
+    assert norm_relative(output(model, batches[0]), output(result.module, batches[0])) < 1e-3
+
+
+def test_depth_alignment_ignores_square_layer_coincidence() -> None:
+    """Regression (found by extension/zoo, fixed in ``depth._shape_change``): a ResNet of width 5 with
+    5 outputs has a square head (5 -> 5, shape-preserving) and used to be impossible to align with
+    a deeper ResNet of width 6 (6 -> 5): IncompatibleModelsError."""
+    batches = calibration(_spec("resnet"))
+    shallow = zoo.resnet((2,), 6, in_channels=IN_CHANNELS, image_size=ZOO_IMAGE, num_outputs=5).eval()
+    deep = zoo.resnet((3,), 5, in_channels=IN_CHANNELS, image_size=ZOO_IMAGE, num_outputs=5).eval()
+    deep_gm, shallow_gm = fxmerge.trace(deep, batches[0]), fxmerge.trace(shallow, batches[0])
+    alignment = align_depth(deep_gm, shallow_gm, batches, "lma", 1, quiet=True)
+    extended = extend(shallow_gm, deep_gm, alignment, batches[0])
+    x = fresh_inputs(_spec("resnet"))
+    assert max_relative(output(shallow, x), output(extended, x)) <= 1e-5

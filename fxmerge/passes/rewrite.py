@@ -165,11 +165,16 @@ def _update_layer_attributes(module: torch.nn.Module) -> None:
 
     if isinstance(module, nn.modules.conv._ConvNd):
         weight = module.weight
-        if not module.transposed and module.groups > 1 and module.groups == module.in_channels and weight.shape[1] == 1:
-            # depthwise (one input channel per group): its channel group was resized, the number
-            # of groups follows (``multiplier`` outputs per input channel stay as they were)
-            multiplier = module.out_channels // module.groups
-            module.groups = weight.shape[0] // multiplier
+        if (
+            not module.transposed
+            and 1 < module.groups == module.in_channels == module.out_channels
+            and weight.shape[1] == 1
+        ):
+            # depthwise, one output per input channel: inputs and outputs are one channel group,
+            # and the number of groups follows its width. (With a channel multiplier the inputs
+            # are the outer factor of the outputs, groups x multiplier: the analysis keeps that
+            # count, only the multiplier can change, and ``groups`` stays.)
+            module.groups = weight.shape[0]
         if module.transposed:
             module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
         else:
@@ -183,6 +188,9 @@ def _update_layer_attributes(module: torch.nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        if module.num_groups == module.num_channels > 1:
+            # one channel per group (an instance norm): a plain channel group, the groups follow it
+            module.num_groups = module.weight.shape[0]
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape

@@ -19,13 +19,16 @@ from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.match import match
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics
-from fxmerge.passes.rewrite import _piece_transformed, transform_axis, transform_tensor
+from fxmerge.passes.rewrite import transform_axis, transform_tensor
 
 WidthSpec = str | int | float | Mapping[str, int]
 
 # Weight of weight-space similarity when it only breaks ties between units that activations
 # cannot tell apart; small enough never to reorder units that activations do distinguish.
 _TIE_BREAK = 1e-3
+# Two units of one model at least this correlated (in absolute value) cannot be told apart by
+# their activations.
+_COLLINEAR = 1.0 - 1e-6
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,6 @@ def unit_weight_features(
                     chosen = out_t if roles[other] == "out" else in_t
                     tensor = transform_axis(tensor, other, other_layout, chosen, analysis.space_sizes)
             moved = tensor.movedim(axis, 0)
-            # factors multiplied with the key on its own axis (a grouped conv's group index next to
-            # its channels per group) are brought into the merged basis too, so that the units of
-            # different models are described in one order
-            own = out_t if roles[axis] == "out" else in_t
-            beside = {k: v for k, v in own.items() if not set(k if isinstance(k, tuple) else (k,)) & set(key)}
             offset = 0
             for piece in layout:
                 extent = 1
@@ -121,36 +119,18 @@ def unit_weight_features(
                     extent *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
                 if _contains(piece, key):
                     at = _position(piece, key)
-                    segment = transform_axis(moved[offset : offset + extent], 0, (piece,), beside, analysis.space_sizes)
-                    inner = _merged_extent(piece[at + len(key) :], beside, analysis.space_sizes)
-                    outer = segment.shape[0] // (n_units * inner)
-                    segment = segment.reshape(outer, n_units, inner, -1)
+                    outer = extent // n_units
+                    inner = 1
+                    for f in piece[at + len(key) :]:
+                        inner *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
+                    outer //= inner
+                    segment = moved[offset : offset + extent].reshape(outer, n_units, inner, -1)
                     rows = segment.permute(1, 0, 2, 3).reshape(n_units, -1)
                     norm = rows.norm()
                     if norm > 0:
                         blocks.append(rows / norm)
                 offset += extent
     return torch.cat(blocks, dim=1) if blocks else None
-
-
-def _merged_extent(factors: tuple, transforms: Mapping, sizes: Mapping[int, int]) -> int:
-    """Extent of consecutive layout factors after ``transforms`` (as ``transform_axis`` applies them)."""
-    extent, k = 1, 0
-    while k < len(factors):
-        pair = tuple(factors[k : k + 2])
-        if len(pair) == 2 and pair in transforms:
-            extent *= transforms[pair].shape[0]
-            k += 2
-            continue
-        factor = factors[k]
-        if isinstance(factor, Opaque):
-            extent *= factor.size
-        elif factor in transforms:
-            extent *= transforms[factor].shape[0]
-        else:
-            extent *= sizes[factor]
-        k += 1
-    return extent
 
 
 def _contains(piece: tuple, key: tuple[int, ...]) -> bool:
@@ -396,6 +376,21 @@ def _match_structure(
     return results
 
 
+def _indistinct(activation: GroupStatistics) -> bool:
+    """Whether activations cannot tell some units of one model apart: a unit is constant on the
+    calibration data, or two units are collinear (|correlation| = 1; e.g. channels that are dead
+    before a LayerNorm, which maps each of them to an affine function of the same statistics)."""
+    if activation.constant.any():
+        return True
+    offset = 0
+    for size in activation.sizes:
+        block = np.abs(activation.correlation[offset : offset + size, offset : offset + size])
+        offset += size
+        if (block[~np.eye(size, dtype=bool)] >= _COLLINEAR).any():
+            return True
+    return False
+
+
 def match_groups(
     analyses: Sequence[Analysis],
     states: Sequence[Mapping[str, torch.Tensor]],
@@ -421,46 +416,6 @@ def match_groups(
     matcher = "zip" if method == "mudsc" else method
     structures = {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
-    deferred: list[tuple[str, tuple[int, ...]]] = []
-
-    def _match_plain(name: str, sizes: tuple[int, ...], *, defer: bool) -> bool:
-        """Match one group on its own; False (nothing recorded) if ``defer`` and nothing tells its units apart."""
-        activation = statistics.get(name)
-        weights = None
-        ties = activation is not None and bool(activation.constant.any())
-        if method == "mudsc" or activation is None or ties:
-            weights = weight_similarity(name, analyses, states, results)
-        matcher_for_group = matcher
-        if activation is not None and weights is not None and method == "mudsc":
-            similarity = balance * weights + (1 - balance) * activation.correlation
-            source = f"mudsc(balance={balance})"
-        elif activation is not None and ties and weights is not None:
-            # units constant on the calibration data (dead) all look alike: their weights decide
-            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
-        elif activation is not None:
-            similarity, source = activation.correlation, "activations"
-        elif weights is not None:
-            similarity, source = weights, "weights"
-        else:
-            if defer:
-                return False
-            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
-        target = resolve_width(width, name, sizes)
-        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
-            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
-        pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
-        results[name] = GroupMatch(
-            name,
-            sizes,
-            target,
-            False,
-            _mean_merged_similarity(similarity, [u for _, u in pairs]),
-            source,
-            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
-            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
-        )
-        return True
-
     for group in analyses[0].groups:
         if include is not None and group.name not in include:
             continue
@@ -482,13 +437,39 @@ def match_groups(
             continue
         if group.name in in_structure:
             continue
-        if not _match_plain(group.name, sizes, defer=True):
-            deferred.append((group.name, sizes))
-    # groups with neither activation statistics nor weight features when their turn came (a factor
-    # of a product whose other factors were not matched yet, e.g. a grouped conv's input channels
-    # per group): matched last, when the weights around them can be read in the merged basis
-    for name, sizes in deferred:
-        _match_plain(name, sizes, defer=False)
+        activation = statistics.get(group.name)
+        weights = None
+        ties = activation is not None and _indistinct(activation)
+        if method == "mudsc" or activation is None or ties:
+            weights = weight_similarity(group.name, analyses, states, results)
+        matcher_for_group = matcher
+        if activation is not None and weights is not None and method == "mudsc":
+            similarity = balance * weights + (1 - balance) * activation.correlation
+            source = f"mudsc(balance={balance})"
+        elif activation is not None and ties and weights is not None:
+            # units constant on the calibration data (dead), or collinear (dead units after a
+            # LayerNorm), all look alike: their weights decide
+            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
+        elif activation is not None:
+            similarity, source = activation.correlation, "activations"
+        elif weights is not None:
+            similarity, source = weights, "weights"
+        else:
+            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
+        target = resolve_width(width, group.name, sizes)
+        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
+            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
+        pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
+        results[group.name] = GroupMatch(
+            group.name,
+            sizes,
+            target,
+            False,
+            _mean_merged_similarity(similarity, [u for _, u in pairs]),
+            source,
+            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
+            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
+        )
     return results
 
 
@@ -521,8 +502,11 @@ def merged_state(
 
     W* = sum_k T_k(W_k), where T_k applies M_k on "out" axes and U_k on "in" axes. A parameter
     with no free group on an "out" axis (e.g. a classifier whose outputs are fixed) has no M to
-    average the models, so its terms are weighted 1/K. ``params``: only these canonical names are
-    merged (partial zipping); the others keep the reference model's values.
+    average the models, so its terms are weighted 1/K. In general every merged entry is divided by
+    the total weight the M_k give it (sum_k M_k 1, which is 1 for one matched factor per axis): a
+    product of separately matched factors on one axis (groups x channels per group) must still
+    average the models once. ``params``: only these canonical names are merged (partial zipping);
+    the others keep the reference model's values.
     """
     count = len(analyses)
     reference = analyses[0]
