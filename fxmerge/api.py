@@ -18,7 +18,7 @@ from fxmerge.config import MergeConfig
 from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend
-from fxmerge.passes.features import feature_statistics
+from fxmerge.passes.features import feature_statistics, observed_groups
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
@@ -441,7 +441,7 @@ def merge(
         included = [g.name for g in analyses[0].groups if region is None or _touches(g, region)]
     states = [{k: v.detach() for k, v in source.state_dict().items()} for source in sources]
     with _timed(timings, "features"):
-        free = [[a.group(name) for name in included if not analyses[0].group(name).fixed] for a in analyses]
+        free = observed_groups(analyses, included)
         statistics = {}
         if config.method != "average":
             statistics = feature_statistics(

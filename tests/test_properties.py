@@ -636,47 +636,75 @@ def _property_test(name: str) -> Callable[[], None]:
 test_invariance_zoo = _property_test("invariance/zoo")
 test_invariance_programs = _property_test("invariance/programs")
 test_recovery_zoo = _property_test("recovery/zoo")
-test_recovery_programs = pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")(_property_test("recovery/programs"))
+test_recovery_programs = _property_test("recovery/programs")
 test_extension_zoo = _property_test("extension/zoo")
 test_net2net_zoo = _property_test("net2net/zoo")
-test_net2net_programs = pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")(_property_test("net2net/programs"))
+test_net2net_programs = _property_test("net2net/programs")
 
 
 # ------------------------------------------------------------------- minimal repros of findings
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: a grouped conv's input channels per group are never matched (see the note on the issue)")
 def test_grouped_conv_channels_per_group_are_matched() -> None:
-    """Minimised from recovery/programs and net2net/programs (hypothesis shrinks their failures to
-    ``Program(4, "none", 1, (Block("grouped", out=4, groups=2), Block("pool")), "pool", 0)``): a
-    conv read by a grouped conv (ResNeXt's conv1 -> conv2).
+    """Regression, minimised from recovery/programs and net2net/programs: a conv read by a grouped
+    conv (ResNeXt's conv1 -> conv2) used to be merged silently wrong.
 
     The conv's output channels factor into (groups x input channels per group); the grouped conv
-    reads the per-group factor alone (weight dim 1). ``random_permute`` moves that factor and the
-    model keeps its function, but ``match_groups`` has neither activation statistics nor weight
-    features for it when its turn comes ("none: identity"), so the permuted twin is merged with the
-    factor in identity order: a silently wrong model. torchvision resnext50_32x4d with a permuted
-    twin gives a relative error of 0.82 the same way.
+    reads the per-group factor alone (weight dim 1), so one transform of that factor acts on every
+    group. It had neither activation statistics nor weight features when its turn came ("none:
+    identity"): the permuted twin was merged with the factor in identity order (torchvision
+    resnext50_32x4d: 0.82 relative error). The product (groups x channels per group) is now
+    observed as a whole, groups are paired first, and the per-group factor is matched once on the
+    similarity averaged over paired groups (``width.Structure.shared``).
     """
     spec = Program(4, "none", 1, (Block("grouped", out=4, groups=2), Block("conv", out=4)), "pool", 0)
     check_recovery(spec)
+    check_net2net(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: a GroupNorm composite matched before the residual stream has only 2 weight features")
 def test_groupnorm_residual_block_is_recovered() -> None:
-    """Minimised from recovery/programs (5 of its 32 failures in the long profile; the other 27 are
-    the grouped conv above): a residual block with GroupNorm(2 groups) after a stem without one.
-
-    The GroupNorm composites (groups x channels per group) are matched as structures from weight
-    features only, in topological order. conv1's composite comes before the residual stream, so
-    conv1's weights (whose input axis is the unmatched stream) are skipped and only the norm's
-    weight and bias are left: 2 features per unit, whose Pearson correlation is always +-1. The
-    block pairing and the matching inside blocks are then arbitrary: a silently wrong model (0.23
-    relative error). The activation statistics of these channels are never consulted for
-    structures. (torchvision resnet18 with GroupNorm(8) everywhere is recovered: its stem has the
-    GroupNorm, so the stream is matched first.)
-    """
+    """Regression, minimised from recovery/programs: a residual block with GroupNorm(2 groups) after
+    a stem without one. The GroupNorm composites (groups x channels per group) used to be matched
+    from weight features only, in topological order, where conv1's weights (reading the unmatched
+    stream) were skipped: 2 features per unit (norm weight and bias), correlation always +-1, an
+    arbitrary matching (0.23 relative error). Composites now get activation statistics."""
     spec = Program(4, "none", 1, (Block("residual", out=4, norm="gn", gn_groups=2), Block("conv", out=4)), "pool", 0)
+    check_recovery(spec)
+
+
+def test_weight_matched_groups_wait_for_observed_neighbours() -> None:
+    """Regression, minimised from recovery/programs: attention inside ``nn.MultiheadAttention``
+    (no activations to observe) before a grouped conv. Its v channels were matched on weights in
+    topological order, before the residual stream they read and write, so only the in-projection
+    bias was left as a feature: an arbitrary matching (0.43 relative error). Groups whose
+    activations tell their units apart are now matched first."""
+    spec = Program(4, "none", 1, (Block("mha"), Block("grouped", out=4, groups=2)), "pool", 0)
+    check_recovery(spec)
+
+
+def test_tied_units_are_matched_after_their_neighbours() -> None:
+    """Regression, minimised from recovery/programs: an SE block's 2 hidden units tied on the
+    calibration data (exact on it, 1e-2 relative error on fresh inputs) because the weight
+    tie-break ran before the stream its weights read was matched. Tied groups now wait too."""
+    spec = Program(
+        4, "none", 1,
+        (Block("conv", out=4, norm="bn"), Block("sdpa", hidden=2), Block("mha"), Block("se", hidden=2), Block("grouped", out=4, groups=2)),
+        "pool", 0,
+    )
+    check_recovery(spec)
+
+
+def test_nested_group_structures_use_merged_blocks_in_weight_features() -> None:
+    """Regression, minimised from recovery/programs: a GroupNorm(2) over a grouped conv's output
+    (groups=4) nests three factors on one axis. The weight features of the innermost factor were
+    read with the outer blocks in each model's own order (not aligned across models): 0.22
+    relative error. ``unit_weight_features`` now brings the matched factors of the key's own
+    axis into the merged basis first."""
+    spec = Program(
+        4, "none", 1,
+        (Block("conv", out=4), Block("norm"), Block("se", hidden=3), Block("grouped", out=8, norm="gn", gn_groups=2, groups=4)),
+        "pool", 0,
+    )
     check_recovery(spec)
 
 
@@ -760,3 +788,17 @@ def test_depth_alignment_ignores_square_layer_coincidence() -> None:
     extended = extend(shallow_gm, deep_gm, alignment, batches[0])
     x = fresh_inputs(_spec("resnet"))
     assert max_relative(output(shallow, x), output(extended, x)) <= 1e-5
+
+
+def test_group_beside_a_fixed_group_is_observed_through_their_product() -> None:
+    """Regression, minimised from recovery/programs: a GroupNorm over concatenated channels fixes
+    its groups, so the stream's other factor (channels per group) only ever appears in a product
+    with a fixed group. It had no statistics, was matched on weights (0.05 relative error), and
+    attention's v channels, matched on weights next, saw it unmatched. The product's statistics
+    now give the free factor its own (``width.factor_statistics``)."""
+    spec = Program(
+        4, "none", 1,
+        (Block("conv", out=6), Block("sdpa", hidden=2), Block("mha"), Block("se", hidden=2), Block("grouped", out=6, norm="gn", gn_groups=2, groups=3)),
+        "pool", 0,
+    )
+    check_recovery(spec)

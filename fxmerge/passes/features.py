@@ -10,7 +10,7 @@ is the correlation matrix over all models' units, averaged over the group's taps
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +160,8 @@ class GroupStatistics:
     """Joint feature statistics of one group over all models.
 
     ``correlation`` is (N, N) with N = sum(sizes), model k's units at offset_k .. offset_k + n_k,
-    averaged over ``taps``; ``samples`` counts the samples seen at one tap.
+    averaged over ``taps``; ``samples`` counts the samples seen at the tap that saw the most
+    (conv features: every position is one).
     """
 
     name: str
@@ -329,7 +330,7 @@ def feature_statistics(
         if not taps:
             continue
         keys = [(reference_group.name, t.node) for t in taps]
-        samples = moments[keys[0]].count
+        samples = max(moments[key].count for key in keys)  # a tap with enough samples informs the average
         constant = torch.stack([_constant_units(moments[key]) for key in keys]).all(0).cpu().numpy()
         corr = _similarity_(moments.pop(keys[0]))
         for key in keys[1:]:
@@ -346,5 +347,19 @@ def feature_statistics(
     return result
 
 
-def as_mapping(groups: Sequence[ChannelSpace]) -> Mapping[str, ChannelSpace]:
-    return {g.name: g for g in groups}
+def observed_groups(analyses: Sequence[Any], names: Sequence[str]) -> list[list[ChannelSpace]]:
+    """Per model, the groups whose features ``feature_statistics`` observes, in one order for all.
+
+    The free groups among ``names`` (by the reference model ``analyses[0]``), then the products of
+    two of them that some tensor dim holds (``Analysis.composite_groups``: grouped convolutions,
+    GroupNorm groups, attention heads), which the structured matcher needs as a whole.
+    """
+    reference = analyses[0]
+    plain = [name for name in names if not reference.group(name).fixed]
+    per_model = [{g.name: g for g in analysis.composite_groups(names)} for analysis in analyses]
+    # a product observed in every model (graphs of one structure hold it at the same nodes)
+    composites = [g.name for g in reference.composite_groups(names) if all(g.name in found for found in per_model)]
+    return [
+        [analysis.group(name) for name in plain] + [found[name] for name in composites]
+        for analysis, found in zip(analyses, per_model)
+    ]

@@ -8,7 +8,8 @@ weight of a layer with output group g and input group h is W* = sum_k M_k^g W_k 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,7 @@ def unit_weight_features(
     free = {analysis.space_ids[g.name] for g in analysis.groups if not g.fixed}
     matched = _transform_keys(analysis, done)
     out_t, in_t = _transforms_for(analysis, done, model)
+    sizes_now = merged_sizes(analysis, done)  # the matched spaces' extents once transformed
     n_units = 1
     for space in key:
         n_units *= analysis.space_sizes[space]
@@ -108,21 +110,27 @@ def unit_weight_features(
             tensor = state[pname].detach().to(torch.float64)
             roles = analysis.param_roles[pname]
             for other, other_layout in enumerate(layouts):
-                if other != axis and other_layout is not None:
-                    chosen = out_t if roles[other] == "out" else in_t
-                    tensor = transform_axis(tensor, other, other_layout, chosen, analysis.space_sizes)
+                if other_layout is None:
+                    continue
+                chosen = out_t if roles[other] == "out" else in_t
+                if other == axis:
+                    # the other factors of the key's own axis (the blocks of a grouped conv's
+                    # channels, say) are brought into the merged basis too, so that slice b of
+                    # every model holds the same merged block
+                    chosen = {k: t for k, t in chosen.items() if not set(k if isinstance(k, tuple) else (k,)) & set(key)}
+                tensor = transform_axis(tensor, other, other_layout, chosen, analysis.space_sizes)
             moved = tensor.movedim(axis, 0)
             offset = 0
             for piece in layout:
                 extent = 1
                 for f in piece:
-                    extent *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
+                    extent *= f.size if isinstance(f, Opaque) else sizes_now[f]
                 if _contains(piece, key):
                     at = _position(piece, key)
                     outer = extent // n_units
                     inner = 1
                     for f in piece[at + len(key) :]:
-                        inner *= f.size if isinstance(f, Opaque) else analysis.space_sizes[f]
+                        inner *= f.size if isinstance(f, Opaque) else sizes_now[f]
                     outer //= inner
                     segment = moved[offset : offset + extent].reshape(outer, n_units, inner, -1)
                     rows = segment.permute(1, 0, 2, 3).reshape(n_units, -1)
@@ -240,11 +248,19 @@ def _mean_merged_similarity(similarity: np.ndarray, unmerge: Sequence[np.ndarray
 
 @dataclass(frozen=True)
 class Structure:
-    """Groups that only ever appear right after ``outer`` in a product (heads x head channels,
-    GroupNorm groups x channels per group): they are matched block-wise, MuDSC's group-aware way."""
+    """Groups that appear right after ``outer`` in a product (heads x head channels, GroupNorm
+    groups x channels per group, a grouped conv's groups x channels per group): the outer blocks
+    are paired first, then each inner group is matched (MuDSC's group-aware way).
+
+    ``shared``: the inners that also appear on their own (a grouped conv's weight reads its
+    input channels per group without the group index). One transform of such an inner acts on
+    every block (the layout is a Kronecker product), so it is matched once, on the similarity
+    averaged over paired blocks; the other inners are matched inside each pair of blocks.
+    """
 
     outer: str
     inners: tuple[str, ...]
+    shared: tuple[str, ...] = ()
 
 
 def find_structures(analysis: Analysis) -> list[Structure]:
@@ -259,16 +275,46 @@ def find_structures(analysis: Analysis) -> list[Structure]:
                         previous = piece[index - 1] if index > 0 and piece[index - 1] in free else None
                         before.setdefault(factor, set()).add(previous)
     inners_of: dict[int, list[int]] = {}
+    shared: set[int] = set()
     for space, previous in before.items():
-        if len(previous) == 1 and None not in previous:
-            (outer,) = previous
+        outers = previous - {None}
+        if len(outers) == 1:
+            (outer,) = outers
             inners_of.setdefault(outer, []).append(space)  # type: ignore[arg-type]
+            if None in previous:
+                shared.add(space)
     nested = {inner for inners in inners_of.values() for inner in inners}
     return [
-        Structure(free[outer], tuple(free[i] for i in sorted(inners)))
+        Structure(
+            free[outer],
+            tuple(free[i] for i in sorted(inners)),
+            tuple(free[i] for i in sorted(inners) if i in shared),
+        )
         for outer, inners in sorted(inners_of.items())
         if outer not in nested
     ]
+
+
+def _shared_similarity(similarity: np.ndarray, inner_sizes: Sequence[int], pairing: np.ndarray) -> np.ndarray:
+    """The similarity of inner units shared by all blocks: (sum d_k, sum d_k).
+
+    ``similarity`` is over the composite units (sum h * d_k), block-major per model; entry
+    ((k, j), (l, j')) of the result is the mean over paired blocks t of the similarity of
+    (block pairing[k, t], unit j) of model k and (block pairing[l, t], unit j') of model l.
+    """
+    blocks = pairing.shape[1]
+    composite_offsets = np.concatenate(([0], np.cumsum([blocks * d for d in inner_sizes])))
+    inner_offsets = np.concatenate(([0], np.cumsum(inner_sizes)))
+    result = np.zeros((inner_offsets[-1], inner_offsets[-1]))
+    for k, dk in enumerate(inner_sizes):
+        for l, dl in enumerate(inner_sizes):
+            total = np.zeros((dk, dl))
+            for t in range(blocks):
+                rows = composite_offsets[k] + pairing[k, t] * dk
+                columns = composite_offsets[l] + pairing[l, t] * dl
+                total += similarity[rows : rows + dk, columns : columns + dl]
+            result[inner_offsets[k] : inner_offsets[k + 1], inner_offsets[l] : inner_offsets[l + 1]] = total / blocks
+    return result
 
 
 def _match_structure(
@@ -276,17 +322,21 @@ def _match_structure(
     analyses: Sequence[Analysis],
     states: Sequence[Mapping[str, torch.Tensor]],
     done: Mapping[str, GroupMatch],
+    statistics: Mapping[str, GroupStatistics],
     *,
     method: str,
     width: WidthSpec,
     alpha: float,
     beta: float,
+    balance: float,
 ) -> list[GroupMatch]:
-    """Pair the outer blocks (heads) across models, then match each inner group inside paired blocks."""
+    """Pair the outer blocks (heads) across models, then match each inner group: inside paired
+    blocks, or once for all blocks when the inner is shared (see ``Structure``)."""
     from scipy.optimize import linear_sum_assignment
 
     from fxmerge.match.groups import mean_matched_similarity
 
+    matcher = "zip" if method == "mudsc" else method
     count = len(analyses)
     blocks = tuple(a.group(structure.outer).size for a in analyses)
     if len(set(blocks)) != 1:
@@ -294,12 +344,18 @@ def _match_structure(
     h = blocks[0]
     inner_sizes = {d: tuple(a.group(d).size for a in analyses) for d in structure.inners}
     similarities: dict[str, np.ndarray | None] = {}
+    sources: dict[str, str] = {}
     for inner in structure.inners:
-        features = []
-        for k, (analysis, state) in enumerate(zip(analyses, states)):
-            key = (analysis.space_ids[structure.outer], analysis.space_ids[inner])
-            features.append(unit_weight_features(analysis, state, key, done, k))
-        similarities[inner] = None if any(f is None for f in features) else similarity_of(features)  # type: ignore[arg-type]
+
+        def weights(inner: str = inner) -> np.ndarray | None:
+            features = []
+            for k, (analysis, state) in enumerate(zip(analyses, states)):
+                key = (analysis.space_ids[structure.outer], analysis.space_ids[inner])
+                features.append(unit_weight_features(analysis, state, key, done, k))
+            return None if any(f is None for f in features) else similarity_of(features)  # type: ignore[arg-type]
+
+        activation = statistics.get(f"{structure.outer}*{inner}")
+        similarities[inner], sources[inner] = unit_similarity(activation, weights, method=method, balance=balance)
     # composite units are block-major: unit (b, j) of model k is offset_k + b * d_k + j
     pairing = np.tile(np.arange(h), (count, 1))
     usable = {d: s for d, s in similarities.items() if s is not None}
@@ -338,6 +394,10 @@ def _match_structure(
                 )
             target = embedding_width // h
         sim = similarities[inner]
+        if inner in structure.shared:
+            results.append(_match_plain(inner, sizes, target, None if sim is None else _shared_similarity(sim, sizes, pairing),
+                                        f"{sources[inner]}, shared by all blocks", matcher, alpha, beta))
+            continue
         offsets = np.concatenate(([0], np.cumsum([h * d for d in sizes])))
         merge_mats = [torch.zeros(h * target, h * d, dtype=torch.float64) for d in sizes]
         unmerge_mats = [torch.zeros(h * d, h * target, dtype=torch.float64) for d in sizes]
@@ -349,10 +409,10 @@ def _match_structure(
                 # widths agree, otherwise any valid zipping is as good as another
                 same = len(set(sizes)) == 1 and target == sizes[0]
                 block_sim = np.eye(len(units)) if same else np.zeros((len(units), len(units)))
-                matcher = "average" if same else method
+                block_matcher = "average" if same else matcher
             else:
-                block_sim, matcher = sim[np.ix_(units, units)], method
-            pairs = match(block_sim, list(sizes), target, method=matcher, alpha=alpha, beta=beta)
+                block_sim, block_matcher = sim[np.ix_(units, units)], matcher
+            pairs = match(block_sim, list(sizes), target, method=block_matcher, alpha=alpha, beta=beta)
             for k, (m, u) in enumerate(pairs):
                 b = pairing[k, t]
                 merge_mats[k][t * target : (t + 1) * target, b * sizes[k] : (b + 1) * sizes[k]] = torch.from_numpy(m)
@@ -367,7 +427,7 @@ def _match_structure(
                 h * target,
                 False,
                 float(np.mean(scores)) if scores else None,
-                "weights, block-wise" if sim is not None else "none: identity",
+                f"{sources[inner]}, block-wise" if sim is not None else "none: identity",
                 tuple(merge_mats),
                 tuple(unmerge_mats),
                 factors=(structure.outer, inner),
@@ -376,11 +436,79 @@ def _match_structure(
     return results
 
 
+def unit_similarity(
+    activation: GroupStatistics | None,
+    weights: Callable[[], np.ndarray | None],
+    *,
+    method: str,
+    balance: float,
+) -> tuple[np.ndarray | None, str]:
+    """The similarity a group's units are matched on, and where it came from.
+
+    Activations (correlation of features on the calibration data) when the group was observed;
+    MuDSC adds ``balance`` times the weight similarity; units that activations cannot tell apart
+    (dead, collinear, or too few samples for the width: ``_indistinct``) get the weight
+    similarity as a small tie-break. ``weights`` is called only when the weights are needed.
+    """
+    if activation is not None and too_few_samples(activation):
+        warnings.warn(
+            f"group {activation.name}: {activation.samples} calibration samples at its taps for "
+            f"{max(activation.sizes)} units per model, so activations cannot tell every unit apart "
+            "(rank-deficient covariance); weight similarity breaks the ties and the merge may not be "
+            f"exact. Pass more calibration data (more than {max(activation.sizes)} samples there).",
+            stacklevel=2,
+        )
+    if method == "mudsc" or activation is None or _indistinct(activation):
+        weight_similarity_ = weights()
+    else:
+        weight_similarity_ = None
+    if activation is not None and weight_similarity_ is not None and method == "mudsc":
+        return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
+    if activation is not None and weight_similarity_ is not None and _indistinct(activation):
+        # units constant on the calibration data (dead), or collinear (dead units after a
+        # LayerNorm), all look alike: their weights decide
+        return activation.correlation + _TIE_BREAK * weight_similarity_, "activations (+weights for ties)"
+    if activation is not None:
+        return activation.correlation, "activations"
+    if weight_similarity_ is not None:
+        return weight_similarity_, "weights"
+    return None, "none"
+
+
+def _match_plain(
+    name: str, sizes: tuple[int, ...], target: int, similarity: np.ndarray | None, source: str,
+    matcher: str, alpha: float, beta: float,
+) -> GroupMatch:
+    """Match one group's units (no block structure) on ``similarity`` (None: nothing to compare)."""
+    if similarity is None:
+        similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
+        if len(set(sizes)) == 1 and target == sizes[0]:
+            similarity, source, matcher = np.eye(sum(sizes)), "none: identity", "average"
+    pairs = match(similarity, sizes, target, method=matcher, alpha=alpha, beta=beta)
+    return GroupMatch(
+        name,
+        sizes,
+        target,
+        False,
+        _mean_merged_similarity(similarity, [u for _, u in pairs]),
+        source,
+        tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
+        tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
+    )
+
+
+def too_few_samples(activation: GroupStatistics) -> bool:
+    """Whether a group was observed on no more samples than one model has units: its covariance
+    is then rank-deficient, and correlations cannot be trusted to tell every unit apart."""
+    return activation.samples <= max(activation.sizes)
+
+
 def _indistinct(activation: GroupStatistics) -> bool:
     """Whether activations cannot tell some units of one model apart: a unit is constant on the
-    calibration data, or two units are collinear (|correlation| = 1; e.g. channels that are dead
-    before a LayerNorm, which maps each of them to an affine function of the same statistics)."""
-    if activation.constant.any():
+    calibration data, two units are collinear (|correlation| = 1; e.g. channels that are dead
+    before a LayerNorm, which maps each of them to an affine function of the same statistics),
+    or there are too few samples for the width (``too_few_samples``)."""
+    if activation.constant.any() or too_few_samples(activation):
         return True
     offset = 0
     for size in activation.sizes:
@@ -389,6 +517,43 @@ def _indistinct(activation: GroupStatistics) -> bool:
         if (block[~np.eye(size, dtype=bool)] >= _COLLINEAR).any():
             return True
     return False
+
+
+def factor_statistics(name: str, analyses: Sequence[Analysis], statistics: Mapping[str, GroupStatistics]) -> GroupStatistics | None:
+    """A group's statistics: observed directly, or read off a product with a fixed group.
+
+    A free group that only ever appears next to a fixed one on a dim (the channels per group of
+    a GroupNorm whose groups are fixed) is observed through the product: the similarity of inner
+    units is averaged over the (unpermuted) blocks, that of outer blocks over their channels.
+    """
+    if name in statistics:
+        return statistics[name]
+    reference = analyses[0]
+    count = len(analyses)
+    for outer, inner in reference.composite_taps:
+        product = statistics.get(f"{outer}*{inner}")
+        if product is None or name not in (outer, inner):
+            continue
+        partner = inner if name == outer else outer
+        if not reference.group(partner).fixed:
+            continue
+        sizes = tuple(a.group(name).size for a in analyses)
+        partner_size = reference.group(partner).size
+        if name == inner:
+            correlation = _shared_similarity(product.correlation, sizes, np.tile(np.arange(partner_size), (count, 1)))
+            constant = [c.reshape(partner_size, n).all(0) for c, n in zip(np.split(product.constant, np.cumsum([partner_size * n for n in sizes])[:-1]), sizes)]
+        else:
+            offsets = np.concatenate(([0], np.cumsum([n * partner_size for n in sizes])))
+            starts = np.concatenate(([0], np.cumsum(sizes)))
+            correlation = np.zeros((starts[-1], starts[-1]))
+            for k, nk in enumerate(sizes):
+                for l, nl in enumerate(sizes):
+                    block = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]]
+                    block = block.reshape(nk, partner_size, nl, partner_size)
+                    correlation[starts[k] : starts[k + 1], starts[l] : starts[l + 1]] = np.einsum("ajbj->ab", block) / partner_size
+            constant = [c.reshape(n, partner_size).all(1) for c, n in zip(np.split(product.constant, offsets[1:-1]), sizes)]
+        return GroupStatistics(name, sizes, correlation, product.taps, product.samples, np.concatenate(constant))
+    return None
 
 
 def match_groups(
@@ -416,61 +581,56 @@ def match_groups(
     matcher = "zip" if method == "mudsc" else method
     structures = {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
+    # One item per plain group or structure, in topological order.
+    items: list[ChannelSpace] = []
     for group in analyses[0].groups:
         if include is not None and group.name not in include:
             continue
+        if group.name in in_structure and group.name not in structures:
+            continue
+        items.append(group)
+
+    def tier(group: ChannelSpace) -> int:
+        """0: activations tell the units apart; 1: observed, with ties; 2: not observed."""
+        names = [group.name]
+        if group.name in structures:
+            structure = structures[group.name]
+            names = [f"{structure.outer}*{inner}" for inner in structure.inners]
+        found = [factor_statistics(name, analyses, statistics) if name == group.name else statistics.get(name) for name in names]
+        if any(stats is None for stats in found):
+            return 2
+        return 1 if any(_indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
+
+    # Groups whose activations tell their units apart are matched first, then groups with ties,
+    # then groups never observed: the weight features that the later ones need (attention heads
+    # inside a layer, dead or tied units) then see their neighbours in the merged basis, whatever
+    # the topological order. Within a tier, topological order.
+    matched: dict[str, list[GroupMatch]] = {}
+    for group in sorted(items, key=tier):
         sizes = tuple(a.group(group.name).size for a in analyses)
-        fixed = any(a.group(group.name).fixed for a in analyses)
-        if fixed:
+        if any(a.group(group.name).fixed for a in analyses):
             if len(set(sizes)) != 1:
                 raise ConfigError(
                     f"group {group.name} is fixed ({group.reason}) but its sizes differ across models {sizes}"
                 )
-            results[group.name] = GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)
-            continue
-        if group.name in structures:
-            for result in _match_structure(
-                structures[group.name], analyses, states, results,
-                method=matcher, width=width, alpha=alpha, beta=beta,
-            ):
-                results[result.name] = result
-            continue
-        if group.name in in_structure:
-            continue
-        activation = statistics.get(group.name)
-        weights = None
-        ties = activation is not None and _indistinct(activation)
-        if method == "mudsc" or activation is None or ties:
-            weights = weight_similarity(group.name, analyses, states, results)
-        matcher_for_group = matcher
-        if activation is not None and weights is not None and method == "mudsc":
-            similarity = balance * weights + (1 - balance) * activation.correlation
-            source = f"mudsc(balance={balance})"
-        elif activation is not None and ties and weights is not None:
-            # units constant on the calibration data (dead), or collinear (dead units after a
-            # LayerNorm), all look alike: their weights decide
-            similarity, source = activation.correlation + _TIE_BREAK * weights, "activations (+weights for dead units)"
-        elif activation is not None:
-            similarity, source = activation.correlation, "activations"
-        elif weights is not None:
-            similarity, source = weights, "weights"
+            found = [GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)]
+        elif group.name in structures:
+            found = _match_structure(
+                structures[group.name], analyses, states, results, statistics,
+                method=method, width=width, alpha=alpha, beta=beta, balance=balance,
+            )
         else:
-            similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
-        target = resolve_width(width, group.name, sizes)
-        if source == "none: arbitrary" and len(set(sizes)) == 1 and target == sizes[0]:
-            similarity, source, matcher_for_group = np.eye(sum(sizes)), "none: identity", "average"
-        pairs = match(similarity, sizes, target, method=matcher_for_group, alpha=alpha, beta=beta)
-        results[group.name] = GroupMatch(
-            group.name,
-            sizes,
-            target,
-            False,
-            _mean_merged_similarity(similarity, [u for _, u in pairs]),
-            source,
-            tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
-            tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
-        )
-    return results
+            similarity, source = unit_similarity(
+                factor_statistics(group.name, analyses, statistics),
+                lambda: weight_similarity(group.name, analyses, states, results),
+                method=method,
+                balance=balance,
+            )
+            target = resolve_width(width, group.name, sizes)
+            found = [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
+        matched[group.name] = found
+        results.update((result.name, result) for result in found)
+    return {result.name: result for group in items for result in matched[group.name]}
 
 
 def unmerge_transforms(analysis: Analysis, matches: Mapping[str, GroupMatch], model: int) -> dict:
