@@ -107,11 +107,12 @@ class Analysis:
     def coverage(self) -> float:
         """Fraction of hidden channels that belong to permutable groups.
 
-        Hidden channels: groups that are a channel axis of some layer (conv, linear, norm,
-        attention), excluding the model's input and output channels. Sequence or position axes
-        of embeddings are not channels and are not counted.
+        Hidden channels: the channels of every group except the model's input and output
+        channels, fixed groups included — so a model whose ops all failed closed has coverage
+        0.0, not 1.0. (Sequence or position axes of embeddings and kernel taps are opaque
+        extents, not groups, and are not counted.) 1.0 when there is no hidden channel at all.
         """
-        hidden = [g for g in self.groups if g.name in self.layer_channel_groups and not _is_boundary(g)]
+        hidden = [g for g in self.groups if not _is_boundary(g)]
         total = sum(g.size for g in hidden)
         free = sum(g.size for g in hidden if not g.fixed)
         return free / total if total else 1.0
@@ -166,6 +167,7 @@ class _Analyzer(Interpreter):
         self.node_dims: dict[str, tuple[Layout, ...]] = {}
         self.ties: list[tuple[int, int, int]] = []
         self.literals: list[tuple[str, tuple[int | str, ...], int, Layout]] = []
+        self._undo: list[tuple[_Tensor, int, Layout]] = []  # (tensor, axis, layout) made opaque
 
     # -- helpers --------------------------------------------------------------------------------
     def param(self, name: str) -> _Tensor | None:
@@ -190,6 +192,7 @@ class _Analyzer(Interpreter):
     def make_opaque(self, tensor: _Tensor, axis: int, reason: str) -> None:
         """Declare a parameter axis that is never a channel axis (kernel taps, lookup rows)."""
         self.table.fix_all(self.table.spaces_of(tensor.dims[axis]), reason)
+        self._undo.append((tensor, axis, tensor.dims[axis]))
         tensor.dims[axis] = opaque_layout(tensor.shape[axis])
 
     def set_role(self, name: str, axis: int, role: Role) -> None:
@@ -294,10 +297,17 @@ class _Analyzer(Interpreter):
                     self.table.fix_all(self.table.spaces_of(layout), "model output")
             return None
         else:
+            state = self._checkpoint()
             try:
                 result = self.apply_rule(node)
+                changed = self.table.structure_version != state[0][-1]
+                why = self.table.representable() if changed else None
             except Unrepresentable as error:
-                result = self.fail_closed(node, f"layout not representable ({error})")
+                why = str(error)
+            if why is not None:
+                # like an op without a rule: undo what the rule did, fix its inputs and outputs
+                self._rollback(state)
+                result = self.fail_closed(node, f"layout not representable ({why})")
             result = self._check(node, result)
         self.env[node] = result
         if isinstance(result, _Tensor):
@@ -308,6 +318,24 @@ class _Analyzer(Interpreter):
                     if self.table.spaces_of(layout):
                         self.taps.append((node.name, dim, tuple(tensor.dims)))
         return result
+
+    def _checkpoint(self) -> tuple:
+        """What a rule may change: the table, new parameters, axes made opaque, roles, records."""
+        return (
+            self.table.checkpoint(), len(self.params), len(self._undo), dict(self.roles),
+            len(self.literals), len(self.ties), len(self.channel_layouts),
+        )
+
+    def _rollback(self, state: tuple) -> None:
+        table, params, undo, roles, literals, ties, channel_layouts = state
+        self.table.rollback(table)
+        for name in list(self.params)[params:]:
+            del self.params[name]
+        while len(self._undo) > undo:
+            tensor, axis, layout = self._undo.pop()
+            tensor.dims[axis] = layout
+        self.roles = roles
+        del self.literals[literals:], self.ties[ties:], self.channel_layouts[channel_layouts:]
 
     def _check(self, node: Node, result: Any) -> Any:
         """Guard every rule: the layouts it returns must match the recorded shapes."""

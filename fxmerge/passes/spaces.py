@@ -58,6 +58,9 @@ class SpaceTable:
         # spaces paired index by index with an opaque extent (a flatten's spatial positions, a
         # sequence axis): fixed, and not channels unless a layer says otherwise (see finish())
         self.opaque_paired: list[int] = []
+        # bumped whenever a structure is created or moved by a union: only then can a layout
+        # become unrepresentable (see ``representable``)
+        self.structure_version = 0
 
     # -- basic union-find -------------------------------------------------------------------
     def new(self, size: int, hint: str, kind: str = "channels") -> int:
@@ -102,6 +105,7 @@ class SpaceTable:
         kept = self._structure.get(keep)
         if dropped is None:
             return
+        self.structure_version += 1
         if kept is None:
             self._structure[keep] = dropped
             return
@@ -135,6 +139,7 @@ class SpaceTable:
             self.new(size, f"{self.hints[root]}{hint}{i}", self.kinds[root]) for i, size in enumerate(child_sizes)
         )
         self._structure[root] = (kind, children)
+        self.structure_version += 1
         if root in self._fixed:
             self.fix_all(children, self._fixed[root])
         return children
@@ -146,6 +151,34 @@ class SpaceTable:
     def split_sum(self, space: int, sizes: Sequence[int]) -> tuple[int, ...]:
         """Refine leaf ``space`` into consecutive blocks of the given sizes."""
         return self._refine(space, "sum", sizes, "/part")
+
+    # -- transactions ----------------------------------------------------------------------------
+    def checkpoint(self) -> tuple:
+        """The table's state, for ``rollback`` (an op whose rule leaves it unrepresentable)."""
+        return (
+            len(self._parent), list(self._parent), list(self.kinds), dict(self._fixed), dict(self._structure),
+            len(self.opaque_paired), self.structure_version,
+        )
+
+    def rollback(self, state: tuple) -> None:
+        """Restore the state of ``checkpoint``: spaces created since then are forgotten."""
+        count, parent, kinds, fixed, structure, paired, _ = state
+        self._parent, self.kinds = parent, kinds
+        del self.sizes[count:], self.hints[count:]
+        self._fixed, self._structure = fixed, structure
+        del self.opaque_paired[paired:]
+
+    def representable(self) -> str | None:
+        """None when every composite space expands into pieces of leaf products; otherwise why
+        not (a direct sum nested inside a product below a permuted outer factor)."""
+        for root in list(self._structure):
+            if self.find(root) != root:
+                continue
+            try:
+                self.expand(((root,),))
+            except Unrepresentable as error:
+                return f"{error} ({self.hints[root]})"
+        return None
 
     def roots(self) -> list[int]:
         return [s for s in range(len(self._parent)) if self._parent[s] == s]
