@@ -170,6 +170,7 @@ class AtenNet(nn.Module):
         y = aten.conv1d.default(aten.transpose.int(x, 1, 2), self.conv_w, self.conv_b, [1], [1])  # (N, 8, L)
         y = aten.batch_norm.default(y, self.bn_w, self.bn_b, self.running_mean, self.running_var, False, 0.1, 1e-5, False)
         y = aten.relu.default(aten.group_norm.default(y, 2, self.gn_w, self.gn_b, 1e-5, False))
+        y = aten._native_batch_norm_legit_no_training.default(y, self.bn_w, None, self.running_mean, self.running_var, 0.1, 1e-5)[0]
         z = aten.unsqueeze.default(y, 3)  # (N, 8, L, 1)
         z = aten.conv2d.default(z, self.conv2_w, None, [1, 1], [0, 0], [1, 1], 2)  # grouped
         z = aten.conv3d.default(aten.unsqueeze.default(z, 4), self.conv3_w)
@@ -204,7 +205,8 @@ def test_aten_entries_analyse_an_aten_graph() -> None:
     params = {r.param for g in stream for r in g.producers + g.consumers}
     assert {"ln_w", "b2", "running_mean", "running_var", "gn_w", "conv_b", "conv2_w", "conv3_w"} <= params
     assert any(g.size == 16 and not g.fixed for g in analysis.groups)  # the MLP's hidden units
-    assert ops.running_stats(gm) == [ops.RunningStats("batch_norm_default", None, "running_mean", "running_var")]
+    assert [s.node for s in ops.running_stats(gm)] == ["batch_norm_default", "_native_batch_norm_legit_no_training_default"]
+    assert {(s.mean, s.var) for s in ops.running_stats(gm)} == {("running_mean", "running_var")}
 
 
 def test_torch_export_graph_is_analysed() -> None:

@@ -301,7 +301,7 @@ class _Analyzer(Interpreter):
             try:
                 result = self.apply_rule(node)
                 changed = self.table.structure_version != state[0][-1]
-                why = self.table.representable() if changed else None
+                why = self.table.representable(state[0]) if changed else None
             except Unrepresentable as error:
                 why = str(error)
             if why is not None:
