@@ -1,15 +1,19 @@
 """Dependency analysis: which parameter axes must be permuted (or zipped) together.
 
-The pass walks a shape-annotated GraphModule in topological order and gives every dimension of
-every tensor value a ``Layout`` (see ``fxmerge.groups``). Each op kind has a rule that either
-*preserves* layouts (activations, norms), *produces* new spaces (a conv's output channels),
-*unifies* layouts (residual add, a linear layer reading its input), *concatenates*, *splits* or
-*reshapes* them. Parameters met through ``call_module`` or ``get_attr`` get fresh spaces that
-the rules unify with the activations they meet.
+The pass is an abstract interpretation of a shape-annotated GraphModule (a ``torch.fx.Interpreter``
+whose values are layouts): every dimension of every tensor value gets a ``Layout`` (see
+``fxmerge.groups``). What each op does to layouts is its rule in the op registry
+(``fxmerge.ops``): it *preserves* layouts (activations, norms), *produces* new spaces (a conv's
+output channels), *unifies* layouts (residual add, a linear layer reading its input),
+*concatenates*, *splits* or *reshapes* them, calling the layout machinery of ``_Analyzer``.
+Parameters met through ``call_module`` or ``get_attr`` get fresh spaces that the rules unify with
+the activations they meet. Each node's resulting leaf layouts are written on
+``node.meta["fxmerge_layouts"]`` (as ShapeProp writes ``tensor_meta``).
 
-It fails closed: an op without a rule fixes every space of its tensor inputs (no permutation)
-and warns with the node name; ``strict=True`` raises ``UnsupportedOpError`` instead. The model
-inputs are opaque and the model outputs are fixed.
+It fails closed: an op without a rule — or whose rule leaves a layout that pieces of products
+cannot express — fixes every space of its tensor inputs (no permutation) and warns with the node
+name; ``strict=True`` raises ``UnsupportedOpError`` instead. The model inputs are opaque and the
+model outputs are fixed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
 from fxmerge import ops
+from fxmerge.ops.registry import arg
 
 from fxmerge.errors import UnsupportedOpError
 from fxmerge.groups import (
@@ -591,11 +596,11 @@ class _Analyzer(Interpreter):
         """split/chunk (``dim`` argument 2) or, with ``unbind``, unbind (``dim`` argument 1)."""
         shapes = self.meta_shape(node)
         if unbind:
-            dim = _arg(node.args, node.kwargs, 1, "dim", 0) % tensor.ndim
+            dim = arg(node.args, node.kwargs, 1, "dim", 0) % tensor.ndim
             self.table.fix_all(self.table.spaces_of(tensor.dims[dim]), f"unbound at {node.name}")
             rest = tensor.dims[:dim] + tensor.dims[dim + 1 :]
             return tuple(_Tensor(tuple(s), list(rest)) for s in shapes)
-        dim = _arg(node.args, node.kwargs, 2, "dim", 0) % tensor.ndim
+        dim = arg(node.args, node.kwargs, 2, "dim", 0) % tensor.ndim
         sizes = [s[dim] for s in shapes]
         bounds = list(itertools_accumulate(sizes))
         layout = self.table.expand(tensor.dims[dim])
@@ -638,7 +643,7 @@ class _Analyzer(Interpreter):
 
     def max_min(self, node: Node, args: tuple, kwargs: dict) -> Any:
         tensor = args[0]
-        other = _arg(args, kwargs, 1, "dim", None)
+        other = arg(args, kwargs, 1, "dim", None)
         if isinstance(other, _Tensor):
             return self.broadcast(node, [tensor, other])
         shapes = self.meta_shape(node)
@@ -964,14 +969,6 @@ def _flatten_args(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [a for v in value.values() for a in _flatten_args(v)]
     return [value]
-
-
-def _arg(args: Sequence[Any], kwargs: dict, position: int, name: str, default: Any) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > position:
-        return args[position]
-    return default
 
 
 def state_name_map(model: nn.Module) -> dict[str, str]:
