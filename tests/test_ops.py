@@ -366,3 +366,15 @@ def test_templates_linear_and_elementwise_for_user_modules() -> None:
         warnings.simplefilter("ignore")
         closed = fxmerge.analyze(model, x, leaf_modules=[Dense, Swish])
     assert not closed.free_groups and closed.coverage() == 0.0
+
+
+def test_analysis_writes_leaf_layouts_on_node_meta() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    analysis = fxmerge.analyze(model, torch.randn(2, 3, 6, 6))
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    assert analysis.node_layouts and all(nodes[k].meta["fxmerge_layouts"] == v for k, v in analysis.node_layouts.items())
+    conv = analysis.space_ids[next(g.name for g in analysis.free_groups)]
+    # (N, C, H, W) at the conv: C carries the conv's group; after the flatten C x 16 positions
+    assert nodes["_0"].meta["fxmerge_layouts"][1] == ((conv,),)
+    (piece,) = nodes["_3"].meta["fxmerge_layouts"][1]
+    assert piece[0] == conv and piece[1:] == (fxmerge.groups.Opaque(16),)

@@ -33,11 +33,23 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-# rule(ctx, node, args, kwargs) -> value: ``args``/``kwargs`` are the node's arguments with every
-# tensor replaced by its layouts (a value with ``.shape`` and ``.dims``, one ``Layout`` per dim);
-# ``ctx`` is the analysis (``fxmerge.passes.dependency._Analyzer``: ``preserve``, ``broadcast``,
-# ``unify``, ``param``, ``module_param``, ``layer_axis``, ``fail_closed``, ...). The rule returns
+# rule(ctx, node, args, kwargs) -> value: what an op does to layouts.
+#
+# ``args``/``kwargs`` are the node's arguments with every tensor replaced by its layouts: a value
+# ``v`` with ``v.shape`` and ``v.dims`` (one ``fxmerge.groups.Layout`` per dim). The rule returns
 # the layouts of the node's value (a tuple of them for a tuple output, None for a non-tensor).
+# ``ctx`` is the analysis (``fxmerge.passes.dependency._Analyzer``); what rules call on it:
+# * values: ``ctx.meta_shape(node)`` (the recorded output shape), ``ctx.tensor(shape, dims)``,
+#   ``ctx.opaque(shape)`` (no channels), ``ctx.is_tensor(v)``, ``ctx.value(node_arg)``;
+# * parameters: ``ctx.param(qualified_name)`` / ``ctx.module_param(module_path, attr)`` (their
+#   layouts, fresh spaces on first use), ``ctx.attr_name(node_arg)`` (the name behind a get_attr),
+#   ``ctx.module_of(node)``, ``ctx.set_role(name, axis, "in")`` (an axis that reads channels),
+#   ``ctx.make_opaque(v, axis, why)`` (an axis that is never a channel axis);
+# * coupling: ``ctx.unify(layout_a, layout_b, node)``, ``ctx.layer_axis(layout)`` (a layer's
+#   channel axis, for coverage), ``ctx.fix_tensor(v, why)``, ``ctx.fail_closed(node, why)``;
+# * generic rules: ``preserve``, ``broadcast``, ``getitem``, ``cat``, ``stack``, ``reshape``,
+#   ``permute_dims``, ``split``, ``reduce``, ``max_min``, ``spatial``, ``pad``, ``roll``,
+#   ``expand``, ``matmul``, ``head_spaces`` / ``tie_heads`` (attention heads).
 Rule = Callable[[Any, Node, tuple, dict], Any]
 
 
