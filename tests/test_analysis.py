@@ -950,6 +950,34 @@ def test_unrepresentable_layout_fails_closed_at_its_node() -> None:
         fxmerge.analyze(model, x, strict=True)
 
 
+class SumIntoProduct(nn.Module):
+    """A direct sum (g's rows cut by the cat they are added to) unified into the inner factor of a
+    product (fc's rows viewed as 2 x 4) at a later op: the union, not a split, is unrepresentable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.g, self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 4), nn.Linear(6, 1), nn.Linear(6, 3)
+        self.pre = nn.Linear(6, 6)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = torch.relu(self.pre(x))
+        h = self.fc(x).view(n, 2, 4)
+        s = self.g(x) + torch.cat([self.a(x), self.b(x)], -1)
+        return self.head((h + s.unsqueeze(1)).reshape(n, 8))
+
+
+def test_unrepresentable_union_fails_closed_at_its_node() -> None:
+    model = randomize_(SumIntoProduct().eval(), seed=2)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"node 'add_1' \(call_function _operator.add\): layout not representable"):
+        analysis = fxmerge.analyze(model, x)
+    assert all(g.fixed for g in groups_at(analysis, "fc.weight", 0))
+    assert not group_at(analysis, "pre.weight", 0).fixed
+    assert_invariant(model, x, analysis)
+
+
 # --------------------------------------------------------------------------------------------
 # coverage counts fixed hidden channels
 # --------------------------------------------------------------------------------------------

@@ -104,10 +104,12 @@ class SpaceTable:
             self._fixed.setdefault(keep, self._fixed.pop(drop))
         dropped = self._structure.pop(drop, None)
         kept = self._structure.get(keep)
+        if dropped is not None or kept is not None:
+            # a composite now stands where a space of the other side was (maybe inside a product)
+            self.structure_version += 1
+            self._restructured.append(keep)
         if dropped is None:
             return
-        self.structure_version += 1
-        self._restructured.append(keep)
         if kept is None:
             self._structure[keep] = dropped
             return
