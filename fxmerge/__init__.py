@@ -1,6 +1,6 @@
 """fxmerge: merge independently trained PyTorch networks into one torch.fx GraphModule."""
 
-from fxmerge import errors, metrics, testing, zoo
+from fxmerge import errors, metrics, ops, testing, zoo
 from fxmerge.api import GroupReport, MergeResult, merge
 from fxmerge.config import MergeConfig
 from fxmerge.groups import AxisRef, ChannelSpace, ShapeLiteral, Tap
@@ -14,6 +14,7 @@ __all__ = [
     "MergeResult",
     "merge",
     "metrics",
+    "ops",
     "zoo",
     "Analysis",
     "AxisRef",

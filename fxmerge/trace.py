@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Tracer
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxmerge import ops
 from fxmerge.errors import TraceError
 
 LeafSpec = type[nn.Module] | str
@@ -33,6 +34,8 @@ class _LeafTracer(Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self.leaf_paths or isinstance(module, self.leaf_types):
+            return True
+        if ops.is_user_module(module):  # a module class taught with fxmerge.ops.register: its rule describes it whole
             return True
         return super().is_leaf_module(module, qualified_name)
 

@@ -914,3 +914,99 @@ def test_inputs_and_outputs_fixed() -> None:
     leak = check(Leak(), (x, y))
     assert group_at(leak, "a.weight", 0).fixed and "model output" in group_at(leak, "a.weight", 0).reason
     assert not leak.free_groups
+
+
+# --------------------------------------------------------------------------------------------
+# layouts that pieces of products cannot express fail closed (timm LeViT, CoaT, EfficientFormer)
+# --------------------------------------------------------------------------------------------
+
+
+class HeadsThenSplit(nn.Module):
+    """LeViT-style attention in a few ops: the qkv rows viewed as (heads, per-head) and the per-head
+    part split into q, k, v — a direct sum inside a product under a permuted head factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.qkv = nn.Linear(5, 2 * (2 + 2 + 3))
+        self.proj = nn.Linear(2 * 3, 4)
+
+    def forward(self, x):  # (N, L, 6)
+        n, length, _ = x.shape
+        q, k, v = self.qkv(torch.relu(self.fc(x))).view(n, length, 2, 7).split([2, 2, 3], dim=3)
+        attn = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v.transpose(1, 2)).transpose(1, 2).reshape(n, length, 6))
+
+
+def test_unrepresentable_layout_fails_closed_at_its_node() -> None:
+    model = randomize_(HeadsThenSplit().eval(), seed=1)
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"node 'split' \(call_method Tensor.split\): layout not representable"):
+        analysis = fxmerge.analyze(model, x)  # used to raise fxmerge.passes.spaces.Unrepresentable
+    assert all(g.fixed and "split" in g.reason for g in groups_at(analysis, "qkv.weight", 0))
+    assert not group_at(analysis, "fc.weight", 0).fixed  # the op before keeps its free channels
+    assert_invariant(model, x, analysis)
+    with pytest.raises(fxmerge.errors.UnsupportedOpError, match="split"):
+        fxmerge.analyze(model, x, strict=True)
+
+
+class SumIntoProduct(nn.Module):
+    """A direct sum (g's rows cut by the cat they are added to) unified into the inner factor of a
+    product (fc's rows viewed as 2 x 4) at a later op: the union, not a split, is unrepresentable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.g, self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 4), nn.Linear(6, 1), nn.Linear(6, 3)
+        self.pre = nn.Linear(6, 6)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = torch.relu(self.pre(x))
+        h = self.fc(x).view(n, 2, 4)
+        s = self.g(x) + torch.cat([self.a(x), self.b(x)], -1)
+        return self.head((h + s.unsqueeze(1)).reshape(n, 8))
+
+
+def test_unrepresentable_union_fails_closed_at_its_node() -> None:
+    model = randomize_(SumIntoProduct().eval(), seed=2)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"node 'add_1' \(call_function _operator.add\): layout not representable"):
+        analysis = fxmerge.analyze(model, x)
+    assert all(g.fixed for g in groups_at(analysis, "fc.weight", 0))
+    assert not group_at(analysis, "pre.weight", 0).fixed
+    assert_invariant(model, x, analysis)
+
+
+# --------------------------------------------------------------------------------------------
+# coverage counts fixed hidden channels
+# --------------------------------------------------------------------------------------------
+
+
+class OpaqueLinear(nn.Module):
+    """A layer the analysis has no rule for when kept as a leaf."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def test_coverage_counts_fixed_hidden_channels() -> None:
+    model = nn.Sequential(
+        OpaqueLinear(4, 8), nn.ReLU(), OpaqueLinear(8, 8), nn.ReLU(), OpaqueLinear(8, 6), nn.ReLU(), OpaqueLinear(6, 2)
+    )
+    x = torch.randn(3, 4)
+    traced_through = fxmerge.analyze(model, x)
+    assert traced_through.coverage() == 1.0 and len(traced_through.free_groups) == 3
+    with pytest.warns(UserWarning, match="no rule for module type OpaqueLinear"):
+        closed = fxmerge.analyze(model, x, leaf_modules=[OpaqueLinear])
+    assert not closed.free_groups and closed.groups  # every op failed closed
+    assert closed.coverage() == 0.0
+    # only the last layer is a leaf: the 8 + 8 stay free; fixed are the 6 channels it reads and
+    # both axes of its own weight (2 x 6: the analysis cannot tell they are its input and output)
+    with pytest.warns(UserWarning):
+        partial = fxmerge.analyze(model, x, leaf_modules=["6"])
+    assert partial.coverage() == pytest.approx(16 / (8 + 8 + 6 + 2 + 6))

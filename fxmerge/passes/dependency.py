@@ -1,21 +1,23 @@
 """Dependency analysis: which parameter axes must be permuted (or zipped) together.
 
-The pass walks a shape-annotated GraphModule in topological order and gives every dimension of
-every tensor value a ``Layout`` (see ``fxmerge.groups``). Each op kind has a rule that either
-*preserves* layouts (activations, norms), *produces* new spaces (a conv's output channels),
-*unifies* layouts (residual add, a linear layer reading its input), *concatenates*, *splits* or
-*reshapes* them. Parameters met through ``call_module`` or ``get_attr`` get fresh spaces that
-the rules unify with the activations they meet.
+The pass is an abstract interpretation of a shape-annotated GraphModule (a ``torch.fx.Interpreter``
+whose values are layouts): every dimension of every tensor value gets a ``Layout`` (see
+``fxmerge.groups``). What each op does to layouts is its rule in the op registry
+(``fxmerge.ops``): it *preserves* layouts (activations, norms), *produces* new spaces (a conv's
+output channels), *unifies* layouts (residual add, a linear layer reading its input),
+*concatenates*, *splits* or *reshapes* them, calling the layout machinery of ``_Analyzer``.
+Parameters met through ``call_module`` or ``get_attr`` get fresh spaces that the rules unify with
+the activations they meet. Each node's resulting leaf layouts are written on
+``node.meta["fxmerge_layouts"]`` (as ShapeProp writes ``tensor_meta``).
 
-It fails closed: an op without a rule fixes every space of its tensor inputs (no permutation)
-and warns with the node name; ``strict=True`` raises ``UnsupportedOpError`` instead. The model
-inputs are opaque and the model outputs are fixed.
+It fails closed: an op without a rule — or whose rule leaves a layout that pieces of products
+cannot express — fixes every space of its tensor inputs (no permutation) and warns with the node
+name; ``strict=True`` raises ``UnsupportedOpError`` instead. The model inputs are opaque and the
+model outputs are fixed.
 """
 
 from __future__ import annotations
 
-import inspect
-import operator
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule, Interpreter, Node
+
+from fxmerge import ops
+from fxmerge.ops.registry import arg
 
 from fxmerge.errors import UnsupportedOpError
 from fxmerge.groups import (
@@ -56,74 +60,6 @@ def _opaque_tensor(shape: Sequence[int]) -> _Tensor:
     return _Tensor(tuple(shape), [opaque_layout(n) for n in shape])
 
 
-# ----------------------------------------------------------------------------------------------
-# Op tables
-# ----------------------------------------------------------------------------------------------
-
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin,
-)
-
-_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.sigmoid, torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish,
-    F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    torch.exp, torch.neg, operator.neg, operator.pos, torch.abs, torch.sqrt, torch.rsqrt,
-    torch.square, torch.clamp, torch.clip, torch.clone, F.softmax, F.log_softmax, torch.softmax,
-    torch.log_softmax, F.normalize, torch.erf, torch.log, torch.sin, torch.cos, torch.nan_to_num,
-}
-
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach",
-    "float", "double", "half", "bfloat16", "to", "type_as", "softmax", "log_softmax", "exp",
-    "neg", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "sqrt", "rsqrt", "square", "erf",
-    "log", "sin", "cos", "cpu", "cuda", "requires_grad_", "nan_to_num",
-}
-
-_BINARY_FUNCTIONS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-    operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul,
-    torch.multiply, torch.div, torch.divide, torch.true_divide, torch.maximum, torch.minimum,
-    torch.where, torch.pow, operator.pow, torch.masked_fill,
-}
-
-_BINARY_METHODS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
-    "maximum", "minimum", "masked_fill", "masked_fill_", "where", "__add__", "__mul__",
-    "__radd__", "__rmul__",
-}
-
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod", "nansum", "nanmean"}
-
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-_RESHAPE_FUNCTIONS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
-
-_PERMUTE = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"}
-
-_SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "type", "is_contiguous", "get_device"}
-
-_POOL_MODULES: dict[type[nn.Module], int] = {
-    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
-    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: -1,
-    nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2, nn.ZeroPad2d: 2, nn.ReflectionPad2d: 2,
-    nn.ReplicationPad2d: 2, nn.ConstantPad2d: 2, nn.LPPool2d: 2,
-}
-
-_POOL_FUNCTIONS: dict[Any, int] = {
-    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
-    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-    F.interpolate: -1, F.upsample: -1,
-}
-for _name in ("max_pool1d", "max_pool2d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"):
-    if hasattr(torch, _name):
-        _POOL_FUNCTIONS[getattr(torch, _name)] = 1 if "1d" in _name else 2
-
-
 def _target_name(node: Node) -> str:
     target = node.target
     if node.op == "call_method":
@@ -133,30 +69,6 @@ def _target_name(node: Node) -> str:
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", None) or str(target)
     return f"{module}.{name}" if module else name
-
-
-def _torchvision_function(name: str) -> Any:
-    """A torch.fx-wrapped torchvision function by dotted name, if its module is already imported.
-
-    A graph can only contain such a function when the model's code imported torchvision, so
-    looking in ``sys.modules`` is enough — and keeps ``import fxmerge`` from importing torchvision.
-    """
-    import sys
-
-    module_name, attr = name.rsplit(".", 1)
-    module = sys.modules.get(module_name)
-    return getattr(module, attr, None) if module is not None else None
-
-
-_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.stochastic_depth"
-_SWIN_ATTENTION = "torchvision.models.swin_transformer.shifted_window_attention"
-_SWIN_BIAS = "torchvision.models.swin_transformer._get_relative_position_bias"
-_SWIN_MERGE_PAD = "torchvision.models.swin_transformer._patch_merging_pad"
-
-
-def _is(target: Any, name: str) -> bool:
-    function = _torchvision_function(name)
-    return function is not None and target is function
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,11 +143,12 @@ class Analysis:
     def coverage(self) -> float:
         """Fraction of hidden channels that belong to permutable groups.
 
-        Hidden channels: groups that are a channel axis of some layer (conv, linear, norm,
-        attention), excluding the model's input and output channels. Sequence or position axes
-        of embeddings are not channels and are not counted.
+        Hidden channels: the channels of every group except the model's input and output
+        channels, fixed groups included — so a model whose ops all failed closed has coverage
+        0.0, not 1.0. (Sequence or position axes of embeddings and kernel taps are opaque
+        extents, not groups, and are not counted.) 1.0 when there is no hidden channel at all.
         """
-        hidden = [g for g in self.groups if g.name in self.layer_channel_groups and not _is_boundary(g)]
+        hidden = [g for g in self.groups if not _is_boundary(g)]
         total = sum(g.size for g in hidden)
         free = sum(g.size for g in hidden if not g.fixed)
         return free / total if total else 1.0
@@ -268,8 +181,14 @@ def _is_boundary(group: ChannelSpace) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Analyzer:
+class _Analyzer(Interpreter):
+    """Abstract interpretation of the graph: the value of every node is its layouts (a ``_Tensor``,
+    a tuple of them, or None), computed by the node's registry rule (``fxmerge.ops``). The rules
+    receive this object as their context and call its layout machinery below."""
+
     def __init__(self, gm: GraphModule, state_names: dict[str, str], strict: bool) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False  # errors (strict mode) keep their own message
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.state_names = state_names  # every state_dict key -> canonical key
@@ -284,6 +203,7 @@ class _Analyzer:
         self.node_dims: dict[str, tuple[Layout, ...]] = {}
         self.ties: list[tuple[int, int, int]] = []
         self.literals: list[tuple[str, tuple[int | str, ...], int, Layout]] = []
+        self._undo: list[tuple[_Tensor, int, Layout]] = []  # (tensor, axis, layout) made opaque
 
     # -- helpers --------------------------------------------------------------------------------
     def param(self, name: str) -> _Tensor | None:
@@ -308,6 +228,7 @@ class _Analyzer:
     def make_opaque(self, tensor: _Tensor, axis: int, reason: str) -> None:
         """Declare a parameter axis that is never a channel axis (kernel taps, lookup rows)."""
         self.table.fix_all(self.table.spaces_of(tensor.dims[axis]), reason)
+        self._undo.append((tensor, axis, tensor.dims[axis]))
         tensor.dims[axis] = opaque_layout(tensor.shape[axis])
 
     def set_role(self, name: str, axis: int, role: Role) -> None:
@@ -395,33 +316,62 @@ class _Analyzer:
         return arg
 
     # -- main loop ------------------------------------------------------------------------------
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                result: Any = self.model_input(node)
-            elif node.op == "get_attr":
-                result = self.param(str(node.target))
-                if result is None:  # a constant that is not part of the state: never permuted
-                    result = _opaque_like(self.meta_shape(node))
-            elif node.op == "output":
-                for tensor in _tensors_in(self.value(node.args)):
-                    for layout in tensor.dims:
-                        self.table.fix_all(self.table.spaces_of(layout), "model output")
-                continue
-            else:
-                try:
-                    result = self.apply_rule(node)
-                except Unrepresentable as error:
-                    result = self.fail_closed(node, f"layout not representable ({error})")
-                result = self._check(node, result)
-            self.env[node] = result
-            if isinstance(result, _Tensor):
-                self.node_dims[node.name] = tuple(result.dims)
-            for tensor_index, tensor in enumerate(_tensors_in(result)):
-                if tensor_index == 0 and isinstance(result, _Tensor):
-                    for dim, layout in enumerate(tensor.dims):
-                        if self.table.spaces_of(layout):
-                            self.taps.append((node.name, dim, tuple(tensor.dims)))
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("enable_io_processing", False)
+        return super().run(*args, **kwargs)
+
+    def run_node(self, node: Node) -> Any:
+        if node.op == "placeholder":
+            result: Any = self.model_input(node)
+        elif node.op == "get_attr":
+            result = self.param(str(node.target))
+            if result is None:  # a constant that is not part of the state: never permuted
+                result = _opaque_like(self.meta_shape(node))
+        elif node.op == "output":
+            for tensor in _tensors_in(self.value(node.args)):
+                for layout in tensor.dims:
+                    self.table.fix_all(self.table.spaces_of(layout), "model output")
+            return None
+        else:
+            state = self._checkpoint()
+            try:
+                result = self.apply_rule(node)
+                changed = self.table.structure_version != state[0][-1]
+                why = self.table.representable(state[0]) if changed else None
+            except Unrepresentable as error:
+                why = str(error)
+            if why is not None:
+                # like an op without a rule: undo what the rule did, fix its inputs and outputs
+                self._rollback(state)
+                result = self.fail_closed(node, f"layout not representable ({why})")
+            result = self._check(node, result)
+        self.env[node] = result
+        if isinstance(result, _Tensor):
+            self.node_dims[node.name] = tuple(result.dims)
+        for tensor_index, tensor in enumerate(_tensors_in(result)):
+            if tensor_index == 0 and isinstance(result, _Tensor):
+                for dim, layout in enumerate(tensor.dims):
+                    if self.table.spaces_of(layout):
+                        self.taps.append((node.name, dim, tuple(tensor.dims)))
+        return result
+
+    def _checkpoint(self) -> tuple:
+        """What a rule may change: the table, new parameters, axes made opaque, roles, records."""
+        return (
+            self.table.checkpoint(), len(self.params), len(self._undo), dict(self.roles),
+            len(self.literals), len(self.ties), len(self.channel_layouts),
+        )
+
+    def _rollback(self, state: tuple) -> None:
+        table, params, undo, roles, literals, ties, channel_layouts = state
+        self.table.rollback(table)
+        for name in list(self.params)[params:]:
+            del self.params[name]
+        while len(self._undo) > undo:
+            tensor, axis, layout = self._undo.pop()
+            tensor.dims[axis] = layout
+        self.roles = roles
+        del self.literals[literals:], self.ties[ties:], self.channel_layouts[channel_layouts:]
 
     def _check(self, node: Node, result: Any) -> Any:
         """Guard every rule: the layouts it returns must match the recorded shapes."""
@@ -442,113 +392,58 @@ class _Analyzer:
 
     # -- dispatch -------------------------------------------------------------------------------
     def apply_rule(self, node: Node) -> Any:
-        if node.op == "call_module":
-            module = self.modules[str(node.target)]
-            return self.module_rule(node, module)
+        """Run the registry rule of a call node (fail closed when the registry has none)."""
         args = self.value(node.args)
         kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
-        target = node.target
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            entry = ops.module_entry(module)
+            if entry is None or entry.rule is None:
+                return self.fail_closed(node, f"no rule for module type {type(module).__name__}")
+            return entry.rule(self, node, args, kwargs)
         if node.op == "call_method":
-            return self.method_rule(node, str(target), args, kwargs)
-        return self.function_rule(node, target, args, kwargs)
-
-    def function_rule(self, node: Node, target: Any, args: tuple, kwargs: dict) -> Any:
+            if not isinstance(args[0], _Tensor):
+                return None if self.meta_shape(node) is None else _opaque_like(self.meta_shape(node))
+            entry = ops.method_entry(str(node.target))
+            if entry is None or entry.rule is None:
+                return self.fail_closed(node, "no rule for this method")
+            return entry.rule(self, node, args, kwargs)
         if not any(_tensors_in((args, kwargs))):
             # Pure Python/shape arithmetic (x.shape[1] * 2, torch._assert, zeros(...)) carries no
             # channels of any input; a fresh tensor from it is a constant.
             return _opaque_like(self.meta_shape(node))
-        if target in _ELEMENTWISE_FUNCTIONS or _is(target, _STOCHASTIC_DEPTH):
-            return self.preserve(args[0] if args else next(iter(kwargs.values())))
-        if target in _BINARY_FUNCTIONS:
-            return self.broadcast(node, list(args) + [v for k, v in kwargs.items() if k != "alpha"])
-        if target is operator.getitem:
-            return self.getitem(node, args[0], args[1])
-        if target is getattr:
-            return None
-        if target in (torch.cat, torch.concat, torch.concatenate):
-            return self.cat(node, args[0], _arg(args, kwargs, 1, "dim", 0))
-        if target is torch.stack:
-            return self.stack(node, args[0], _arg(args, kwargs, 1, "dim", 0))
-        if target in _RESHAPE_FUNCTIONS:
-            return self.reshape(node, args[0])
-        if target in (torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t):
-            return self.permute_dims(node, target.__name__, args[0], args[1:], kwargs)
-        if target in (torch.chunk, torch.split, torch.tensor_split, torch.unbind):
-            return self.split(node, args[0])
-        if target in (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm):
-            return self.reduce(node, args[0], _arg(args, kwargs, 1, "dim", None), target.__name__)
-        if target in (torch.max, torch.min):
-            return self.max_min(node, args, kwargs)
-        if target in _POOL_FUNCTIONS:
-            if kwargs.get("return_indices"):
-                return self.fail_closed(node, "pooling indices depend on channel order")
-            return self.spatial(node, args[0], _POOL_FUNCTIONS[target])
-        if target is F.pad:
-            return self.pad(node, args[0], _arg(args, kwargs, 1, "pad", ()))
-        if target is torch.roll:
-            return self.roll(node, args[0], _arg(args, kwargs, 2, "dims", None))
-        if target in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
-            return self.matmul(node, args[0], args[1])
-        if target is F.linear:
-            return self.functional_linear(node, args, kwargs)
-        if target is F.layer_norm:
-            return self.functional_layer_norm(node, args, kwargs)
-        if target is F.group_norm:
-            return self.functional_group_norm(node, args, kwargs)
-        if target is F.batch_norm:
-            return self.functional_batch_norm(node, args, kwargs)
-        if target in (F.conv1d, F.conv2d, F.conv3d):
-            return self.functional_conv(node, args, kwargs)
-        if target is F.embedding:
-            weight = _arg(args, kwargs, 1, "weight", None)
-            return self.embedding_out(node, weight)
-        if target is F.scaled_dot_product_attention:
-            return self.sdpa(node, args, kwargs)
-        if target in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like):
-            return _opaque_like(self.meta_shape(node))
-        if target is torch.flatten:
-            return self.reshape(node, args[0])
-        if target is torch.broadcast_to:
-            return self.expand(node, args[0])
-        if _is(target, _SWIN_ATTENTION):
-            return self.swin_attention(node)
-        if _is(target, _SWIN_BIAS):
-            return self.swin_position_bias(node, args[0])
-        if _is(target, _SWIN_MERGE_PAD):
-            return self.swin_merge_pad(node, args[0])
-        return self.fail_closed(node, "no rule for this function")
+        entry = ops.function_entry(node.target)
+        if entry is None or entry.rule is None:
+            return self.fail_closed(node, "no rule for this function")
+        return entry.rule(self, node, args, kwargs)
 
-    def method_rule(self, node: Node, name: str, args: tuple, kwargs: dict) -> Any:
-        self_value = args[0]
-        if not isinstance(self_value, _Tensor):
-            return None if self.meta_shape(node) is None else _opaque_like(self.meta_shape(node))
-        if name in _SHAPE_QUERIES:
-            return None
-        if name in _ELEMENTWISE_METHODS:
-            return self.preserve(self_value)
-        if name in _BINARY_METHODS:
-            return self.broadcast(node, list(args) + list(kwargs.values()))
-        if name in _RESHAPE_METHODS:
-            return self.reshape(node, self_value)
-        if name in _PERMUTE:
-            return self.permute_dims(node, name, self_value, args[1:], kwargs)
-        if name in ("chunk", "split", "tensor_split", "unbind"):
-            return self.split(node, self_value)
-        if name in _REDUCTIONS:
-            return self.reduce(node, self_value, _arg(args, kwargs, 1, "dim", None), name)
-        if name in ("max", "min"):
-            return self.max_min(node, args, kwargs)
-        if name in ("expand", "expand_as", "broadcast_to"):
-            return self.expand(node, self_value)
-        if name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zero_"):
-            return _opaque_like(self.meta_shape(node))
-        if name == "roll":
-            return self.roll(node, self_value, _arg(args, kwargs, 2, "dims", None))
-        if name in ("matmul", "bmm", "mm", "__matmul__"):
-            return self.matmul(node, self_value, args[1])
-        if name == "__getitem__":
-            return self.getitem(node, self_value, args[1])
-        return self.fail_closed(node, "no rule for this method")
+    # -- for the rules ------------------------------------------------------------------------------
+    def module_of(self, node: Node) -> nn.Module:
+        """The module a call_module node calls."""
+        return self.modules[str(node.target)]
+
+    def tensor(self, shape: Sequence[int], dims: Sequence[Layout]) -> _Tensor:
+        """A value with these layouts, one per dim."""
+        return _Tensor(tuple(shape), list(dims))
+
+    def opaque(self, shape: Sequence[int]) -> _Tensor:
+        """A value carrying no channels (every dim an opaque extent)."""
+        return _opaque_tensor(shape)
+
+    def opaque_like(self, shapes: Any) -> Any:
+        """``opaque`` for a shape or a nested tuple of shapes (None stays None)."""
+        return _opaque_like(shapes)
+
+    @staticmethod
+    def is_tensor(value: Any) -> bool:
+        return isinstance(value, _Tensor)
+
+    def attr_name(self, arg: Any) -> str | None:
+        """The qualified name of a get_attr node argument (a parameter or buffer), else None."""
+        return self._attr_name(arg)
+
+    def layout_extent(self, layout: Layout) -> int:
+        return self._layout_extent(layout)
 
     # -- generic rules ----------------------------------------------------------------------------
     def preserve(self, value: Any) -> Any:
@@ -629,11 +524,14 @@ class _Analyzer:
         dims.insert(dim, opaque_layout(shape[dim]))
         return _Tensor(tuple(shape), dims)
 
-    def reshape(self, node: Node, tensor: _Tensor) -> Any:
+    def reshape(self, node: Node, tensor: _Tensor, literals: bool = False) -> Any:
+        """Any view/reshape; ``literals``: record its integer size arguments (``view(n, 768, -1)``)
+        as shape literals that a width change rewrites."""
         out_shape = tuple(self.meta_shape(node))
         dims = self._reshape_layouts(node, tensor, out_shape)
         result = _Tensor(out_shape, dims)
-        self._record_literals(node, result)
+        if literals:
+            self._record_literals(node, result)
         return result
 
     def _reshape_layouts(self, node: Node, tensor: _Tensor, out_shape: tuple[int, ...]) -> list[Layout]:
@@ -686,10 +584,8 @@ class _Analyzer:
         return tuple(normalize_piece(p) for p in self.table._times(list(outer), list(inner)))
 
     def _record_literals(self, node: Node, result: _Tensor) -> None:
-        """Remember integer size arguments that equal a channel extent (a width change rewrites them)."""
-        is_method = node.op == "call_method" and str(node.target) in ("view", "reshape", "expand")
-        if not (is_method or (node.op == "call_function" and node.target is torch.reshape)):
-            return
+        """Remember integer size arguments (``node.args[1:]``, or one list of them) that equal a
+        channel extent (a width change rewrites them)."""
         sizes = node.args[1:]
         base = 1
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
@@ -727,14 +623,15 @@ class _Analyzer:
             order = [o if o >= 0 else next(it) for o in order]
         return _Tensor(tuple(tensor.shape[o] for o in order), [tensor.dims[o] for o in order])
 
-    def split(self, node: Node, tensor: _Tensor) -> Any:
+    def split(self, node: Node, tensor: _Tensor, unbind: bool = False) -> Any:
+        """split/chunk (``dim`` argument 2) or, with ``unbind``, unbind (``dim`` argument 1)."""
         shapes = self.meta_shape(node)
-        if node.target in ("unbind", torch.unbind):
-            dim = _arg(node.args, node.kwargs, 1, "dim", 0) % tensor.ndim
+        if unbind:
+            dim = arg(node.args, node.kwargs, 1, "dim", 0) % tensor.ndim
             self.table.fix_all(self.table.spaces_of(tensor.dims[dim]), f"unbound at {node.name}")
             rest = tensor.dims[:dim] + tensor.dims[dim + 1 :]
             return tuple(_Tensor(tuple(s), list(rest)) for s in shapes)
-        dim = _arg(node.args, node.kwargs, 2, "dim", 0) % tensor.ndim
+        dim = arg(node.args, node.kwargs, 2, "dim", 0) % tensor.ndim
         sizes = [s[dim] for s in shapes]
         bounds = list(itertools_accumulate(sizes))
         layout = self.table.expand(tensor.dims[dim])
@@ -777,7 +674,7 @@ class _Analyzer:
 
     def max_min(self, node: Node, args: tuple, kwargs: dict) -> Any:
         tensor = args[0]
-        other = _arg(args, kwargs, 1, "dim", None)
+        other = arg(args, kwargs, 1, "dim", None)
         if isinstance(other, _Tensor):
             return self.broadcast(node, [tensor, other])
         shapes = self.meta_shape(node)
@@ -817,7 +714,7 @@ class _Analyzer:
             self.table.fix_all(self.table.spaces_of(tensor.dims[d % tensor.ndim]), f"rolled at {node.name}")
         return self.preserve(tensor)
 
-    def expand(self, node: Node, tensor: _Tensor) -> Any:
+    def expand(self, node: Node, tensor: _Tensor, literals: bool = False) -> Any:
         shape = self.meta_shape(node)
         lead = len(shape) - tensor.ndim
         dims = []
@@ -827,7 +724,8 @@ class _Analyzer:
                 dims.append(tensor.dims[src])
             else:
                 dims.append(opaque_layout(size))
-        self._record_literals(node, _Tensor(tuple(shape), dims))
+        if literals:
+            self._record_literals(node, _Tensor(tuple(shape), dims))
         return _Tensor(tuple(shape), dims)
 
     def matmul(self, node: Node, a: Any, b: Any) -> Any:
@@ -857,247 +755,9 @@ class _Analyzer:
         dims += [a.dims[-2], b.dims[-1]]
         return _Tensor(tuple(shape), dims)
 
-    # -- layers -------------------------------------------------------------------------------------
-    def linear_like(
-        self, node: Node, x: _Tensor, weight_name: str | None, bias_name: str | None, weight: _Tensor | None = None
-    ) -> _Tensor:
-        """y[..., o] = sum_i W[o, i] x[..., i] + b[o]."""
-        if weight is None:
-            weight = self.param(weight_name) if weight_name else None
-        shape = self.meta_shape(node)
-        if weight is None:
-            self.fix_tensor(x, f"linear at {node.name} with an untracked weight")
-            return _opaque_tensor(shape)
-        self.unify(weight.dims[1], self.layer_axis(x.dims[-1]), node)
-        if weight_name:
-            self.set_role(weight_name, 1, "in")
-        out = self.layer_axis(weight.dims[0])
-        if bias_name and self.param(bias_name) is not None:
-            self.unify(self.param(bias_name).dims[0], out, node)  # type: ignore[union-attr]
-        return _Tensor(tuple(shape), list(x.dims[:-1]) + [out])
-
-    def conv_like(
-        self,
-        node: Node,
-        x: _Tensor,
-        weight_name: str,
-        bias_name: str | None,
-        groups: int,
-        spatial_dims: int,
-        transposed: bool = False,
-    ) -> _Tensor:
-        """Conv weight (out, in/groups, *k); transposed conv weight (in, out/groups, *k)."""
-        shape = self.meta_shape(node)
-        weight = self.param(weight_name)
-        channel = x.ndim - spatial_dims - 1
-        if weight is None:
-            self.fix_tensor(x, f"conv at {node.name} with an untracked weight")
-            return _opaque_tensor(shape)
-        in_axis, out_axis = (0, 1) if transposed else (1, 0)
-        self.set_role(weight_name, in_axis, "in")
-        in_channels = x.shape[channel]
-        out_channels = shape[channel]
-        for axis in range(2, weight.ndim):
-            self.make_opaque(weight, axis, "kernel taps")
-        x_layout = self.layer_axis(x.dims[channel])
-        self.layer_axis(weight.dims[out_axis])
-        if groups == 1:
-            self.unify(weight.dims[in_axis], x_layout, node)
-            out_layout: Layout = weight.dims[out_axis]
-        else:
-            # Channels split into groups x per-group, row-major: the group index is shared by the
-            # input and the output (a group permutation), the per-group indices are independent.
-            in_per_group = in_channels // groups
-            expanded = self.table.expand(x_layout)
-            if len(expanded) != 1:
-                self.fix_tensor(x, f"grouped conv at {node.name} over concatenated channels")
-                expanded = self.table.expand(x.dims[channel])
-                cut = None
-            else:
-                cut = self.table.cut(expanded[0], [groups, in_per_group])
-            if cut is None:
-                self.table.fix_all(self.table.spaces_of(x_layout), f"grouped conv at {node.name}")
-                self.table.fix_all(self.table.spaces_of(weight.dims[out_axis]), f"grouped conv at {node.name}")
-                self.table.fix_all(self.table.spaces_of(weight.dims[in_axis]), f"grouped conv at {node.name}")
-                out_layout = opaque_layout(out_channels)
-            else:
-                group_piece, per_group_piece = cut
-                self.unify(weight.dims[in_axis], (per_group_piece,), node)
-                w_axis = weight.dims[0] if not transposed else weight.dims[1]
-                # weight rows are (groups x out_per_group) for conv; for transposed conv the rows are
-                # the inputs and the columns the outputs per group.
-                if not transposed:
-                    rows = self.table.expand(w_axis)
-                    out_per_group = out_channels // groups
-                    rcut = self.table.cut(rows[0], [groups, out_per_group]) if len(rows) == 1 else None
-                    if rcut is None:
-                        self.table.fix_all(self.table.spaces_of(w_axis), f"grouped conv at {node.name}")
-                        out_layout = opaque_layout(out_channels)
-                    else:
-                        self.unify((rcut[0],), (group_piece,), node)
-                        out_layout = weight.dims[0]
-                else:
-                    self.fix_tensor(x, f"grouped transposed conv at {node.name}")
-                    self.fix_tensor(weight, f"grouped transposed conv at {node.name}")
-                    out_layout = opaque_layout(out_channels)
-        if bias_name and self.param(bias_name) is not None:
-            self.unify(self.param(bias_name).dims[0], out_layout, node)  # type: ignore[union-attr]
-        dims = list(x.dims[:channel]) + [out_layout] + [opaque_layout(s) for s in shape[channel + 1 :]]
-        for d in range(channel + 1, x.ndim):
-            self.table.fix_all(self.table.spaces_of(x.dims[d]), f"spatial dims of conv {node.name}")
-        return _Tensor(tuple(shape), dims)
-
-    def norm_params(self, node: Node, layout_dims: Sequence[Layout], names: Sequence[str]) -> None:
-        """Unify the trailing axes of each named vector/tensor parameter with ``layout_dims``."""
-        for name in names:
-            tensor = self.param(name)
-            if tensor is None:
-                continue
-            for axis in range(tensor.ndim):
-                if tensor.shape[axis] > 1:
-                    self.unify(tensor.dims[axis], layout_dims[axis - tensor.ndim + len(layout_dims)] if tensor.ndim <= len(layout_dims) else layout_dims[axis], node)
-
-    def group_structure(self, node: Node, layout: Layout, groups: int) -> None:
-        """GroupNorm: refine channels into groups x channels-per-group (groups move as blocks)."""
-        total = self._layout_extent(layout)
-        if groups in (1, total):
-            return
-        expanded = self.table.expand(layout)
-        cut = self.table.cut(expanded[0], [groups, total // groups]) if len(expanded) == 1 else None
-        if cut is None:
-            self.table.fix_all(self.table.spaces_of(layout), f"GroupNorm at {node.name} over concatenated channels")
-
-    def module_rule(self, node: Node, module: nn.Module) -> Any:
-        target = str(node.target)
-        args = self.value(node.args)
-        kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        p = lambda attr: f"{target}.{attr}"  # noqa: E731
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return self.preserve(x)
-        if isinstance(module, nn.Linear):
-            return self.linear_like(node, x, p("weight"), p("bias"))
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return self.conv_like(node, x, p("weight"), p("bias"), module.groups, len(module.kernel_size))
-        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            return self.conv_like(node, x, p("weight"), p("bias"), module.groups, len(module.kernel_size), transposed=True)
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)):
-            channel = 1 if x.ndim > 1 else 0
-            layout = self.layer_axis(x.dims[channel])
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                tensor = self.param(p(attr))
-                if tensor is not None:
-                    self.unify(tensor.dims[0], layout, node)
-            return self.preserve(x)
-        if isinstance(module, nn.LayerNorm):
-            trailing = [self.layer_axis(d) for d in x.dims[x.ndim - len(module.normalized_shape) :]]
-            for attr in ("weight", "bias"):
-                tensor = self.param(p(attr))
-                if tensor is not None:
-                    for axis, layout in enumerate(trailing):
-                        self.unify(tensor.dims[axis], layout, node)
-            return self.preserve(x)
-        if isinstance(module, nn.GroupNorm):
-            layout = x.dims[1]
-            for attr in ("weight", "bias"):
-                tensor = self.param(p(attr))
-                if tensor is not None:
-                    self.unify(tensor.dims[0], layout, node)
-            self.group_structure(node, layout, module.num_groups)
-            return self.preserve(x)
-        if isinstance(module, nn.Embedding):
-            weight = self.param(p("weight"))
-            return self.embedding_out(node, weight)
-        if isinstance(module, nn.PReLU):
-            weight = self.param(p("weight"))
-            if weight is not None and weight.shape[0] > 1:
-                self.unify(weight.dims[0], x.dims[1 if x.ndim > 1 else 0], node)
-            return self.preserve(x)
-        if isinstance(module, (nn.Flatten, nn.Unflatten)):
-            return self.reshape(node, x)
-        if type(module) in _POOL_MODULES:
-            if getattr(module, "return_indices", False):
-                return self.fail_closed(node, "pooling indices depend on channel order")
-            return self.spatial(node, x, _POOL_MODULES[type(module)])
-        if isinstance(module, nn.MultiheadAttention):
-            return self.multihead_attention(node, module, args, kwargs)
-        return self.fail_closed(node, f"no rule for module type {type(module).__name__}")
-
-    def embedding_out(self, node: Node, weight: _Tensor | None) -> Any:
-        shape = self.meta_shape(node)
-        if weight is None:
-            return _opaque_tensor(shape)
-        # rows are looked up by data-dependent indices: never permuted
-        self.make_opaque(weight, 0, f"embedding rows at {node.name}")
-        dims = [opaque_layout(s) for s in shape[:-1]] + [weight.dims[1]]
-        return _Tensor(tuple(shape), dims)
-
-    # -- functional layers ------------------------------------------------------------------------
     def _attr_name(self, arg: Any) -> str | None:
         node = arg if isinstance(arg, Node) else None
         return str(node.target) if node is not None and node.op == "get_attr" else None
-
-    def functional_linear(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        x, weight = args[0], _arg(args, kwargs, 1, "weight", None)
-        bias = _arg(args, kwargs, 2, "bias", None)
-        weight_name = self._attr_name(_arg(node.args, node.kwargs, 1, "weight", None))
-        bias_name = self._attr_name(_arg(node.args, node.kwargs, 2, "bias", None))
-        if not isinstance(weight, _Tensor):
-            return self.fail_closed(node, "linear with a non-tensor weight")
-        if weight_name is None:
-            # a computed weight: couple it like a parameter but it has no role of its own
-            self.unify(weight.dims[1], x.dims[-1], node)
-            out = weight.dims[0]
-        else:
-            self.unify(weight.dims[1], x.dims[-1], node)
-            self.set_role(weight_name, 1, "in")
-            out = weight.dims[0]
-        if isinstance(bias, _Tensor):
-            self.unify(bias.dims[0], out, node)
-        return _Tensor(tuple(self.meta_shape(node)), list(x.dims[:-1]) + [out])
-
-    def functional_conv(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        weight_name = self._attr_name(_arg(node.args, node.kwargs, 1, "weight", None))
-        bias_name = self._attr_name(_arg(node.args, node.kwargs, 2, "bias", None))
-        groups = _arg(args, kwargs, 6, "groups", 1)
-        if weight_name is None or self.param(weight_name) is None:
-            return self.fail_closed(node, "convolution with a computed weight")
-        spatial = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]  # type: ignore[index]
-        return self.conv_like(node, args[0], weight_name, bias_name, groups, spatial)
-
-    def functional_layer_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        x = args[0]
-        normalized = _arg(args, kwargs, 1, "normalized_shape", ())
-        normalized = [normalized] if isinstance(normalized, int) else list(normalized)
-        trailing = [self.layer_axis(d) for d in x.dims[x.ndim - len(normalized) :]]
-        for position, key in ((2, "weight"), (3, "bias")):
-            tensor = _arg(args, kwargs, position, key, None)
-            if isinstance(tensor, _Tensor):
-                for axis, layout in enumerate(trailing):
-                    self.unify(tensor.dims[axis], layout, node)
-        for k, value in enumerate(normalized):
-            if value > 1 and self.table.spaces_of(trailing[k]):
-                path = (1, k) if "normalized_shape" not in node.kwargs else ("normalized_shape", k)
-                self.literals.append((node.name, path, value, trailing[k]))
-        return self.preserve(x)
-
-    def functional_group_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        x = args[0]
-        groups = _arg(args, kwargs, 1, "num_groups", 1)
-        for position, key in ((2, "weight"), (3, "bias")):
-            tensor = _arg(args, kwargs, position, key, None)
-            if isinstance(tensor, _Tensor):
-                self.unify(tensor.dims[0], x.dims[1], node)
-        self.group_structure(node, x.dims[1], groups)
-        return self.preserve(x)
-
-    def functional_batch_norm(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        x = args[0]
-        for position, key in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-            tensor = _arg(args, kwargs, position, key, None)
-            if isinstance(tensor, _Tensor):
-                self.unify(tensor.dims[0], x.dims[1], node)
-        return self.preserve(x)
 
     # -- attention ----------------------------------------------------------------------------------
     def tie_heads(self, heads: int, inners: Sequence[int], embedding: Layout) -> None:
@@ -1108,144 +768,13 @@ class _Analyzer:
             for inner in inners:
                 self.ties.append((heads, inner, spaces[0]))
 
-    def _head_spaces(self, prefix: str, heads: int, head_dim: int) -> tuple[int, int, int]:
+    def head_spaces(self, prefix: str, heads: int, head_dim: int) -> tuple[int, int, int]:
         table = self.table
         return (
             table.new(heads, f"{prefix}:heads", "heads"),
             table.new(head_dim, f"{prefix}:qk", "head_channels"),
             table.new(head_dim, f"{prefix}:v", "head_channels"),
         )
-
-    def multihead_attention(self, node: Node, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
-        names = ("query", "key", "value")
-        q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(names))
-        target = str(node.target)
-        p = lambda attr: f"{target}.{attr}"  # noqa: E731
-        heads_space, qk, vv = self._head_spaces(target, module.num_heads, module.head_dim)
-        self.tie_heads(heads_space, (qk, vv), q.dims[-1])
-        qk_layout: Layout = ((heads_space, qk),)
-        v_layout: Layout = ((heads_space, vv),)
-        for mask_key, position in (("key_padding_mask", 3), ("attn_mask", 5)):
-            mask = _arg(args, kwargs, position, mask_key, None)
-            if isinstance(mask, _Tensor):
-                self.fix_tensor(mask, f"attention mask of {target}")
-        for layout in (qk_layout, v_layout, q.dims[-1], k.dims[-1], v.dims[-1]):
-            self.layer_axis(layout)
-        if module._qkv_same_embed_dim:
-            self.unify(q.dims[-1], k.dims[-1], node)
-            self.unify(q.dims[-1], v.dims[-1], node)
-            rows = qk_layout + qk_layout + v_layout
-            weight = self.param(p("in_proj_weight"))
-            self.unify(weight.dims[0], rows, node)  # type: ignore[union-attr]
-            self.unify(weight.dims[1], q.dims[-1], node)  # type: ignore[union-attr]
-            self.set_role(p("in_proj_weight"), 1, "in")
-            bias = self.param(p("in_proj_bias"))
-            if bias is not None:
-                self.unify(bias.dims[0], rows, node)
-        else:
-            for name, source, layout in (("q_proj_weight", q, qk_layout), ("k_proj_weight", k, qk_layout), ("v_proj_weight", v, v_layout)):
-                weight = self.param(p(name))
-                self.unify(weight.dims[0], layout, node)  # type: ignore[union-attr]
-                self.unify(weight.dims[1], source.dims[-1], node)  # type: ignore[union-attr]
-                self.set_role(p(name), 1, "in")
-            bias = self.param(p("in_proj_bias"))
-            if bias is not None:
-                self.unify(bias.dims[0], qk_layout + qk_layout + v_layout, node)
-        for name, layout in (("bias_k", qk_layout), ("bias_v", v_layout)):
-            extra = self.param(p(name))
-            if extra is not None:
-                self.unify(extra.dims[-1], layout, node)
-        out_weight = self.param(p("out_proj.weight"))
-        self.unify(out_weight.dims[1], v_layout, node)  # type: ignore[union-attr]
-        self.set_role(p("out_proj.weight"), 1, "in")
-        out_layout = out_weight.dims[0]  # type: ignore[union-attr]
-        out_bias = self.param(p("out_proj.bias"))
-        if out_bias is not None:
-            self.unify(out_bias.dims[0], out_layout, node)
-        shapes = self.meta_shape(node)
-        attn_output = _Tensor(tuple(shapes[0]), list(q.dims[:-1]) + [out_layout])
-        weights_shape = shapes[1] if len(shapes) > 1 else None
-        attn_weights: Any = None
-        if weights_shape is not None:
-            dims = [opaque_layout(s) for s in weights_shape]
-            if len(weights_shape) == q.ndim + 1 or (q.ndim == 2 and len(weights_shape) == 3):
-                head_axis = len(weights_shape) - 3
-                dims[head_axis] = ((heads_space,),)
-            attn_weights = _Tensor(tuple(weights_shape), dims)
-        return (attn_output, attn_weights)
-
-    def sdpa(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
-        mask = _arg(args, kwargs, 3, "attn_mask", None)
-        if isinstance(mask, _Tensor):
-            self.fix_tensor(mask, f"attention mask at {node.name}")
-        if kwargs.get("enable_gqa"):
-            return self.fail_closed(node, "grouped-query attention")
-        shape = self.meta_shape(node)
-        self.unify(q.dims[-1], self.layer_axis(k.dims[-1]), node)  # the q.k contraction
-        self.layer_axis(v.dims[-1])
-        self.unify(k.dims[-2], v.dims[-2], node)  # keys and values share their sequence axis
-        batch = len(shape) - 2
-        dims: list[Layout] = []
-        for d in range(batch):
-            layouts = [t.dims[d - (batch - (t.ndim - 2))] for t in (q, k, v) if d - (batch - (t.ndim - 2)) >= 0 and t.shape[d - (batch - (t.ndim - 2))] == shape[d] and shape[d] > 1]
-            for other in layouts[1:]:
-                self.unify(layouts[0], other, node)
-            dims.append(layouts[0] if layouts else opaque_layout(shape[d]))
-        dims += [q.dims[-2], v.dims[-1]]
-        return _Tensor(tuple(shape), dims)
-
-    def swin_attention(self, node: Node) -> Any:
-        bound = _bind(node)
-        x = self.env[bound["input"]]
-        heads = bound["num_heads"]
-        channels = x.shape[-1]
-        names = {key: self._attr_name(bound.get(key)) for key in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias", "logit_scale")}
-        if names["qkv_weight"] is None or names["proj_weight"] is None:
-            return self.fail_closed(node, "window attention with computed weights")
-        heads_space, qk, vv = self._head_spaces(node.name, heads, channels // heads)
-        self.tie_heads(heads_space, (qk, vv), x.dims[-1])
-        rows: Layout = ((heads_space, qk), (heads_space, qk), (heads_space, vv))
-        self.layer_axis(rows)
-        self.layer_axis(x.dims[-1])
-        qkv = self.param(names["qkv_weight"])
-        self.unify(qkv.dims[0], rows, node)  # type: ignore[union-attr]
-        self.unify(qkv.dims[1], x.dims[-1], node)  # type: ignore[union-attr]
-        self.set_role(names["qkv_weight"], 1, "in")
-        if names["qkv_bias"]:
-            self.unify(self.param(names["qkv_bias"]).dims[0], rows, node)  # type: ignore[union-attr]
-        proj = self.param(names["proj_weight"])
-        self.unify(proj.dims[1], ((heads_space, vv),), node)  # type: ignore[union-attr]
-        self.set_role(names["proj_weight"], 1, "in")
-        out_layout = proj.dims[0]  # type: ignore[union-attr]
-        if names["proj_bias"]:
-            self.unify(self.param(names["proj_bias"]).dims[0], out_layout, node)  # type: ignore[union-attr]
-        if names["logit_scale"]:
-            self.unify(self.param(names["logit_scale"]).dims[0], ((heads_space,),), node)  # type: ignore[union-attr]
-        bias = self.env.get(bound["relative_position_bias"])
-        if isinstance(bias, _Tensor):
-            self.unify(bias.dims[1], ((heads_space,),), node)
-            for d in (0, 2, 3):
-                self.table.fix_all(self.table.spaces_of(bias.dims[d]), f"position bias at {node.name}")
-        return _Tensor(tuple(self.meta_shape(node)), list(x.dims[:-1]) + [out_layout])
-
-    def swin_position_bias(self, node: Node, table_value: _Tensor) -> Any:
-        index = self.value(node.args[1])
-        if isinstance(index, _Tensor):
-            self.fix_tensor(index, f"position index at {node.name}")
-        self.make_opaque(table_value, 0, f"position table rows at {node.name}")
-        shape = self.meta_shape(node)
-        dims = [opaque_layout(s) for s in shape]
-        dims[1] = table_value.dims[1]
-        return _Tensor(tuple(shape), dims)
-
-    def swin_merge_pad(self, node: Node, x: _Tensor) -> Any:
-        shape = self.meta_shape(node)
-        for d in (-3, -2):
-            self.table.fix_all(self.table.spaces_of(x.dims[d]), f"patch merging at {node.name}")
-        dims = [opaque_layout(s) for s in shape[:-1]] + [x.dims[-1] * 4]
-        dims[: x.ndim - 3] = x.dims[: x.ndim - 3]
-        return _Tensor(tuple(shape), dims)
 
     # -- finalisation ---------------------------------------------------------------------------------
     def finish(self) -> Analysis:
@@ -1482,22 +1011,6 @@ def _flatten_args(value: Any) -> list[Any]:
     return [value]
 
 
-def _arg(args: Sequence[Any], kwargs: dict, position: int, name: str, default: Any) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > position:
-        return args[position]
-    return default
-
-
-def _bind(node: Node) -> dict[str, Any]:
-    """Arguments of a call_function node by parameter name (Python-level signature)."""
-    signature = inspect.signature(node.target)  # type: ignore[arg-type]
-    bound = signature.bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def state_name_map(model: nn.Module) -> dict[str, str]:
     """Every state_dict key (and parameter alias) -> the canonical key of the tensor it holds.
 
@@ -1520,7 +1033,14 @@ def analyze_graph(gm: GraphModule, state_names: dict[str, str], strict: bool = F
     """Run the dependency analysis on a traced, shape-annotated GraphModule."""
     analyzer = _Analyzer(gm, state_names, strict)
     analyzer.run()
-    return analyzer.finish()
+    analysis = analyzer.finish()
+    # like ShapeProp's ``tensor_meta``: each node's layouts in leaf space ids (see ``Analysis``)
+    for node in gm.graph.nodes:
+        if node.name in analysis.node_layouts:
+            node.meta["fxmerge_layouts"] = analysis.node_layouts[node.name]
+        else:
+            node.meta.pop("fxmerge_layouts", None)
+    return analysis
 
 
 

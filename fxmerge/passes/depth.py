@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError, IncompatibleModelsError, InvarianceError
 from fxmerge.metrics import MIN_CKA_BATCH, CKAAccumulator
@@ -245,31 +246,7 @@ def _is_residual_join(node: Node, inside: set[str], start: str) -> bool:
 
 def _identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     """A parameter of ``module`` that makes the layer an identity map (for a square layer)."""
-    value = torch.zeros(shape, dtype=like.dtype)
-    if name.endswith("num_batches_tracked"):
-        return like.clone()
-    if isinstance(module, nn.modules.conv._ConvNd) and name == "weight":
-        centre = tuple(k // 2 for k in shape[2:])
-        per_group = shape[1]
-        for c in range(min(shape[0], shape[1] * module.groups)):
-            value[(c, c % per_group) + centre] = 1.0
-        return value
-    if isinstance(module, nn.Linear) and name == "weight":
-        return torch.eye(shape[0], shape[1], dtype=like.dtype)
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        if name == "weight":
-            return torch.ones(shape, dtype=like.dtype)
-        if name == "running_var":
-            return torch.full(shape, 1.0 - module.eps, dtype=like.dtype)
-        return value
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and name == "weight":
-        return torch.ones(shape, dtype=like.dtype)
-    if isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight":
-        embed = shape[1]
-        return torch.cat([torch.eye(embed, dtype=like.dtype)] * (shape[0] // embed), dim=0)
-    if isinstance(module, nn.MultiheadAttention) and name == "out_proj.weight":
-        return torch.eye(shape[0], shape[1], dtype=like.dtype)
-    return value
+    return ops.identity_parameter(module, name, shape, like)  # the registry entry's ``identity``
 
 
 def _channel_dim(shape: tuple[int, ...]) -> int:
@@ -295,14 +272,9 @@ def _resizer(deep_width: int, shallow_width: int):
 def _resized_shape(module: nn.Module | None, shape: torch.Size, resize) -> torch.Size:
     if not shape or (module is not None and not shape[0] > 1 and len(shape) == 1):
         return shape
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if len(shape) == 1:  # the bias: one entry per output channel
-            return torch.Size((resize(shape[0]),))
-        in_axis = resize(shape[1] * module.groups) // module.groups if module.groups > 1 else resize(shape[1])
-        return torch.Size((resize(shape[0]), in_axis, *shape[2:]))
-    if module is None or isinstance(module, (nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):
+    if module is None:  # a get_attr tensor: every axis of more than one entry is a channel axis
         return torch.Size(resize(s) if s > 1 else s for s in shape)
-    return shape
+    return ops.resized_shape(module, shape, resize)  # the registry entry's ``resized_shape``
 
 
 def _rewrite_literals_for_widths(deep: GraphModule, extended: GraphModule) -> None:
@@ -376,17 +348,14 @@ def extend(
                 for key, local in names:
                     like = deep_state[key]
                     shape = _resized_shape(module, like.shape, resize)
-                    zero_all = target == zeroed and not isinstance(module, nn.MultiheadAttention)
-                    if zero_all and like.is_floating_point() and local not in ("running_var", "running_mean"):
+                    # the registry says which parameters to zero for a zero output (attention: out_proj)
+                    zero_all = target == zeroed
+                    if zero_all and like.is_floating_point() and ops.zeroes_output(module, local):
                         state[key] = torch.zeros(shape, dtype=like.dtype)
                     elif module is not None:
                         state[key] = _identity_parameter(module, local, shape, like)
                     else:
                         state[key] = torch.zeros(shape, dtype=like.dtype)
-                if zeroed is not None and target == zeroed and isinstance(module, nn.MultiheadAttention):
-                    for key, _ in names:
-                        if "out_proj" in key:
-                            state[key] = torch.zeros_like(state[key])
     missing = [key for key in deep_state if key not in state]
     for key in missing:  # tensors outside every unit (rare): the shallow model's own, by name
         if key in shallow_tensors:

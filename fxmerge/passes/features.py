@@ -16,16 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError
 from fxmerge.groups import ChannelSpace, Tap
 from fxmerge.progress import progress
-
-_CONSUMER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention, nn.ConvTranspose2d)
-
 
 # Samples are converted to float64 in chunks of at most this many bytes (rows x dim x 8).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -182,12 +179,8 @@ def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4) -> list[Ta
     modules = dict(gm.named_modules())
 
     def consumed(tap: Tap) -> bool:
-        for user in nodes[tap.node].users:
-            if user.op == "call_module" and isinstance(modules.get(str(user.target)), _CONSUMER_MODULES):
-                return True
-            if user.op == "call_function" and getattr(user.target, "__name__", "") in ("linear", "conv2d", "conv1d"):
-                return True
-        return False
+        # the registry's ``consumes`` flag: conv, linear and attention layers, modules or functions
+        return any(ops.consumes(user, modules) for user in nodes[tap.node].users)
 
     chosen = [tap for tap in group.taps if consumed(tap)] or list(group.taps[-1:])
     if len(chosen) > limit:

@@ -161,47 +161,9 @@ def transform_state_dict(
 
 def _update_layer_attributes(module: torch.nn.Module) -> None:
     """Keep a layer's size attributes consistent with its (possibly resized) parameters."""
-    from torch import nn
+    from fxmerge import ops
 
-    if isinstance(module, nn.modules.conv._ConvNd):
-        weight = module.weight
-        if (
-            not module.transposed
-            and 1 < module.groups == module.in_channels == module.out_channels
-            and weight.shape[1] == 1
-        ):
-            # depthwise, one output per input channel: inputs and outputs are one channel group,
-            # and the number of groups follows its width. (With a channel multiplier the inputs
-            # are the outer factor of the outputs, groups x multiplier: the analysis keeps that
-            # count, only the multiplier can change, and ``groups`` stays.)
-            module.groups = weight.shape[0]
-        if module.transposed:
-            module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
-        else:
-            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        reference = module.running_mean if module.running_mean is not None else module.weight
-        if reference is not None:
-            module.num_features = reference.shape[0]
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-        module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-        if module.num_groups == module.num_channels > 1:
-            # one channel per group (an instance norm): a plain channel group, the groups follow it
-            module.num_groups = module.weight.shape[0]
-        module.num_channels = module.weight.shape[0]
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = module.weight.shape
-    elif isinstance(module, nn.MultiheadAttention):
-        if module._qkv_same_embed_dim:
-            module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
-        else:
-            module.embed_dim = module.q_proj_weight.shape[1]
-            module.kdim, module.vdim = module.k_proj_weight.shape[1], module.v_proj_weight.shape[1]
-        module.head_dim = module.out_proj.weight.shape[1] // module.num_heads
-        module.out_proj.out_features, module.out_proj.in_features = module.out_proj.weight.shape
+    ops.update_attributes(module)  # each registry entry's ``resize`` (out_channels, num_features, ...)
 
 
 def load_state_resizing(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

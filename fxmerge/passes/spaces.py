@@ -58,6 +58,10 @@ class SpaceTable:
         # spaces paired index by index with an opaque extent (a flatten's spatial positions, a
         # sequence axis): fixed, and not channels unless a layer says otherwise (see finish())
         self.opaque_paired: list[int] = []
+        # bumped whenever a direct sum is created or a structure moved by a union: only then can
+        # a layout become unrepresentable (see ``representable``)
+        self.structure_version = 0
+        self._restructured: list[int] = []  # the roots whose structure was set, in order
 
     # -- basic union-find -------------------------------------------------------------------
     def new(self, size: int, hint: str, kind: str = "channels") -> int:
@@ -100,6 +104,10 @@ class SpaceTable:
             self._fixed.setdefault(keep, self._fixed.pop(drop))
         dropped = self._structure.pop(drop, None)
         kept = self._structure.get(keep)
+        if dropped is not None or kept is not None:
+            # a composite now stands where a space of the other side was (maybe inside a product)
+            self.structure_version += 1
+            self._restructured.append(keep)
         if dropped is None:
             return
         if kept is None:
@@ -135,6 +143,11 @@ class SpaceTable:
             self.new(size, f"{self.hints[root]}{hint}{i}", self.kinds[root]) for i, size in enumerate(child_sizes)
         )
         self._structure[root] = (kind, children)
+        if kind == "sum":
+            # only a direct sum can make a product above it unrepresentable (fresh children of a
+            # product have no structure yet)
+            self.structure_version += 1
+            self._restructured.append(root)
         if root in self._fixed:
             self.fix_all(children, self._fixed[root])
         return children
@@ -146,6 +159,46 @@ class SpaceTable:
     def split_sum(self, space: int, sizes: Sequence[int]) -> tuple[int, ...]:
         """Refine leaf ``space`` into consecutive blocks of the given sizes."""
         return self._refine(space, "sum", sizes, "/part")
+
+    # -- transactions ----------------------------------------------------------------------------
+    def checkpoint(self) -> tuple:
+        """The table's state, for ``rollback`` (an op whose rule leaves it unrepresentable)."""
+        return (
+            len(self._parent), list(self._parent), list(self.kinds), dict(self._fixed), dict(self._structure),
+            len(self.opaque_paired), len(self._restructured), self.structure_version,
+        )
+
+    def rollback(self, state: tuple) -> None:
+        """Restore the state of ``checkpoint``: spaces created since then are forgotten."""
+        count, parent, kinds, fixed, structure, paired, restructured, _ = state
+        self._parent, self.kinds = parent, kinds
+        del self.sizes[count:], self.hints[count:]
+        self._fixed, self._structure = fixed, structure
+        del self.opaque_paired[paired:], self._restructured[restructured:]
+
+    def representable(self, state: tuple) -> str | None:
+        """None when every composite space restructured since ``state`` (a ``checkpoint``) and
+        every composite above them still expands into pieces of leaf products; otherwise why not
+        (a direct sum nested inside a product below a permuted outer factor)."""
+        parents: dict[int, list[int]] = {}
+        for root, (_, children) in self._structure.items():
+            for child in children:
+                parents.setdefault(self.find(child), []).append(root)
+        todo = [self.find(r) for r in self._restructured[state[-2] :]]
+        seen: set[int] = set()
+        while todo:
+            root = todo.pop()
+            if root not in seen:
+                seen.add(root)
+                todo.extend(self.find(p) for p in parents.get(root, ()))
+        for root in sorted(seen):
+            if root not in self._structure:
+                continue
+            try:
+                self.expand(((root,),))
+            except Unrepresentable as error:
+                return f"{error} ({self.hints[root]})"
+        return None
 
     def roots(self) -> list[int]:
         return [s for s in range(len(self._parent)) if self._parent[s] == s]

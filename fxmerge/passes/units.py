@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d, nn.MultiheadAttention)
-_LAYER_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+from fxmerge import ops
 
 
 @dataclass(frozen=True)
@@ -93,9 +91,7 @@ def spine(gm: GraphModule) -> list[str]:
 
 
 def _is_layer(node: Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _LAYER_MODULES)
-    return node.op == "call_function" and node.target in _LAYER_FUNCTIONS
+    return ops.is_layer(node, modules)  # the registry's ``layer`` flag: conv, linear, attention
 
 
 def _shape(node: Node) -> tuple[int, ...]:
