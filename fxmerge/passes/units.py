@@ -178,7 +178,8 @@ def analysis_for_units(gm: GraphModule) -> Analysis:
     Its fail-closed warnings are not repeated here: the merge's own analysis of the same graph
     reports them.
     """
-    from fxmerge.passes.dependency import analyze_graph, state_name_map  # the analysis imports no pass
+    # imported here, not at the top: the analysis module may come to import this one
+    from fxmerge.passes.dependency import analyze_graph, state_name_map
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
