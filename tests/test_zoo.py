@@ -81,7 +81,7 @@ def test_output_shape_and_exact_trace(family: str, size_name: str) -> None:
     torch.testing.assert_close(traced_out, eager_out, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["resnet", "resnet_deep", "vgg", "vgg_two_pools", "vgg_no_bn", "mlp", "mlp_layernorm"])
+@pytest.mark.parametrize("family", ["resnet", "resnet_deep", "vgg", "vgg_two_pools", "vgg_no_bn", "mlp", "mlp_layernorm", "convnext_deep"])
 def test_every_unit_module_has_exactly_one_call_site(family: str) -> None:
     model = FACTORIES[family](**DIGITS)
     traced = torch.fx.symbolic_trace(model)
