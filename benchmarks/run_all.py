@@ -23,12 +23,13 @@ SCRIPTS = {
     "homogeneous": ["homogeneous.py"],
     "depth": ["depth.py"],
     "width": ["width.py"],
+    "conv1d": ["conv1d.py"],
     "partial": ["partial.py"],
     "timings": ["timings.py"],
     "memory": ["memory.py"],
     "properties": ["properties.py"],
 }
-SEEDED = {"homogeneous", "depth", "width", "partial"}
+SEEDED = {"homogeneous", "depth", "width", "conv1d", "partial"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only
 
 

@@ -11,6 +11,9 @@
   unit with the shallow unit it copies is 1, so the DP recovers the segmentation the extension
   was built with, and the merge gives back the shallow model's function.
 * A downsampling unit only pairs with a downsampling unit of the same shape change.
+* Nets whose channel dim a shape does not tell (Conv1d (N, C, L), Conv3d (N, C, D, H, W), a
+  channels-last ConvNeXt-style net at C == H == W): the extension of a narrow shallow net into a
+  wide deep one is exact, depth and width merge in one call, a permuted twin is recovered.
 
 The unbiased-HSIC CKA against a direct formula is tested in test_metrics.py
 (``test_cka_matches_direct_formula``).
@@ -32,7 +35,7 @@ from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.segmentation import Segmentation
 from fxmerge.passes.units import find_units
 from fxmerge.testing import random_permute
-from fxmerge.zoo import resnet, vgg, vgg_cfg, vit
+from fxmerge.zoo import convnext, resnet, vgg, vgg_cfg, vit
 
 from conftest import randomize_
 
@@ -145,7 +148,30 @@ PAIRS = {
         lambda: vit(patch_size=4, num_layers=6, in_channels=3, image_size=16),
         (3, 16, 16),
     ),
+    # Channel dims that neither rank nor sizes tell; the shallow net is also the narrow one.
+    "zoo-resnet1d-x1-to-x2": (
+        lambda: resnet((1, 1), 8, dims=1, in_channels=3, image_size=16, num_outputs=5),
+        lambda: resnet((2, 2), 16, dims=1, in_channels=3, image_size=16, num_outputs=5),
+        (3, 16),
+    ),
+    "zoo-resnet3d-x1-to-x2": (
+        lambda: resnet((1, 1), 4, dims=3, in_channels=2, image_size=4, num_outputs=5),
+        lambda: resnet((2, 2), 8, dims=3, in_channels=2, image_size=4, num_outputs=5),
+        (2, 4, 4, 4),
+    ),
+    "zoo-convnext-x1-to-x2": (  # the shallow net has 8 channels on 8x8: C == H == W
+        lambda: convnext((1, 1), 8, in_channels=3, image_size=8, num_outputs=5),
+        lambda: convnext((2, 2), 16, in_channels=3, image_size=8, num_outputs=5),
+        (3, 8, 8),
+    ),
+    "zoo-convnext-same-width": (  # both nets: 8 channels on 8x8 in stage 1
+        lambda: convnext((1, 1), 8, in_channels=3, image_size=8, num_outputs=5),
+        lambda: convnext((2, 3), 8, in_channels=3, image_size=8, num_outputs=5),
+        (3, 8, 8),
+    ),
 }
+# The pairs of nets whose channel dim a shape does not tell, narrow shallow net and wide deep net.
+ND_PAIRS = ("zoo-resnet1d-x1-to-x2", "zoo-resnet3d-x1-to-x2", "zoo-convnext-x1-to-x2")
 
 
 @pytest.fixture(scope="module", params=sorted(PAIRS))
@@ -223,6 +249,44 @@ def test_downsampling_units_only_pair_with_downsampling_units():
     # The stem, the pooling/flatten unit and the head are only compatible with themselves.
     assert np.flatnonzero(first_ok[0]).tolist() == [0]
     assert np.flatnonzero(first_ok[-1]).tolist() == [len(shallow_units) - 1]
+
+
+# ------------------------------------------------- Conv1d, Conv3d, channels-last at C == H == W
+
+
+@pytest.mark.parametrize("name", ND_PAIRS)
+def test_depth_and_width_merge_in_one_call(name):
+    """merge([shallow narrow, deep wide], depth="lma", width="max"): the shallow net is extended
+    into the deep structure, then zipped with it at the deep (larger) widths."""
+    make_shallow, make_deep, shape = PAIRS[name]
+    calibration, test = calibration_and_test(shape)
+    shallow, deep = prepared(make_shallow(), 0, calibration), prepared(make_deep(), 1, calibration)
+    result = fxmerge.merge([shallow, deep], calibration, method="zip", depth="lma", width="max", quiet=True)
+    (alignment,) = result.alignment
+    assert alignment.model == 0 and any(len(s) > 1 for s in alignment.segments)
+    deep_gm = fxmerge.trace(deep, calibration[0])
+    assert node_structure(result.module) == node_structure(deep_gm)
+    merged_shapes = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
+    assert merged_shapes == {k: tuple(v.shape) for k, v in deep_gm.state_dict().items()}
+    with torch.no_grad():
+        got = result.module(test)
+    assert got.shape == (len(test), 5) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", ND_PAIRS)
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_deep_net_merged_with_its_permuted_twin_is_recovered(name, method):
+    _, make_deep, shape = PAIRS[name]
+    calibration, test = calibration_and_test(shape)
+    deep = prepared(make_deep(), 1, calibration)
+    twin = random_permute(deep, calibration[0], seed=3)
+    with torch.no_grad():
+        assert relative_error(deep(test), twin(test)) <= 1e-5
+    changed = [k for k, v in deep.state_dict().items() if v.is_floating_point() and not torch.equal(v, twin.state_dict()[k])]
+    assert len(changed) > len(deep.state_dict()) // 2  # the twin's weights are permuted
+    result = fxmerge.merge([deep, twin], calibration, method=method, quiet=True)
+    with torch.no_grad():
+        assert relative_error(deep(test), result.module(test)) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------- merge

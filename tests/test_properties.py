@@ -40,9 +40,9 @@ Properties, each checked on every drawn model:
    nn.MultiheadAttention's residual stream is its embed dim = heads x head channels, which
    Net2Net cannot widen alone.
 
-The program generator avoids one coincidence on which the library fails *loudly*
-(IncompatibleModelsError, never a wrong model), pinned by a strict xfail at the end: a channel
-count equal to a spatial size (programs: 7x7 inputs, even channel counts).
+The program generator avoids a channel count equal to a spatial size (programs: 7x7 inputs, even
+channel counts), a coincidence on which units used to differ between widths (fixed: channel dims
+come from the analysis; the regression test at the end covers it).
 
 Every property runs ``derandomize=True`` (the same examples every run) with 12-30 examples;
 ``benchmarks/properties.py`` runs the same checks on the same strategies with a long profile
@@ -65,7 +65,6 @@ from torch import Tensor, nn
 
 import fxmerge
 from fxmerge import zoo
-from fxmerge.errors import IncompatibleModelsError
 from fxmerge.passes.depth import align_depth, extend
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.units import find_units
@@ -76,7 +75,7 @@ from conftest import assert_invariant, randomize_
 IN_CHANNELS = 3
 ZOO_IMAGE = 8  # zoo models: 8x8 (three 2x poolings of VGG, patches of 2 or 4 for ViT)
 # Programs: 7x7 inputs (pooled to 3x3, 1x1) and even channel counts, so that a channel count never
-# equals a spatial size -- see test_channels_last_norm_units_depend_on_width_coincidence
+# equals a spatial size -- see test_channels_last_norm_units_do_not_depend_on_width_coincidence
 PROGRAM_IMAGE = 7
 BATCH = 8
 CALIBRATION_BATCHES = 4
@@ -758,20 +757,22 @@ def test_collinear_dead_units_are_told_apart_by_weights() -> None:
     check_recovery(spec)
 
 
-@pytest.mark.xfail(raises=IncompatibleModelsError, strict=True, reason="units depend on a channel/spatial coincidence")
-def test_channels_last_norm_units_depend_on_width_coincidence() -> None:
-    """``find_units`` decides that a layer-free spine step reshapes by comparing tensor shapes:
-    ``x.permute(0, 2, 3, 1)`` of an (N, C, H, W) tensor "reshapes" unless C == H == W. A
-    ConvNeXt-style channels-last LayerNorm therefore makes its own unit at 4 channels on 8x8
-    inputs, but not at 8 channels, and merging a model with its Net2Net widening (or any two
-    widths) fails with IncompatibleModelsError (loud, never a wrong model). The properties avoid
-    it with 7x7 program inputs and even channel counts."""
+def test_channels_last_norm_units_do_not_depend_on_width_coincidence() -> None:
+    """Regression: ``find_units`` decided that a layer-free spine step reshapes by comparing tensor
+    shapes, so ``x.permute(0, 2, 3, 1)`` of an (N, C, H, W) tensor "reshaped" unless C == H == W:
+    a ConvNeXt-style channels-last LayerNorm made its own unit at 4 channels on 8x8 inputs but not
+    at 8 channels, and merging a model with its Net2Net widening failed (IncompatibleModelsError).
+    Channel dims now come from the analysis: the units are the same at both widths and the merge
+    gives the model back."""
     spec = Program(4, "ln", 1, (Block("conv", out=6, norm="ln"),), "pool", 0)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(BATCH, IN_CHANNELS, 8, 8, generator=generator) for _ in range(CALIBRATION_BATCHES)]
     torch.manual_seed(0)
     model = randomize_(ProgramNet(spec, image=8).eval(), 1)
-    wide = net2net_widen(model, batches[0], 2)
+    wide = net2net_widen(model, batches[0], 2)  # 4 -> 8 stem channels on 8x8: C == H == W
+    units = [find_units(fxmerge.trace(m, batches[0])) for m in (model, wide)]
+    assert [(u.kind, u.end, u.layout_change) for u in units[0]] == [(u.kind, u.end, u.layout_change) for u in units[1]]
+    assert any(u.kind == "other" and u.in_channel_dims == u.out_channel_dims == (1,) for u in units[1])
     result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)
     assert norm_relative(output(model, batches[0]), output(result.module, batches[0])) < 1e-3
 

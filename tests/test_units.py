@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 import fxmerge
 from fxmerge import zoo
-from fxmerge.passes.units import Unit, find_units, spine
+from fxmerge.passes.units import Unit, analysis_for_units, channel_count, channel_dims, find_units, spine
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -194,3 +194,56 @@ def test_spine_is_the_dominator_chain_in_topological_order(name: str, model, sha
     # inside a residual block (or a branch) nodes are off the spine
     if name != "zoo_vgg":
         assert any(n.name not in chain for n in nodes if n.op == "call_module")
+
+
+# ------------------------------------------------ channel dims come from the analysis, not shapes
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_resnet_units_have_channels_on_dim_1(dims: int) -> None:
+    """(N, C, L) and (N, C, D, H, W): rank says nothing about the channel dim (an (N, C, L) signal
+    has the rank of an (N, L, C) token sequence); the analysis finds it."""
+    gm = traced(zoo.resnet((1, 1), 4, dims=dims, in_channels=2, image_size=4, num_outputs=5), (2, 2, *(4,) * dims))
+    units = find_units(gm)
+    check_chain(gm, units)
+    assert [u.kind for u in units] == ["plain", "residual", "residual", "other", "plain"]
+    assert [(u.in_channel_dims, u.out_channel_dims) for u in units] == [((1,), (1,))] * 5
+    assert [(u.in_channels, u.out_channels) for u in units] == [(2, 4), (4, 4), (4, 8), (8, 8), (8, 5)]
+    space = (4,) * dims
+    assert units[2].layout_change == ((2, -1, *space), (2, -1, *(2,) * dims))  # channel counts masked
+    assert units[1].preserves_shape and not units[2].preserves_shape
+
+
+def channels_last_units(width: int) -> list[Unit]:
+    gm = traced(zoo.convnext((1, 1), width, in_channels=3, image_size=8, num_outputs=5), (2, 3, 8, 8))
+    units = find_units(gm)
+    check_chain(gm, units)
+    return units
+
+
+def test_channels_last_permutes_are_unit_boundaries_whatever_the_sizes() -> None:
+    """A permute to channels-last and back is a layout change, also at C == H == W (8 channels on
+    8x8), where the shapes before and after are equal: the units do not depend on the width."""
+    units = channels_last_units(8)
+    structure = [(u.kind, u.end, u.layout_change) for u in units]
+    assert [(u.kind, u.end, u.layout_change) for u in channels_last_units(6)] == structure
+    assert [(u.kind, u.end, u.layout_change) for u in channels_last_units(16)] == structure
+    assert [u.kind for u in units] == ["plain", "other", "residual", "other", "plain", "residual", "other", "plain"]
+    stem_norm = units[1]  # permute -> LayerNorm -> permute back, after the stem conv
+    assert [n.split("_")[0] for n in stem_norm.nodes] == ["permute", "stem", "permute"]
+    assert stem_norm.in_shape == stem_norm.out_shape == (2, 8, 8, 8) and stem_norm.in_channel_dims == (1,)
+    # Inside the block the channels sit on the last dim, with a shape equal to the channels-first one.
+    gm = traced(zoo.convnext((1, 1), 8, in_channels=3, image_size=8, num_outputs=5), (2, 3, 8, 8))
+    analysis = analysis_for_units(gm)
+    first, back = stem_norm.nodes[0], stem_norm.nodes[-1]
+    assert channel_dims(analysis, first) == (3,) and channel_dims(analysis, back) == (1,)
+    assert channel_count(analysis, first) == channel_count(analysis, back) == 8
+    assert channel_dims(analysis, "x") == (1,) and channel_dims(analysis, "flatten") == (1,)
+
+
+def test_a_permute_that_moves_the_channels_is_not_shape_preserving() -> None:
+    """A unit whose output has the input's shape but its channels on another dim cannot become an
+    identity, so the depth DP must not insert it as one."""
+    unit = Unit(0, "a", "b", ("b",), "plain", (), (2, 8, 8, 8), (2, 8, 8, 8), (1,), (3,), 8, 8)
+    assert not unit.preserves_shape
+    assert unit.layout_change == ((2, -1, 8, 8), (2, 8, 8, -1))

@@ -11,7 +11,7 @@ import torch.fx
 from torch import nn
 
 from fxmerge import zoo
-from fxmerge.zoo import BasicBlock, FAMILIES, mlp, resnet, vgg, vgg_cfg, vit
+from fxmerge.zoo import BasicBlock, ConvNeXtBlock, FAMILIES, convnext, mlp, resnet, vgg, vgg_cfg, vit
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +37,8 @@ FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "mlp_layernorm": lambda **kw: mlp((32, 16, 8), layernorm=True, **kw),
     "vit": lambda **kw: vit(num_layers=2, **kw),
+    "convnext": convnext,
+    "convnext_deep": lambda **kw: convnext((2, 1), width=4, mlp_ratio=3, **kw),
 }
 
 # Layer types whose modules must each be called at exactly one graph node.
@@ -79,7 +81,7 @@ def test_output_shape_and_exact_trace(family: str, size_name: str) -> None:
     torch.testing.assert_close(traced_out, eager_out, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["resnet", "resnet_deep", "vgg", "vgg_two_pools", "vgg_no_bn", "mlp", "mlp_layernorm"])
+@pytest.mark.parametrize("family", ["resnet", "resnet_deep", "vgg", "vgg_two_pools", "vgg_no_bn", "mlp", "mlp_layernorm", "convnext_deep"])
 def test_every_unit_module_has_exactly_one_call_site(family: str) -> None:
     model = FACTORIES[family](**DIGITS)
     traced = torch.fx.symbolic_trace(model)
@@ -101,7 +103,7 @@ def test_width_multiplier_two_adds_parameters(family: str) -> None:
 
 
 def test_families_registry() -> None:
-    assert FAMILIES == {"resnet": resnet, "vgg": vgg, "mlp": mlp, "vit": vit}
+    assert FAMILIES == {"resnet": resnet, "vgg": vgg, "mlp": mlp, "vit": vit, "convnext": convnext}
     assert zoo.BasicBlock is BasicBlock
 
 
@@ -147,6 +149,46 @@ def test_basic_block_shortcut_kinds() -> None:
     widen_only = BasicBlock(8, 16, stride=1)
     assert len(widen_only.shortcut) == 2
     assert projection(torch.randn(2, 8, 8, 8)).shape == (2, 16, 4, 4)
+
+
+@pytest.mark.parametrize(("dims", "conv", "norm"), [(1, nn.Conv1d, nn.BatchNorm1d), (3, nn.Conv3d, nn.BatchNorm3d)])
+def test_resnet_dims_builds_conv1d_and_conv3d_nets(dims: int, conv: type, norm: type) -> None:
+    torch.manual_seed(0)
+    model = resnet((2, 1), width=4, dims=dims, in_channels=2, image_size=8, num_outputs=5)
+    assert {type(m) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)} == {conv}
+    assert {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {norm}
+    x = torch.randn(3, 2, *(8,) * dims)
+    model = _with_nontrivial_running_stats(model, x)
+    traced_model = torch.fx.symbolic_trace(model)
+    sizes: dict[str, tuple[int, ...]] = {}
+    for name in ("stem", "stage1", "stage2"):
+        getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[1:])))
+    with torch.no_grad():
+        eager = model(x)
+        traced = traced_model(x)
+    assert eager.shape == (3, 5)
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-6)
+    assert sizes == {"stem": (4, *(8,) * dims), "stage1": (4, *(8,) * dims), "stage2": (8, *(4,) * dims)}
+    with pytest.raises(ValueError, match="dims"):
+        resnet(dims=4)
+
+
+def test_convnext_layout_is_channels_last_inside_blocks() -> None:
+    model = convnext((1, 2), width=8, in_channels=3, image_size=8, num_outputs=5)
+    assert [name for name, _ in model.named_children()] == ["stem", "stem_norm", "stage1", "stage2", "pool", "flatten", "norm", "head"]
+    block = model.stage1[0]
+    assert isinstance(block, ConvNeXtBlock) and block.dwconv.groups == block.dwconv.in_channels == 8
+    assert (block.fc1.in_features, block.fc1.out_features, block.fc2.out_features) == (8, 16, 8)
+    assert len(model.stage2) == 3 and model.stage2[0].conv.stride == (2, 2) and model.stage2[0].conv.out_channels == 16
+    traced = torch.fx.symbolic_trace(model)
+    permutes = [n.args[1:] for n in traced.graph.nodes if n.op == "call_method" and n.target == "permute"]
+    # stem norm, one block, downsample norm, two blocks: to channels-last and back each time
+    assert permutes == [(0, 2, 3, 1), (0, 3, 1, 2)] * 5
+    x = torch.randn(2, 3, 8, 8)  # 8 channels on 8x8: C == H == W in stage 1
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="image_size"):
+        convnext((1, 1, 1, 1), image_size=4)
 
 
 def test_vgg_cfg() -> None:

@@ -192,7 +192,10 @@ def _linear_identity(module: Any, name: str, shape: torch.Size, like: torch.Tens
 def _conv_resized_shape(module: Any, shape: torch.Size, resize: Any) -> torch.Size:
     if len(shape) == 1:  # the bias: one entry per output channel
         return torch.Size((resize(shape[0]),))
-    in_axis = resize(shape[1] * module.groups) // module.groups if module.groups > 1 else resize(shape[1])
+    if 1 < module.groups == module.in_channels == module.out_channels and shape[1] == 1:
+        in_axis = 1  # depthwise: its groups follow the width (the entry's ``resize``)
+    else:
+        in_axis = resize(shape[1] * module.groups) // module.groups if module.groups > 1 else resize(shape[1])
     return torch.Size((resize(shape[0]), in_axis, *shape[2:]))
 
 

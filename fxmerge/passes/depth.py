@@ -30,10 +30,11 @@ from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError, IncompatibleModelsError, InvarianceError
 from fxmerge.metrics import MIN_CKA_BATCH, CKAAccumulator
+from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import tap_extractor
 from fxmerge.passes.rewrite import load_state_resizing
 from fxmerge.passes.segmentation import Segmentation, segment
-from fxmerge.passes.units import Unit, find_units
+from fxmerge.passes.units import Unit, analysis_for_units, find_units
 from fxmerge.progress import progress
 
 
@@ -76,27 +77,19 @@ def _signature(gm: GraphModule, unit: Unit) -> tuple:
     return tuple(kinds)
 
 
-def _shape_change(unit: Unit) -> tuple:
-    """The shapes in and out without their channel dims: what two units of models of different
-    widths must share to be aligned."""
-
-    def without_channels(shape: tuple[int, ...]) -> tuple[int, ...]:
-        channel = _channel_dim(shape)
-        return shape[:channel] + shape[channel + 1 :] if shape else shape
-
-    # Whether the channel count changes is not compared: with models of different widths it is
-    # a coincidence (a head mapping 4 -> 4 channels in one model, 5 -> 4 in the other). A deep
-    # unit that changes its channels can never be an inserted identity (``extra_ok``), which is
-    # what keeps stages aligned.
-    return (without_channels(unit.in_shape), without_channels(unit.out_shape))
-
-
 def compatibility(
     deep: GraphModule, deep_units: Sequence[Unit], shallow: GraphModule, shallow_units: Sequence[Unit]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(first_ok (m, n), extra_ok (m,)) constraints of the depth DP."""
-    deep_sigs = [(_signature(deep, u), u.kind, _shape_change(u)) for u in deep_units]
-    shallow_sigs = [(_signature(shallow, u), u.kind, _shape_change(u)) for u in shallow_units]
+    """(first_ok (m, n), extra_ok (m,)) constraints of the depth DP.
+
+    Units are compared by op kinds, kind and ``Unit.layout_change`` (shapes with the channel dims,
+    read from the analysis, masked): whether the channel count changes is not compared, since with
+    models of different widths it is a coincidence (a head mapping 4 -> 4 channels in one model,
+    5 -> 4 in the other). A deep unit that changes its channels can never be an inserted identity
+    (``extra_ok``), which is what keeps stages aligned.
+    """
+    deep_sigs = [(_signature(deep, u), u.kind, u.layout_change) for u in deep_units]
+    shallow_sigs = [(_signature(shallow, u), u.kind, u.layout_change) for u in shallow_units]
     first_ok = np.array([[d == s for s in shallow_sigs] for d in deep_sigs], dtype=bool)
     extra_ok = np.array([u.preserves_shape and u.kind in ("residual", "plain") for u in deep_units], dtype=bool)
     return first_ok, extra_ok
@@ -162,12 +155,16 @@ def align_depth(
     *,
     quiet: bool = False,
     process_group: Any = None,
+    analyses: tuple[Analysis, Analysis] | None = None,
 ) -> DepthAlignment:
     """Measure CKA between units and solve the depth DP for one shallower model.
 
     ``process_group``: see ``unit_cka`` (every process gets the same alignment).
+    ``analyses``: (deep, shallow) dependency analyses of the two graphs, for the units' channel
+    axes (computed when not given).
     """
-    deep_units, shallow_units = find_units(deep), find_units(shallow)
+    deep_analysis, shallow_analysis = analyses or (None, None)
+    deep_units, shallow_units = find_units(deep, deep_analysis), find_units(shallow, shallow_analysis)
     if len(deep_units) < len(shallow_units):
         raise IncompatibleModelsError("align_depth: the first model must be the deeper one")
     first_ok, extra_ok = compatibility(deep, deep_units, shallow, shallow_units)
@@ -249,18 +246,16 @@ def _identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: t
     return ops.identity_parameter(module, name, shape, like)  # the registry entry's ``identity``
 
 
-def _channel_dim(shape: tuple[int, ...]) -> int:
-    """Channel dim of an activation: 1 for (N, C) and image batches (N, C, ...), -1 for tokens (N, L, C)."""
-    return 1 if len(shape) in (2, 4, 5) else len(shape) - 1
-
-
-def _channels(shape: tuple[int, ...]) -> int:
-    return shape[_channel_dim(shape)] if shape else 0
-
-
 def _resizer(deep_width: int, shallow_width: int):
     """Maps a deep unit's channel extent to the shallow model's: the stream width exactly, others
     (hidden widths) scaled by the same ratio, so an inserted identity unit fits the shallow model."""
+    if deep_width == shallow_width:  # also a unit without channel dims (0 == 0): nothing to resize
+        return lambda size: size
+    if deep_width == 0 or shallow_width == 0:
+        raise IncompatibleModelsError(
+            f"cannot fit an inserted unit of {deep_width} channels to the shallower model's {shallow_width}: "
+            "the analysis found a channel axis in only one of them"
+        )
     ratio = shallow_width / deep_width
 
     def resize(size: int) -> int:
@@ -277,12 +272,11 @@ def _resized_shape(module: nn.Module | None, shape: torch.Size, resize) -> torch
     return ops.resized_shape(module, shape, resize)  # the registry entry's ``resized_shape``
 
 
-def _rewrite_literals_for_widths(deep: GraphModule, extended: GraphModule) -> None:
-    """Shape literals of the deep graph (``reshape(x, n, 768, -1)``) at the extension's widths."""
-    from fxmerge.passes.dependency import analyze_graph, state_name_map
+def _rewrite_literals_for_widths(analysis: Analysis, extended: GraphModule) -> None:
+    """Shape literals of the deep graph (``reshape(x, n, 768, -1)``, from its ``analysis``) at the
+    extension's widths."""
     from fxmerge.passes.rewrite import rewrite_shape_literals
 
-    analysis = analyze_graph(deep, state_name_map(deep))
     if not analysis.shape_literals:
         return
     tensors = dict(extended.named_parameters()) | dict(extended.named_buffers())
@@ -299,15 +293,22 @@ def _rewrite_literals_for_widths(deep: GraphModule, extended: GraphModule) -> No
 
 
 def extend(
-    shallow: GraphModule, deep: GraphModule, alignment: DepthAlignment, example: torch.Tensor
+    shallow: GraphModule,
+    deep: GraphModule,
+    alignment: DepthAlignment,
+    example: torch.Tensor,
+    *,
+    analyses: tuple[Analysis, Analysis] | None = None,
 ) -> GraphModule:
     """The deep graph carrying the shallow model's weights, plus identity units (see module doc).
 
     Inserted units take the shallow model's width at their position (their hidden widths scale
-    with it); ``example`` is used to check that the extension computes what the shallow model
-    computes (``InvarianceError`` otherwise).
+    with it; channel counts read from the analyses); ``example`` is used to check that the
+    extension computes what the shallow model computes (``InvarianceError`` otherwise).
+    ``analyses``: (deep, shallow) dependency analyses, as for ``align_depth``.
     """
-    deep_units, shallow_units = find_units(deep), find_units(shallow)
+    deep_analysis, shallow_analysis = analyses or (analysis_for_units(deep), None)
+    deep_units, shallow_units = find_units(deep, deep_analysis), find_units(shallow, shallow_analysis)
     extended = copy.deepcopy(deep)
     state: dict[str, torch.Tensor] = {}
     deep_state = deep.state_dict()
@@ -329,10 +330,10 @@ def extend(
             for key in deep_state:
                 if key.startswith(prefix):
                     state[key] = shallow_tensors[shallow_target + "." + key[len(prefix):]].detach().clone()
-        shallow_channels = _channels(shallow_units[i].out_shape)
+        shallow_channels = shallow_units[i].out_channels
         for j in extras:
             unit = deep_units[j]
-            resize = _resizer(_channels(unit.in_shape), shallow_channels)
+            resize = _resizer(unit.in_channels, shallow_channels)
             zeroed = _residual_branch_end(deep, unit) if unit.kind == "residual" else None
             if unit.kind == "residual" and zeroed is None:
                 raise IncompatibleModelsError(
@@ -363,7 +364,7 @@ def extend(
         else:
             raise IncompatibleModelsError(f"no value for '{key}' of the deeper model in the extension")
     load_state_resizing(extended, state)
-    _rewrite_literals_for_widths(deep, extended)
+    _rewrite_literals_for_widths(deep_analysis, extended)
     extended.eval()
     with torch.no_grad():
         ShapeProp(extended).propagate(example)  # the deep graph's shapes, at the shallow widths
@@ -378,5 +379,5 @@ def extend(
     return extended
 
 
-def depth_of(gm: GraphModule) -> int:
-    return len(find_units(gm))
+def depth_of(gm: GraphModule, analysis: Analysis | None = None) -> int:
+    return len(find_units(gm, analysis))

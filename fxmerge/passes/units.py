@@ -6,17 +6,30 @@ whole residual block (ResNet, transformer sub-block). A *unit* is one step that 
 layer (conv, linear, attention) together with the layer-free steps that follow it (norm,
 activation, pooling), so a VGG is cut into conv+bn+relu(+pool) units and a ResNet into blocks,
 without any per-architecture code.
+
+Which dims of a tensor hold channels is read from the dependency analysis
+(``Analysis.node_layouts``), never guessed from the tensor's rank or from sizes: a dim is a
+channel axis when its layout holds a channel space of some layer (``channel_dims``). A step that
+moves the channel axis (a channels-last permute) therefore changes the layout whatever the sizes,
+even when C == H == W.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxmerge import ops
+from fxmerge.groups import Opaque
+
+if TYPE_CHECKING:
+    from fxmerge.passes.dependency import Analysis
 
 
 @dataclass(frozen=True)
@@ -27,7 +40,9 @@ class Unit:
     ``end`` the spine node whose value leaves it; ``nodes`` all graph nodes strictly after
     ``start`` up to and including ``end``. ``kind`` is "residual" (the unit has parallel paths that
     meet again), "plain" (a chain) or "other". ``in_shape``/``out_shape`` are the tensor shapes at
-    ``start`` and ``end``; ``preserves_shape`` tells whether the unit could become an identity.
+    ``start`` and ``end``; ``in_channel_dims``/``out_channel_dims`` the dims of those shapes that
+    hold channels and ``in_channels``/``out_channels`` how many channels they hold (0: none), both
+    from the analysis; ``preserves_shape`` tells whether the unit could become an identity.
     """
 
     index: int
@@ -38,10 +53,22 @@ class Unit:
     layers: tuple[str, ...]
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    in_channel_dims: tuple[int, ...] = ()
+    out_channel_dims: tuple[int, ...] = ()
+    in_channels: int = 0
+    out_channels: int = 0
 
     @property
     def preserves_shape(self) -> bool:
-        return self.in_shape == self.out_shape
+        """Same shape and the channels on the same dims (a channels-last permute at C == H == W
+        keeps the shape, not the layout)."""
+        return self.in_shape == self.out_shape and self.in_channel_dims == self.out_channel_dims
+
+    @property
+    def layout_change(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(input shape, output shape) with every channel dim's size replaced by -1: what two units
+        of models of different widths share when they have one structure."""
+        return _masked(self.in_shape, self.in_channel_dims), _masked(self.out_shape, self.out_channel_dims)
 
     @property
     def shape_change(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -99,8 +126,69 @@ def _shape(node: Node) -> tuple[int, ...]:
     return tuple(meta.shape) if hasattr(meta, "shape") else ()
 
 
-def find_units(gm: GraphModule) -> list[Unit]:
-    """Cut the spine of a traced, shape-annotated graph into units (see the module docstring)."""
+def _masked(shape: tuple[int, ...], channel_dims: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-1 if d in channel_dims else size for d, size in enumerate(shape))
+
+
+def channel_dims(analysis: Analysis, node: str) -> tuple[int, ...]:
+    """The dims of ``node``'s value that hold channels: their layout has a factor that is a channel
+    space of some layer (conv, linear, norm, attention; fixed ones included, e.g. the model input's
+    channels). Batch, spatial and sequence dims hold only opaque extents or spaces no layer reads.
+    A dim whose layout the analysis could not represent counts as a channel dim (it is not known to
+    be anything else). () for a node without a recorded layout."""
+    layouts = analysis.node_layouts.get(node) or ()
+    channels = _channel_spaces(analysis)
+    return tuple(
+        d for d, layout in enumerate(layouts)
+        if layout is None or any(f in channels for piece in layout for f in piece if not isinstance(f, Opaque))
+    )
+
+
+def channel_count(analysis: Analysis, node: str) -> int:
+    """How many channels ``node``'s value has: over its channel dims, the product of the channel
+    extents, each the sum over the dim's pieces of the product of its channel-space sizes (opaque
+    factors, e.g. the positions a flatten folds in, excluded). 0 when it has no channel dim."""
+    layouts = analysis.node_layouts.get(node) or ()
+    channels = _channel_spaces(analysis)
+    count = 0
+    for d in channel_dims(analysis, node):
+        layout = layouts[d]
+        if layout is None:
+            return 0
+        extent = 0
+        for piece in layout:
+            factors = [analysis.space_sizes[f] for f in piece if not isinstance(f, Opaque) and f in channels]
+            extent += math.prod(factors) if factors else 0
+        count = extent if count == 0 else count * extent
+    return count
+
+
+def _channel_spaces(analysis: Analysis) -> set[int]:
+    return {analysis.space_ids[name] for name in analysis.layer_channel_groups if name in analysis.space_ids}
+
+
+def analysis_for_units(gm: GraphModule) -> Analysis:
+    """The dependency analysis ``find_units`` reads channel axes from, when it is not given one.
+
+    Its fail-closed warnings are not repeated here: the merge's own analysis of the same graph
+    reports them.
+    """
+    # imported here, not at the top: the analysis module may come to import this one
+    from fxmerge.passes.dependency import analyze_graph, state_name_map
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return analyze_graph(gm, state_name_map(gm))
+
+
+def find_units(gm: GraphModule, analysis: Analysis | None = None) -> list[Unit]:
+    """Cut the spine of a traced, shape-annotated graph into units (see the module docstring).
+
+    ``analysis``: the dependency analysis of ``gm`` (``analyze_graph``), for its channel axes;
+    computed when not given.
+    """
+    if analysis is None:
+        analysis = analysis_for_units(gm)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     order = {n.name: i for i, n in enumerate(nodes)}
@@ -114,13 +202,18 @@ def find_units(gm: GraphModule) -> list[Unit]:
     # flatten, token selection) belongs to an "other" unit of its own, so that a block's
     # structure does not depend on whether it is the last one of the network. A shape-preserving
     # layer-free step joins the unit before it, except that a norm after a residual block (a
-    # final LayerNorm) also goes to an "other" unit.
+    # final LayerNorm) also goes to an "other" unit. A step reshapes when the shape or the dims
+    # holding channels change (a permute to channels-last and back, whatever the sizes).
     units: list[list[tuple[str, str, list[str]]]] = []
     kinds: list[str] = []
+
+    def layout(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return _shape(by_name[name]), channel_dims(analysis, name)
+
     for step in steps:
         a, b, names = step
         has_layer = any(_is_layer(by_name[name], modules) for name in names)
-        reshapes = _shape(by_name[a]) != _shape(by_name[b])
+        reshapes = layout(a) != layout(b)
         has_params = any(_has_parameters(by_name[name], modules) for name in names)
         if has_layer:
             units.append([step])
@@ -144,7 +237,11 @@ def find_units(gm: GraphModule) -> list[Unit]:
         layers = tuple(name for name in names if _is_layer(by_name[name], modules))
         kind = "other" if kinds[index] == "other" else ("residual" if residual else "plain")
         result.append(
-            Unit(index, start, end, names, kind, layers, _shape(by_name[start]), _shape(by_name[end]))
+            Unit(
+                index, start, end, names, kind, layers, _shape(by_name[start]), _shape(by_name[end]),
+                channel_dims(analysis, start), channel_dims(analysis, end),
+                channel_count(analysis, start), channel_count(analysis, end),
+            )
         )
     return result
 

@@ -12,16 +12,18 @@ from collections.abc import Callable
 
 from torch import nn
 
+from fxmerge.zoo.convnext import ConvNeXtBlock, convnext
 from fxmerge.zoo.mlp import mlp
 from fxmerge.zoo.resnet import BasicBlock, resnet
 from fxmerge.zoo.vgg import vgg, vgg_cfg
 from fxmerge.zoo.vit import vit
 
-__all__ = ["BasicBlock", "FAMILIES", "mlp", "resnet", "vgg", "vgg_cfg", "vit"]
+__all__ = ["BasicBlock", "ConvNeXtBlock", "FAMILIES", "convnext", "mlp", "resnet", "vgg", "vgg_cfg", "vit"]
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "resnet": resnet,
     "vgg": vgg,
     "mlp": mlp,
     "vit": vit,
+    "convnext": convnext,
 }
