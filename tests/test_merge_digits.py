@@ -39,7 +39,7 @@ def merged(task_models: TaskModels) -> dict:
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     calibration = calibration_data(task_models.split, seed=SEED)
     results = {
-        method: fxmerge.merge(models, calibration, method=method, seed=SEED, quiet=True)
+        method: fxmerge.merge(models, calibration, method=method, quiet=True)
         for method in ("average", "zip")
     }
     return {"before": before, "calibration": calibration, **results}
