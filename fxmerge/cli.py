@@ -221,9 +221,10 @@ def _merge_settings(args: argparse.Namespace) -> dict:
         calibration = {"path": args.calib}
     if args.batch_size:
         calibration["batch_size"] = args.batch_size
-    options = dict(config.get("merge") or {})
+    options = config.get("merge") or {}
     if not isinstance(options, dict):
         raise ConfigError(f"{args.config}: 'merge:' must be a mapping of options")
+    options = dict(options)
     for key in option_names():
         value = getattr(args, key, None)
         if value is not None:
