@@ -227,7 +227,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
         began = time.perf_counter()
         result = fxmerge.merge(
             [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma",
-            calibration_batches=args.calibration_batches, seed=seed, quiet=True, alpha=args.alpha, beta=args.beta,
+            calibration_batches=args.calibration_batches, quiet=True, alpha=args.alpha, beta=args.beta,
         )
         seconds = time.perf_counter() - began
         record: dict[str, Any] = {"pair": pair, "models": [a, b], "method": method, "depth": depth, "seconds": seconds}

@@ -57,13 +57,13 @@ def run_seed(family: str, seed: int, epochs: int) -> list[dict]:
     rows.append({"name": "Ensemble (A and B, nothing shared)", "stop_at": None, "params": parameters(ensemble), **_flat(report)})
     for index, unit in enumerate(units[:-1]):
         start = time.perf_counter()
-        result = merge([models.model_a, models.model_b], calibration, method="zip", stop_at=index, seed=seed, quiet=True)
+        result = merge([models.model_a, models.model_b], calibration, method="zip", stop_at=index, quiet=True)
         report = evaluate(result.module, models.head, models.split)
         rows.append({
             "name": f"Zip up to unit {index} ({unit.end})", "stop_at": index, "params": parameters(result.module),
             "seconds": time.perf_counter() - start, **_flat(report),
         })
-    result = merge([models.model_a, models.model_b], calibration, method="zip", seed=seed, quiet=True)
+    result = merge([models.model_a, models.model_b], calibration, method="zip", quiet=True)
     rows.append({"name": "Full zip", "stop_at": "full", "params": parameters(result.module), **_flat(evaluate(result.module, models.head, models.split))})
     return rows
 

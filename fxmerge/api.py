@@ -1,13 +1,21 @@
-"""``fxmerge.merge``: orchestrates the passes into one merged GraphModule."""
+"""``fxmerge.merge``: the merge as a short pipeline of named stages over one state per model.
+
+``merge`` validates its inputs (``fxmerge.inputs``), then runs, in order: trace, depth alignment
+(when depths differ: the shallower graphs are extended), analysis (of the possibly extended
+graphs), structure check (and the merged region of a partial merge), feature statistics, width
+matching, rewrite, tails (partial zipping / concat heads), BatchNorm repair. Each stage is a small
+function over ``ModelState`` objects; its seconds go to ``MergeResult.timings`` under the keys
+"trace", "depth", "dependency", "structure", "features", "width", "rewrite" (rewrite and tails)
+and "repair".
+"""
 
 from __future__ import annotations
 
 import copy
 import time
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -15,21 +23,29 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxmerge.config import MergeConfig
-from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
+from fxmerge.errors import ConfigError, IncompatibleModelsError
+from fxmerge.inputs import checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend
-from fxmerge.passes.features import feature_statistics, observed_groups
+from fxmerge.passes.features import GroupStatistics, feature_statistics, observed_groups
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
-from fxmerge.passes.units import find_units
+from fxmerge.passes.units import analysis_for_units, find_units
 from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
 from fxmerge.trace import trace
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class GroupReport:
-    """One group of the merge: its name, the models' widths, the merged width, how it was matched."""
+    """One group of the merge: its name, the models' widths, the merged width, how it was matched.
+
+    ``labels[k][i]``: the merged unit that unit i of model k went to (the argmax of row i of
+    U_k, (n_k, width)); -1 for a unit that no merged unit reconstructs (a zero row of U_k). A
+    fixed group keeps its order: ``labels[k] == (0, 1, ..., n - 1)`` (the models' values are
+    averaged). A group of a composite (attention heads x head channels) labels its flattened
+    units (head-major).
+    """
 
     name: str
     sizes: tuple[int, ...]
@@ -37,16 +53,34 @@ class GroupReport:
     fixed: bool
     similarity: float | None
     source: str
+    labels: tuple[tuple[int, ...], ...] = ()
+
+    def __repr__(self) -> str:
+        how = "fixed" if self.fixed else self.source
+        similarity = "" if self.similarity is None else f", similarity {self.similarity:.3f}"
+        return f"GroupReport({self.name!r}: {self.sizes} -> {self.width}, {how}{similarity})"
 
 
-@dataclass(frozen=True)
+def _labels(match: GroupMatch) -> tuple[tuple[int, ...], ...]:
+    """Per model, the merged unit of each of its units (see ``GroupReport.labels``)."""
+    if match.unmerge is None:
+        return tuple(tuple(range(size)) for size in match.sizes)
+    out = []
+    for unmerge in match.unmerge:
+        best = unmerge.argmax(dim=1)
+        best[unmerge.abs().amax(dim=1) == 0] = -1
+        out.append(tuple(best.tolist()))
+    return tuple(out)
+
+
+@dataclass(frozen=True, repr=False)
 class MergeResult:
     """What ``merge`` returns.
 
     ``module``: the merged ``torch.fx.GraphModule`` (eval mode). ``alignment``: one
     ``DepthAlignment`` per shallower model (CKA matrix, segments, objective value), or None when
-    all depths are equal. ``groups``: one ``GroupReport`` per group.
-    ``timings``: seconds per pass.
+    all depths are equal. ``groups``: one ``GroupReport`` per group (widths, similarity, cluster
+    labels). ``timings``: seconds per pass. ``matches``: per group name, the merge/unmerge matrices.
     """
 
     module: GraphModule
@@ -54,7 +88,19 @@ class MergeResult:
     timings: dict[str, float]
     config: MergeConfig
     alignment: Any = None
-    matches: dict[str, GroupMatch] = field(default_factory=dict, repr=False)
+    matches: dict[str, GroupMatch] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        free = [g for g in self.groups if not g.fixed]
+        models = len(self.groups[0].sizes) if self.groups else 0
+        widths = sorted(g.width for g in free)
+        width_text = f"merged widths {widths[0]}..{widths[-1]} (total {sum(widths)})" if widths else "no merged widths"
+        depth = "yes" if self.alignment else "no"
+        return (
+            f"MergeResult({models} models, method={self.config.method!r}, {len(self.groups)} groups "
+            f"({len(free)} free, {len(self.groups) - len(free)} fixed), {width_text}, "
+            f"depth aligned: {depth}, {sum(self.timings.values()):.2f} s)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready report: config, groups, timings, depth alignment (see ``fxmerge.io``)."""
@@ -92,173 +138,6 @@ class MergeResult:
         return written
 
 
-def _input_of(item: Any, index: int) -> torch.Tensor:
-    if isinstance(item, torch.Tensor):
-        return item
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return item[0]
-    raise CalibrationError(
-        f"calibration batch {index} is of type {type(item).__name__}: calibration items must be tensors or "
-        "(tensor, label) tuples"
-    )
-
-
-def calibration_inputs(calibration: Iterable[Any], limit: int) -> list[torch.Tensor]:
-    """The first ``limit`` input batches of ``calibration``, checked to be finite and consistent.
-
-    Raises ``CalibrationError`` naming the batch index for: a single tensor or a non-iterable
-    instead of an iterable of batches, an item that is not a tensor / (tensor, label) tuple, a
-    0-d or empty batch, a batch whose per-sample shape or dtype differs from batch 0's, NaN/Inf.
-    No more than ``limit`` items are drawn from ``calibration``.
-    """
-    if isinstance(calibration, torch.Tensor):
-        raise CalibrationError(
-            "calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-            "not a single tensor: wrap it as [tensor]"
-        )
-    try:
-        items = iter(calibration)
-    except TypeError:
-        raise CalibrationError(
-            f"calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-            f"got an object of type {type(calibration).__name__}"
-        ) from None
-    batches: list[torch.Tensor] = []
-    for index, item in enumerate(items):
-        batch = _input_of(item, index)
-        if batch.dim() == 0 or batch.shape[0] == 0:
-            raise CalibrationError(
-                f"calibration batch {index} has shape {tuple(batch.shape)}: a batch needs a leading "
-                "batch dimension with at least one sample"
-            )
-        if batch.is_floating_point() and not torch.isfinite(batch).all():
-            raise CalibrationError(f"calibration batch {index} contains NaN or Inf")
-        if batches and batch.shape[1:] != batches[0].shape[1:]:
-            raise CalibrationError(
-                f"calibration batch {index} has shape {tuple(batch.shape)}, batch 0 has {tuple(batches[0].shape)}"
-            )
-        if batches and (batch.dtype != batches[0].dtype or batch.device != batches[0].device):
-            raise CalibrationError(
-                f"calibration batch {index} is {batch.dtype} on {batch.device}, batch 0 is "
-                f"{batches[0].dtype} on {batches[0].device}"
-            )
-        batches.append(batch)
-        if len(batches) >= limit:
-            break
-    if not batches:
-        raise CalibrationError("the calibration data is empty")
-    return batches
-
-
-def _model_list(models: Any) -> list[nn.Module]:
-    """``models`` as a list of at least two nn.Modules, or ConfigError naming the offender."""
-    if isinstance(models, nn.ModuleList):
-        models = list(models)
-    if isinstance(models, nn.Module):
-        raise ConfigError(
-            f"merge needs a list of at least 2 models, got a single {type(models).__name__}: pass [model_a, model_b]"
-        )
-    if isinstance(models, (str, bytes, Mapping)) or not isinstance(models, Iterable):
-        raise ConfigError(f"merge needs a list of at least 2 models, got an object of type {type(models).__name__}")
-    models = list(models)
-    if len(models) < 2:
-        raise ConfigError(f"merge needs a list of at least 2 models, got {len(models)}")
-    for index, model in enumerate(models):
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"models[{index}] is a {type(model).__name__}, not an nn.Module")
-    return models
-
-
-def _tensor_kinds(model: nn.Module) -> tuple[tuple[torch.dtype, ...], tuple[torch.device, ...]]:
-    """(floating dtypes of the parameters — of the buffers if it has none —, devices of both)."""
-    params = [t for t in model.parameters() if t.is_floating_point()]
-    buffers = [t for t in model.buffers() if t.is_floating_point()]
-    dtypes = sorted({t.dtype for t in (params or buffers)}, key=str)
-    devices = sorted({t.device for t in [*model.parameters(), *model.buffers()]}, key=str)
-    return tuple(dtypes), tuple(devices)
-
-
-def _describe(values: Sequence[Any]) -> str:
-    return "/".join(str(v).replace("torch.", "") for v in values) if values else "no floating tensors"
-
-
-def _check_dtypes_and_devices(
-    models: Sequence[nn.Module], names: Sequence[str], batches: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """The models must share one floating dtype and one device; returns the batches in that dtype.
-
-    Models of different dtypes or devices: IncompatibleModelsError naming each model's dtype /
-    device. Batches on another device than the models: CalibrationError. Floating batches of
-    another dtype than the models (float64 data, float32 models) are cast to the models' dtype
-    with a warning; integer batches (token ids) are passed as they are.
-    """
-    kinds = [_tensor_kinds(model) for model in models]
-    for name, (_, devices) in zip(names, kinds):
-        if len(devices) > 1:
-            raise IncompatibleModelsError(
-                f"{name} has tensors on several devices ({_describe(devices)}): move it to one device"
-            )
-    for label, index in (("dtype", 0), ("device", 1)):
-        seen = [kind[index] for kind in kinds if kind[index]]
-        if len(set(seen)) > 1:
-            listing = ", ".join(f"{name} is {_describe(kind[index])}" for name, kind in zip(names, kinds))
-            fix = "model.float() / .double()" if label == "dtype" else "model.to(device)"
-            raise IncompatibleModelsError(
-                f"the models must have one {label}: {listing}; convert them first (e.g. {fix})"
-            )
-    dtypes = next((kind[0] for kind in kinds if kind[0]), ())
-    devices = next((kind[1] for kind in kinds if kind[1]), ())
-    if devices and batches[0].device != devices[0]:
-        raise CalibrationError(
-            f"calibration batch 0 is on {batches[0].device}, the models are on {devices[0]}: "
-            "move the batches to the models' device"
-        )
-    if len(dtypes) == 1 and batches[0].is_floating_point() and batches[0].dtype != dtypes[0]:
-        warnings.warn(
-            f"fxmerge.merge: calibration batches are {_describe([batches[0].dtype])}, the models "
-            f"{_describe(dtypes)}: casting the batches to {_describe(dtypes)}",
-            stacklevel=3,
-        )
-        batches = [batch.to(dtypes[0]) for batch in batches]
-    return batches
-
-
-def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: torch.Tensor) -> None:
-    """Run every model (in eval mode, no gradients) on calibration batch 0, before tracing.
-
-    Some models fail, others not (e.g. a first conv that expects 3 channels, data with 1):
-    IncompatibleModelsError naming the failing models. Every model fails: CalibrationError (the
-    data does not fit). Training flags are restored; nothing else is touched.
-    """
-    failures: list[tuple[str, Exception]] = []
-    for name, model in zip(names, models):
-        flags = [(module, module.training) for module in model.modules()]
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(batch)
-        except Exception as error:  # whatever torch raises (RuntimeError, ValueError, IndexError…)
-            failures.append((name, error))
-        finally:
-            for module, training in flags:
-                module.training = training
-    if not failures:
-        return
-    name, error = failures[0]
-    lines = str(error).strip().splitlines()
-    why = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    data = f"calibration batch 0 (shape {tuple(batch.shape)}, {_describe([batch.dtype])})"
-    if len(failures) == len(models):
-        raise CalibrationError(f"no model accepts {data}; {name} fails with {why}") from error
-    failing = ", ".join(n for n, _ in failures)
-    accepting = ", ".join(n for n in names if n not in {f for f, _ in failures})
-    raise IncompatibleModelsError(
-        f"{failing} fail{'s' if len(failures) == 1 else ''} on {data}, which {accepting} "
-        f"accept{'s' if len(names) - len(failures) == 1 else ''}: the models must take the same input "
-        f"({name}: {why})"
-    ) from error
-
-
 def _structure(gm: GraphModule) -> list[tuple[str, str]]:
     modules = dict(gm.named_modules())
     out = []
@@ -294,9 +173,9 @@ def check_same_structure(graphs: Sequence[GraphModule], names: Sequence[str]) ->
             )
 
 
-def resolve_stop(gm: GraphModule, config: MergeConfig) -> str | None:
+def resolve_stop(gm: GraphModule, config: MergeConfig, analysis: Analysis | None = None) -> str | None:
     """The spine node after which each model keeps its own tail, or None for a full merge."""
-    units = find_units(gm)
+    units = find_units(gm, analysis)
     ends = [u.end for u in units]
     if config.stop_at is None:
         if config.output != "concat":
@@ -339,11 +218,194 @@ def _touches(group: Any, params: set[str]) -> bool:
     return any(ref.param in params for ref in group.producers + group.consumers)
 
 
+
+
+# ------------------------------------------------------------------------------------ the stages
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model on its way through the merge.
+
+    ``model``: the user's module (never modified). ``graph``: its traced GraphModule — after the
+    depth stage, the extended graph of a shallower model. ``source``: the module whose
+    ``state_dict`` holds the weights ``graph`` reads (``model``, or the extended graph).
+    ``analysis`` and ``state`` (detached tensors of ``source``) are set by the analysis stage.
+    """
+
+    index: int
+    name: str
+    model: nn.Module
+    graph: GraphModule
+    source: nn.Module
+    analysis: Analysis | None = None
+    state: Mapping[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    """What the structure stage decides: where the merge stops and which groups it covers.
+
+    ``stop``: the spine node after which each model keeps its own tail (None: full merge).
+    ``params``: canonical names of the parameters up to ``stop`` (None: all). ``groups``: names
+    of the reference analysis's groups that touch those parameters, in analysis order.
+    """
+
+    stop: str | None
+    params: set[str] | None
+    groups: tuple[str, ...]
+
+
+def trace_models(
+    models: Sequence[nn.Module], names: Sequence[str], batches: list[torch.Tensor], config: MergeConfig
+) -> tuple[ModelState, ...]:
+    """Stage "trace": every model traced on calibration batch 0 (``fxmerge.trace``)."""
+    return tuple(
+        ModelState(k, name, model, trace(model, batches[0], config.leaf_modules), model)
+        for k, (model, name) in enumerate(zip(models, names))
+    )
+
+
+def align_depths(
+    states: tuple[ModelState, ...], batches: list[torch.Tensor], config: MergeConfig, process_group: Any
+) -> tuple[tuple[ModelState, ...], tuple[Any, ...] | None]:
+    """Stage "depth": extend every shallower graph to the deepest one's structure.
+
+    Returns the states (a shallower model's ``graph`` and ``source`` become its extended graph)
+    and one ``DepthAlignment`` per shallower model, or None when all depths are equal.
+    """
+    # the units read channel dims from an analysis of each graph (warnings: the "dependency" stage)
+    unit_analyses = [analysis_for_units(s.graph) for s in states]
+    depths = [len(find_units(s.graph, a)) for s, a in zip(states, unit_analyses)]
+    if len(set(depths)) == 1:
+        return states, None
+    deepest = depths.index(max(depths))
+    deep = states[deepest]
+    alignments = []
+    out = list(states)
+    for k, state in enumerate(states):
+        if depths[k] == max(depths):
+            continue
+        try:
+            aligned = align_depth(
+                deep.graph, state.graph, batches, config.depth, k, quiet=config.quiet, process_group=process_group,
+                analyses=(unit_analyses[deepest], unit_analyses[k]),
+            )
+        except IncompatibleModelsError as error:
+            raise IncompatibleModelsError(
+                f"cannot align the depth of {state.name}, {depths[k]} units ('B' below), to "
+                f"{deep.name}, {max(depths)} units ('A'): {error}"
+            ) from error
+        extended = extend(state.graph, deep.graph, aligned, batches[0], analyses=(unit_analyses[deepest], unit_analyses[k]))
+        out[k] = replace(state, graph=extended, source=extended)
+        alignments.append(aligned)
+    return tuple(out), tuple(alignments)
+
+
+def analyse(states: tuple[ModelState, ...], config: MergeConfig) -> tuple[ModelState, ...]:
+    """Stage "dependency": the channel groups of every (extended) graph, and its weights."""
+    return tuple(
+        replace(
+            s,
+            analysis=analyze_graph(s.graph, state_name_map(s.source), config.strict),
+            state={k: v.detach() for k, v in s.source.state_dict().items()},
+        )
+        for s in states
+    )
+
+
+def check_structure(states: tuple[ModelState, ...], config: MergeConfig) -> Region:
+    """Stage "structure": the graphs match node for node; the merged region (``stop_at``)."""
+    check_same_structure([s.graph for s in states], [s.name for s in states])
+    reference = states[0]
+    stop = resolve_stop(reference.graph, config, reference.analysis)
+    params = merged_region_params(reference.graph, reference.analysis, stop)
+    groups = tuple(g.name for g in reference.analysis.groups if params is None or _touches(g, params))
+    return Region(stop, params, groups)
+
+
+def collect_statistics(
+    states: tuple[ModelState, ...], region: Region, batches: list[torch.Tensor], config: MergeConfig,
+    process_group: Any,
+) -> dict[str, GroupStatistics]:
+    """Stage "features": activation statistics of the region's free groups (none for "average")."""
+    if config.method == "average":
+        return {}
+    observed = observed_groups([s.analysis for s in states], region.groups)
+    return feature_statistics(
+        [s.graph for s in states], observed, batches, num_batches=len(batches), quiet=config.quiet,
+        process_group=process_group,
+    )
+
+
+def match_widths(
+    states: tuple[ModelState, ...], region: Region, statistics: Mapping[str, GroupStatistics], config: MergeConfig
+) -> dict[str, GroupMatch]:
+    """Stage "width": per group of the region, the merge/unmerge matrices (M_k, U_k)."""
+    return match_groups(
+        [s.analysis for s in states], [s.state for s in states], statistics, method=config.method,
+        width=config.width, alpha=config.alpha, beta=config.beta, balance=config.balance,
+        include=set(region.groups),
+    )
+
+
+def rewrite(states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch]) -> GraphModule:
+    """Stage "rewrite": a copy of the reference graph with the merged weights and widths."""
+    reference = states[0]
+    merged = copy.deepcopy(reference.graph)
+    state = merged_state([s.analysis for s in states], [s.state for s in states], matches, params=region.params)
+    load_state_resizing(merged, state)
+    widths = merged_sizes(reference.analysis, matches)
+    rewrite_shape_literals(
+        merged, reference.analysis.shape_literals,
+        {name: widths[i] for name, i in reference.analysis.space_ids.items()},
+    )
+    return merged
+
+
+def attach_tails(
+    merged: GraphModule, states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch],
+    config: MergeConfig,
+) -> GraphModule:
+    """Stage "tails" (timed with "rewrite"): after ``region.stop``, one tail per model fed U_k f*;
+    then the graph is linted and recompiled."""
+    if region.stop is not None:
+        reference = states[0].analysis
+        dtype = next(iter(states[0].state.values())).dtype
+        maps = [
+            unmerge_matrices(
+                reference.node_layouts.get(region.stop, ()), unmerge_transforms(reference, matches, s.index),
+                merged_sizes(reference, matches), dtype,
+            )
+            for s in states
+        ]
+        split_tails(merged, region.stop, [s.graph for s in states], maps, config.output)
+    merged.graph.lint()
+    merged.recompile()
+    return merged
+
+
+def repair(merged: GraphModule, batches: list[torch.Tensor], config: MergeConfig, process_group: Any) -> GraphModule:
+    """Stage "repair": BatchNorm running statistics recomputed on the calibration data; eval mode."""
+    reset_batchnorm(merged, batches, quiet=config.quiet, process_group=process_group)
+    return merged.eval()
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _stage_runner(timings: dict[str, float]) -> Callable[..., Any]:
+    """``run(key, stage, *args)``: ``stage(*args)``, its seconds added to ``timings[key]``."""
+
+    def run(key: str, stage: Callable[..., Any], *args: Any) -> Any:
+        with _timed(timings, key):
+            return stage(*args)
+
+    return run
 
 
 def merge(
@@ -359,13 +421,15 @@ def merge(
     output: str = "shared",
     stop_at: int | str | None = None,
     calibration_batches: int = 32,
-    seed: int = 0,
     strict: bool = False,
     quiet: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     process_group: Any = None,
 ) -> MergeResult:
     """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
+
+    Deterministic: the same models, data and options give bit-identical weights (nothing in a
+    merge is random, so there is no seed).
 
     Args:
         models: K >= 2 modules of one family (any widths); they are not modified.
@@ -382,9 +446,10 @@ def merge(
         output: "shared" (outputs averaged: one label space) or "concat" (per-model heads,
             logits concatenated).
         stop_at: partial zipping: merge up to this unit index or node name.
-        seed: reserved for randomised steps; the merge is deterministic for a given seed.
+        calibration_batches: how many batches of ``calibration`` are drawn.
         strict: raise on ops the analysis does not understand instead of keeping them fixed.
         quiet: no progress bars.
+        leaf_modules: extra module classes or qualified module names kept as leaves in tracing.
         process_group: None (one process), or a ``torch.distributed`` ProcessGroup (e.g.
             ``torch.distributed.group.WORLD``, gloo for CPU models): every process of the group
             calls ``merge`` with the same models and options and ITS OWN shard of the calibration
@@ -392,89 +457,28 @@ def merge(
             The sufficient statistics of the unit CKA, the feature statistics and the BatchNorm
             reset are summed over the processes, so every process returns the same merged model:
             the single-process merge on all shards' batches, up to float64 rounding.
+
+    The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
     config = MergeConfig(
         method=method, depth=depth, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
-        stop_at=stop_at, calibration_batches=calibration_batches, seed=seed, strict=strict, quiet=quiet,
-        leaf_modules=tuple(leaf_modules),
+        stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
+        leaf_modules=leaf_modules,
     )
-    models = _model_list(models)
-    names = [f"models[{k}] ({type(m).__name__})" for k, m in enumerate(models)]
+    models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
     timings: dict[str, float] = {}
-    batches = calibration_inputs(calibration, config.calibration_batches)
-    batches = _check_dtypes_and_devices(models, names, batches)
-    _check_runs_on(models, names, batches[0])
-
-    with _timed(timings, "trace"):
-        graphs: list[GraphModule] = [trace(model, batches[0], config.leaf_modules) for model in models]
-    sources: list[nn.Module] = list(models)
-    alignment = None
-    with _timed(timings, "depth"):
-        depths = [len(find_units(gm)) for gm in graphs]
-        if len(set(depths)) > 1:
-            deepest = depths.index(max(depths))
-            alignments = []
-            for k, gm in enumerate(graphs):
-                if depths[k] == depths[deepest]:
-                    continue
-                try:
-                    aligned = align_depth(
-                        graphs[deepest], gm, batches, config.depth, k, quiet=config.quiet, process_group=process_group
-                    )
-                except IncompatibleModelsError as error:
-                    raise IncompatibleModelsError(
-                        f"cannot align the depth of {names[k]}, {depths[k]} units ('B' below), to "
-                        f"{names[deepest]}, {depths[deepest]} units ('A'): {error}"
-                    ) from error
-                graphs[k] = extend(gm, graphs[deepest], aligned, batches[0])
-                sources[k] = graphs[k]
-                alignments.append(aligned)
-            alignment = tuple(alignments)
-    with _timed(timings, "dependency"):
-        analyses: list[Analysis] = [
-            analyze_graph(gm, state_name_map(source), config.strict) for gm, source in zip(graphs, sources)
-        ]
-    with _timed(timings, "structure"):
-        check_same_structure(graphs, names)
-        stop = resolve_stop(graphs[0], config)
-        region = merged_region_params(graphs[0], analyses[0], stop)
-        included = [g.name for g in analyses[0].groups if region is None or _touches(g, region)]
-    states = [{k: v.detach() for k, v in source.state_dict().items()} for source in sources]
-    with _timed(timings, "features"):
-        free = observed_groups(analyses, included)
-        statistics = {}
-        if config.method != "average":
-            statistics = feature_statistics(
-                graphs, free, batches, num_batches=len(batches), quiet=config.quiet, process_group=process_group
-            )
-    with _timed(timings, "width"):
-        matches = match_groups(
-            analyses, states, statistics, method=config.method, width=config.width,
-            alpha=config.alpha, beta=config.beta, balance=config.balance, include=set(included),
-        )
-    with _timed(timings, "rewrite"):
-        merged = copy.deepcopy(graphs[0])
-        load_state_resizing(merged, merged_state(analyses, states, matches, params=region))
-        widths = merged_sizes(analyses[0], matches)
-        rewrite_shape_literals(
-            merged, analyses[0].shape_literals, {name: widths[i] for name, i in analyses[0].space_ids.items()}
-        )
-        if stop is not None:
-            maps = [
-                unmerge_matrices(
-                    analyses[0].node_layouts.get(stop, ()), unmerge_transforms(analyses[0], matches, k),
-                    merged_sizes(analyses[0], matches), next(iter(states[0].values())).dtype,
-                )
-                for k in range(len(models))
-            ]
-            split_tails(merged, stop, graphs, maps, config.output)
-        merged.graph.lint()
-        merged.recompile()
-    with _timed(timings, "repair"):
-        reset_batchnorm(merged, batches, quiet=config.quiet, process_group=process_group)
-    merged.eval()
+    run = _stage_runner(timings)
+    states = run("trace", trace_models, models, names, batches, config)
+    states, alignment = run("depth", align_depths, states, batches, config, process_group)
+    states = run("dependency", analyse, states, config)
+    region = run("structure", check_structure, states, config)
+    statistics = run("features", collect_statistics, states, region, batches, config, process_group)
+    matches = run("width", match_widths, states, region, statistics, config)
+    merged = run("rewrite", rewrite, states, region, matches)
+    merged = run("rewrite", attach_tails, merged, states, region, matches, config)
+    merged = run("repair", repair, merged, batches, config, process_group)
     reports = tuple(
-        GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source) for m in matches.values()
+        GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source, _labels(m)) for m in matches.values()
     )
     return MergeResult(
         module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches

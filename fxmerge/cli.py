@@ -56,12 +56,6 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(handler=_run_demo)
 
 
-_MERGE_OPTIONS = {
-    "method": str, "depth": str, "width": None, "alpha": float, "beta": float, "balance": float,
-    "output": str, "stop_at": None, "calibration_batches": int, "seed": int, "strict": bool,
-}
-
-
 def _add_merge(commands: argparse._SubParsersAction) -> None:
     merge = commands.add_parser(
         "merge",
@@ -90,22 +84,49 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("--kwargs", action="append", default=[], metavar="YAML", help="factory keyword arguments, e.g. '{num_outputs: 10}' (repeat per model, or once for all)")
     merge.add_argument("--weights", action="append", default=[], metavar="FILE", help="weights file per model")
     merge.add_argument("--calib", metavar="PATH", help="calibration tensor file, image folder, or 'package.module:callable'")
-    merge.add_argument("--batch-size", type=_positive_int, default=None, help="calibration batch size (default 64)")
-    merge.add_argument("--method", choices=("average", "permute", "zip", "mudsc"))
-    merge.add_argument("--depth", choices=("lma", "sma"))
-    merge.add_argument("--width", help="max | min | an int | a float multiple of the largest width")
-    merge.add_argument("--alpha", type=float)
-    merge.add_argument("--beta", type=float)
-    merge.add_argument("--balance", type=float)
-    merge.add_argument("--output", choices=("shared", "concat"))
-    merge.add_argument("--stop-at", dest="stop_at", help="unit index or node name (partial zipping)")
-    merge.add_argument("--calibration-batches", dest="calibration_batches", type=_positive_int)
-    merge.add_argument("--seed", type=int)
-    merge.add_argument("--strict", action="store_true", default=None)
-    merge.add_argument("--out", help="output directory")
-    merge.add_argument("--quiet", action="store_true", help="no progress bars")
-    merge.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    merge.add_argument("--batch-size", type=_positive_int, default=None, help="calibration batch size (default: 64)")
+    _add_config_flags(merge)
+    merge.add_argument("--out", help="output directory (or 'out:' in the config; required)")
+    merge.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's setting)")
     merge.set_defaults(handler=_run_merge)
+
+
+def _default_text(value: object) -> str:
+    """How a MergeConfig default reads in --help."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``MergeConfig`` field: its help, choices and default come from the field.
+
+    Flags keep their text (no ``type=``); ``MergeConfig.from_dict`` parses it like a YAML string,
+    so a flag and a config key accept the same values. Unset flags are None (the config's value
+    or the MergeConfig default applies).
+    """
+    from dataclasses import fields
+
+    from fxmerge.config import MergeConfig
+
+    for spec in fields(MergeConfig):
+        meta = spec.metadata
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{meta['help']} (default: {_default_text(spec.default)})".replace("%", "%%")
+        if isinstance(spec.default, bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif meta["repeat"]:
+            parser.add_argument(
+                flag, dest=spec.name, action="append", default=None, metavar=meta["metavar"],
+                help=help_text + "; repeat the flag per item",
+            )
+        else:
+            parser.add_argument(
+                flag, dest=spec.name, choices=meta["choices"], default=None,
+                metavar=meta["metavar"] or (None if meta["choices"] else spec.name.upper()), help=help_text,
+            )
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
@@ -170,27 +191,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_width(text: object) -> object:
-    if not isinstance(text, str):
-        return text
-    if text in ("max", "min"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _parse_stop(text: object) -> object:
-    if isinstance(text, str) and text.lstrip("-").isdigit():
-        return int(text)
-    return text
-
-
 def _merge_settings(args: argparse.Namespace) -> dict:
     """The YAML config (if any) with command-line flags on top, checked for unknown keys."""
     import yaml
 
+    from fxmerge.config import MergeConfig, option_names
     from fxmerge.errors import ConfigError
 
     config: dict = {}
@@ -216,18 +221,15 @@ def _merge_settings(args: argparse.Namespace) -> dict:
         calibration = {"path": args.calib}
     if args.batch_size:
         calibration["batch_size"] = args.batch_size
-    options = dict(config.get("merge") or {})
-    unknown = set(options) - set(_MERGE_OPTIONS)
-    if unknown:
-        raise ConfigError(f"merge options {sorted(unknown)} are unknown; allowed: {sorted(_MERGE_OPTIONS)}")
-    for key in _MERGE_OPTIONS:
+    options = config.get("merge") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{args.config}: 'merge:' must be a mapping of options")
+    options = dict(options)
+    for key in option_names():
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
-    if "width" in options:
-        options["width"] = _parse_width(options["width"])
-    if "stop_at" in options:
-        options["stop_at"] = _parse_stop(options["stop_at"])
+    merge_config = MergeConfig.from_dict(options, where=f"{args.config}: merge options" if args.config else "merge options")
     out = args.out or config.get("out")
     if not models:
         raise ConfigError("no models: give a config file with 'models:' or --model/--weights flags")
@@ -235,17 +237,20 @@ def _merge_settings(args: argparse.Namespace) -> dict:
         raise ConfigError("no calibration data: give 'calibration:' in the config or --calib")
     if not out:
         raise ConfigError("no output directory: give 'out:' in the config or --out")
-    return {"models": models, "calibration": calibration, "options": options, "out": out}
+    return {"models": models, "calibration": calibration, "config": merge_config, "out": out}
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from fxmerge.api import merge
     from fxmerge.loading import load_calibration, load_model
 
     settings = _merge_settings(args)
     models = [load_model(spec) for spec in settings["models"]]
     batches = load_calibration(settings["calibration"])
-    result = merge(models, batches, quiet=args.quiet, **settings["options"])
+    config = settings["config"]
+    result = merge(models, batches, **{spec.name: getattr(config, spec.name) for spec in fields(config)})
     result.save(settings["out"])
     free = sum(1 for g in result.groups if not g.fixed)
     print(f"merged {len(models)} models into {settings['out']}: {len(result.groups)} groups ({free} merged), "

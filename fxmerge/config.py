@@ -1,11 +1,17 @@
-"""MergeConfig: every option of ``fxmerge.merge``, validated once."""
+"""MergeConfig: every option of ``fxmerge.merge``, validated once.
+
+This is the ONE list of options. Each field carries its help text, its choices and its default;
+the command line's ``fxmerge merge`` flags, the keys a YAML config's ``merge:`` mapping accepts
+(``MergeConfig.from_dict``) and the report (``as_dict``) are derived from these fields, so an
+option added here appears everywhere.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -15,6 +21,12 @@ from fxmerge.errors import ConfigError
 METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
 OUTPUT_POLICIES = ("shared", "concat")
+
+# Options that existed once: a config still naming them gets a ConfigError that says why.
+REMOVED_OPTIONS = {
+    "seed": "nothing in a merge is random (the same models, data and options always give bit-identical "
+    "weights), so the option did nothing",
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -33,23 +45,112 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+# ------------------------------------------------------------ text -> value (CLI flags, YAML strings)
+
+
+def parse_width(text: Any) -> Any:
+    """'max' | 'min' | '64' -> 64 | '0.5' -> 0.5; anything but a string is returned as it is."""
+    if not isinstance(text, str) or text in ("max", "min"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text  # MergeConfig names it in its error
+
+
+def parse_stop(text: Any) -> Any:
+    """'3' -> 3 (a unit index); any other string is a node name; non-strings are returned as they are."""
+    if isinstance(text, str) and text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def parse_leaf(text: Any) -> Any:
+    """'package.module:Class' -> the class; another string is a qualified module name ('layer1.0')."""
+    if isinstance(text, str) and ":" in text:
+        from fxmerge.loading import resolve_callable
+
+        target = resolve_callable(text)
+        if not isinstance(target, type):
+            raise ConfigError(f"leaf_modules: {text!r} is not a class")
+        return target
+    return text
+
+
+def _parsed(name: str, value: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` of option ``name`` with its strings parsed by the field's ``parse``."""
+    parse = meta["parse"]
+    if meta["repeat"]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return tuple(_parsed(name, item, {**meta, "repeat": False}) for item in items)
+    if parse is None or not isinstance(value, str):
+        return value
+    try:
+        return parse(value)
+    except ValueError as error:  # float('wide'), int('x'): name the option, not the parser
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{name}={value!r} is not a valid value ({error})") from None
+
+
+def _leaf_name(leaf: Any) -> Any:
+    return f"{leaf.__module__}:{leaf.__qualname__}" if isinstance(leaf, type) else leaf
+
+
+def _option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+            parse: Callable[[Any], Any] | None = None, metavar: str | None = None,
+            repeat: bool = False) -> Any:
+    """A MergeConfig field with what the CLI and the docs need to know about it.
+
+    ``parse``: text (a flag's value or a YAML string) -> value. ``repeat``: the flag is given once
+    per item and the value is a tuple of them.
+    """
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "parse": parse, "metavar": metavar, "repeat": repeat,
+    })
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """The options of a merge (see ``fxmerge.merge`` for their meaning)."""
 
-    method: str = "zip"
-    depth: str = "lma"
-    width: str | int | float | Mapping[str, int] = "max"
-    alpha: float = 0.5
-    beta: float = 1.0
-    balance: float = 0.5
-    output: str = "shared"
-    stop_at: int | str | None = None
-    calibration_batches: int = 32
-    seed: int = 0
-    strict: bool = False
-    quiet: bool = False
-    leaf_modules: tuple = field(default=())
+    method: str = _option(
+        "zip", "'average' (plain weight averaging), 'permute' (Hungarian alignment to the first model), "
+        "'zip' (ZipIt! greedy zipping within and across models) or 'mudsc' (zip on balance * weight "
+        "similarity + (1 - balance) * activation similarity)", choices=METHODS,
+    )
+    depth: str = _option(
+        "lma", "depth-alignment objective when depths differ: 'lma' (every position) or 'sma' "
+        "(segment outputs)", choices=DEPTH_OBJECTIVES,
+    )
+    width: str | int | float | Mapping[str, int] = _option(
+        "max", "merged width per group: max | min | an int | a float multiple of the largest width "
+        "(a YAML config may also give a mapping from group name to int)", parse=parse_width,
+    )
+    alpha: float = _option(0.5, "zip: decay of an already merged feature's score (ZipIt! alpha)", parse=float)
+    beta: float = _option(1.0, "zip: within-model merge budget per model (ZipIt! beta)", parse=float)
+    balance: float = _option(0.5, "mudsc: weight-vs-activation similarity factor in [0, 1]", parse=float)
+    output: str = _option(
+        "shared", "'shared' (one label space: outputs averaged) or 'concat' (per-model heads, logits "
+        "concatenated)", choices=OUTPUT_POLICIES,
+    )
+    stop_at: int | str | None = _option(
+        None, "partial zipping: merge up to this unit index or node name, then one tail per model",
+        parse=parse_stop, metavar="UNIT",
+    )
+    calibration_batches: int = _option(32, "calibration batches used for statistics and BatchNorm reset", parse=int)
+    strict: bool = _option(False, "raise on ops the analysis does not understand instead of keeping their channels fixed")
+    quiet: bool = _option(False, "no progress bars")
+    leaf_modules: tuple = _option(
+        (), "extra leaf modules for tracing: a qualified module name ('layer1.0') or a class "
+        "'package.module:Class'", parse=parse_leaf, metavar="MODULE", repeat=True,
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -63,8 +164,6 @@ class MergeConfig:
             raise ConfigError(f"balance={self.balance!r} must be in [0, 1]")
         if not _is_int(self.calibration_batches) or self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches={self.calibration_batches!r} must be an int >= 1")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed={self.seed!r} must be an int")
         width = self.width
         if isinstance(width, bool) or not (
             width in ("max", "min")
@@ -82,12 +181,52 @@ class MergeConfig:
                     raise ConfigError(f"width[{key!r}]={value!r} must be an int >= 1")
         if self.stop_at is not None and (isinstance(self.stop_at, bool) or not isinstance(self.stop_at, (int, str))):
             raise ConfigError(f"stop_at={self.stop_at!r} must be a unit index, a node name or None")
+        for name in ("strict", "quiet"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        leaves = self.leaf_modules
+        if not isinstance(leaves, (str, type)) and isinstance(leaves, Iterable):
+            leaves = tuple(leaves)
+        if not isinstance(leaves, tuple) or not all(isinstance(leaf, (str, type)) for leaf in leaves):
+            raise ConfigError(
+                f"leaf_modules={self.leaf_modules!r} must be a list of module classes or qualified module names"
+            )
+        object.__setattr__(self, "leaf_modules", leaves)  # frozen: store the normalised tuple
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], where: str = "merge options") -> MergeConfig:
+        """A MergeConfig from a mapping of option names (a YAML config's ``merge:``, a report).
+
+        String values are parsed as on the command line (``width: '0.5'``, ``stop_at: '2'``,
+        ``leaf_modules: ['pkg.mod:Class']``). Unknown or removed keys raise ``ConfigError``
+        naming them.
+        """
+        names = option_names()
+        for key in options:
+            if key in REMOVED_OPTIONS:
+                raise ConfigError(f"{where}: option {key!r} was removed: {REMOVED_OPTIONS[key]}; delete the key")
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: options {unknown} are unknown; allowed: {sorted(names)}")
+        values = {}
+        for spec in fields(cls):
+            if spec.name in options:
+                values[spec.name] = _parsed(spec.name, options[spec.name], spec.metadata)
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method, "depth": self.depth,
-            "width": dict(self.width) if isinstance(self.width, Mapping) else self.width,
-            "alpha": self.alpha, "beta": self.beta, "balance": self.balance, "output": self.output,
-            "stop_at": self.stop_at, "calibration_batches": self.calibration_batches, "seed": self.seed,
-            "strict": self.strict,
-        }
+        """Every option by name, JSON-ready (classes in ``leaf_modules`` as 'package.module:Class')."""
+        out: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Mapping):
+                value = dict(value)
+            elif spec.metadata["repeat"]:
+                value = [_leaf_name(item) for item in value]
+            out[spec.name] = value
+        return out
+
+
+def option_names() -> tuple[str, ...]:
+    """The names of every merge option, in MergeConfig order."""
+    return tuple(spec.name for spec in fields(MergeConfig))

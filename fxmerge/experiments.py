@@ -144,7 +144,7 @@ def compare(
         start = time.perf_counter()
         result = merge(
             [tm.model_a, tm.model_b], calibration, method=method, calibration_batches=calibration_batches,
-            seed=seed, quiet=quiet, **merge_kwargs,
+            quiet=quiet, **merge_kwargs,
         )
         seconds = time.perf_counter() - start
         rows.append(_row(METHOD_LABELS.get(method, method), evaluate(result.module, tm.head, tm.split), seconds))

@@ -47,15 +47,25 @@ def random_permute(
     seed: int = 0,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
-) -> nn.Module:
+    return_permutations: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, torch.Tensor]]:
     """A new module computing the same function as ``model`` with every free group permuted.
 
     Attention heads get a head-order permutation shared by q, k, v and the output projection, a
     within-head order shared by q and k, and v's own within-head order mirrored into the output
     projection. ``model`` is not modified.
+
+    ``return_permutations=True``: returns ``(twin, permutations)`` with ``permutations[name]`` the
+    LongTensor index applied to group ``name``: unit j of the twin is unit ``permutations[name][j]``
+    of ``model`` (e.g. ``twin_weight = weight[perm]`` on a producer axis).
     """
     analysis = analyze(model, example_input, strict=strict, leaf_modules=leaf_modules)
-    return permute_model(model, analysis, random_permutations(analysis, seed))
+    permutations = random_permutations(analysis, seed)
+    twin = permute_model(model, analysis, permutations)
+    if not return_permutations:
+        return twin
+    names = {space: name for name, space in analysis.space_ids.items()}
+    return twin, {names[space]: perm for space, perm in permutations.items()}
 
 
 def net2net_groups(analysis: Analysis) -> list[ChannelSpace]:

@@ -1,6 +1,10 @@
-"""Shared helpers for the analysis / invariance tests.
+"""Shared helpers of the test suite.
 
-The central check is ``assert_invariant``: permute every free group of a model (with
+``relative_error`` is THE relative-error measure of the tests (max-abs by default, ``norm="l2"``
+for the Frobenius ratio); ``random_batches``, ``output_of``, ``same_state`` and the ``one_thread``
+fixture are shared by the merge tests.
+
+The central check of the analysis / invariance tests is ``assert_invariant``: permute every free group of a model (with
 permutations that are never the identity), then require
 
 * the outputs to agree in eval mode to ``rtol`` relative to the output scale,
@@ -14,7 +18,7 @@ parameter that should have been permuted but was not would go unnoticed while it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -81,9 +85,51 @@ def expected_changed(analysis: Analysis, state: dict[str, torch.Tensor]) -> set[
     return changed
 
 
-def relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
-    scale = y.abs().max().item()
-    return (y - y2).abs().max().item() / scale
+def relative_error(expected: torch.Tensor, got: torch.Tensor, *, norm: str = "max") -> float:
+    """How far ``got`` is from ``expected``, relative to ``expected``'s scale.
+
+    ``norm="max"``: max|expected - got| / max|expected|; ``norm="l2"``: ||expected - got|| /
+    ||expected|| (Frobenius). The scale is floored at 1e-12 (an all-zero reference gives a huge
+    error instead of NaN, so a test cannot pass on it by accident).
+    """
+    difference = (expected - got).double()
+    if norm == "max":
+        error, scale = difference.abs().max(), expected.double().abs().max()
+    elif norm == "l2":
+        error, scale = difference.norm(), expected.double().norm()
+    else:
+        raise ValueError(f"norm={norm!r}: expected 'max' or 'l2'")
+    return (error / scale.clamp_min(1e-12)).item()
+
+
+def random_batches(shape: tuple[int, ...] = (16, 1, 8, 8), count: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` standard-normal batches of ``shape`` from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def output_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without gradients, checked to be finite."""
+    with torch.no_grad():
+        y = module(x)
+    assert torch.isfinite(y).all(), "output is not finite"
+    return y
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules have the same state_dict keys with bit-identical tensors of one dtype."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a test module (tiny models on a shared machine: more threads only add
+    contention); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Issue #5: width-heterogeneous merging (elastic neuron zipping, Section III-C of the paper).
+"""Width-heterogeneous merging (elastic neuron zipping, Section III-C of the paper).
 
 The central exact check is recovery from a Net2Net-widened copy: ``net2net_widen`` duplicates every
 hidden channel of every free group of a model (producer rows, biases, norm entries and BatchNorm
@@ -23,7 +23,7 @@ wide_resnet50_2 takes ~50 s per merge on this machine: it lives in ``benchmarks/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -36,39 +36,19 @@ from fxmerge.errors import ConfigError
 from fxmerge.match import match
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.testing import net2net_widen, random_permute
+from conftest import output_of, random_batches, relative_error
 
 TOL = 1e-3  # relative error ||y - y'|| / ||y|| of a recovered model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
-    return ((y - y2).norm() / y.norm()).item()
-
-
-def _batches(count: int = 4, shape: tuple[int, ...] = (16, 1, 8, 8), seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator) for _ in range(count)]
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        y = module(x)
-    assert torch.isfinite(y).all()
-    return y
 
 
 def _free_widths(result: fxmerge.MergeResult) -> dict[str, int]:
@@ -95,10 +75,10 @@ def _calibrated(factory: Factory, batches: list[torch.Tensor], seed: int = 0) ->
 def widened_case(request) -> tuple[nn.Module, nn.Module, list[torch.Tensor], torch.Tensor]:
     """(m, widened m built by the factory at width multiplier 2, calibration batches, m(batch 0))."""
     factory = FACTORIES[request.param]
-    batches = _batches()
+    batches = random_batches()
     model = _calibrated(factory, batches)
     wide = net2net_widen(model, batches[0], 2, factory(2.0))
-    return model, wide, batches, _run(model, batches[0])
+    return model, wide, batches, output_of(model, batches[0])
 
 
 # ------------------------------------------------------------------------- 1. Net2Net recovery
@@ -107,7 +87,7 @@ def widened_case(request) -> tuple[nn.Module, nn.Module, list[torch.Tensor], tor
 def test_net2net_widen_preserves_the_function(widened_case) -> None:
     model, wide, batches, y = widened_case
     for x in batches:
-        assert _relative_error(_run(model, x), _run(wide, x)) < 1e-5
+        assert relative_error(output_of(model, x), output_of(wide, x), norm="l2") < 1e-5
     narrow_groups = {g.name: g.size for g in fxmerge.analyze(model, batches[0]).groups}
     wide_groups = {g.name: (g.size, g.fixed) for g in fxmerge.analyze(wide, batches[0]).groups}
     for name, (size, fixed) in wide_groups.items():
@@ -115,7 +95,7 @@ def test_net2net_widen_preserves_the_function(widened_case) -> None:
     assert _params(wide) > 3 * _params(model)
     # without a target the copy is resized in place of being rebuilt: the same function again
     resized = net2net_widen(model, batches[0], 2)
-    assert _relative_error(y, _run(resized, batches[0])) < 1e-5
+    assert relative_error(y, output_of(resized, batches[0]), norm="l2") < 1e-5
     assert _params(resized) == _params(wide)
 
 
@@ -123,7 +103,7 @@ def test_net2net_widen_preserves_the_function(widened_case) -> None:
 def test_zip_recovers_m_from_widened_copy(widened_case, width: str) -> None:
     model, wide, batches, y = widened_case
     result = fxmerge.merge([model, wide], batches, method="zip", width=width, alpha=1.0, quiet=True)
-    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL
     for group in result.groups:
         if not group.fixed:
             # 1 up to the 1e-3 weight tie-break that groups with dead units add to the correlation
@@ -136,7 +116,7 @@ def test_zip_recovers_m_from_widened_copy(widened_case, width: str) -> None:
 def test_mudsc_recovers_m_from_widened_copy(widened_case) -> None:
     model, wide, batches, y = widened_case
     result = fxmerge.merge([model, wide], batches, method="mudsc", width="min", alpha=1.0, quiet=True)
-    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL
 
 
 def test_default_alpha_recovers_from_widened_copy(widened_case) -> None:
@@ -147,7 +127,7 @@ def test_default_alpha_recovers_from_widened_copy(widened_case) -> None:
     model, wide, batches, y = widened_case
     result = fxmerge.merge([model, wide], batches, method="zip", width="min", quiet=True)
     assert result.config.alpha == 0.5
-    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL
     assert _params(result.module) == _params(model)
 
 
@@ -157,7 +137,7 @@ def test_three_models_m_permuted_widened(widened_case, alpha: float) -> None:
     model, wide, batches, y = widened_case
     twin = random_permute(model, batches[0], seed=1).eval()
     result = fxmerge.merge([model, twin, wide], batches, method="zip", width="min", alpha=alpha, quiet=True)
-    assert _relative_error(y, _run(result.module, batches[0])) < TOL
+    assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL
     assert _params(result.module) == _params(model)
 
 
@@ -169,7 +149,7 @@ def test_three_models_m_widened_widened2(widened_case) -> None:
     models = [model, wide, wide2]
     for alpha in (0.5, 1.0):
         result = fxmerge.merge(models, batches, method="zip", width="min", alpha=alpha, quiet=True)
-        assert _relative_error(y, _run(result.module, batches[0])) < TOL, alpha
+        assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL, alpha
 
 
 @pytest.mark.parametrize(("copy_similarity", "correlation", "alpha", "recovered"), [
@@ -195,7 +175,7 @@ def test_alpha_mechanism(copy_similarity: float, correlation: float, alpha: floa
 
 @pytest.fixture(scope="module")
 def equal_resnets() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
-    batches = _batches()
+    batches = random_batches()
     factory = FACTORIES["zoo_resnet"]
     return _calibrated(factory, batches, seed=0), _calibrated(factory, batches, seed=1), batches
 
@@ -213,14 +193,14 @@ def test_float_widths_scale_the_model_and_compile(equal_resnets) -> None:
         assert result.module.get_submodule("stem.0").weight.shape[0] == widths["stem.0:out"]
         assert result.module.get_submodule("head").weight.shape[1] == widths["stage3.0.conv2:out"]
         counts.append(_params(result.module))
-        eager = _run(result.module, x)
+        eager = output_of(result.module, x)
         compiled = torch.compile(result.module, backend="aot_eager")
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
         if multiple == 2.0:
             # every unit kept on its own: the merged model is the two models side by side and its
             # (fixed, averaged) output is exactly their ensemble average
-            assert _relative_error((_run(a, x) + _run(b, x)) / 2, eager) < 1e-5
+            assert relative_error((output_of(a, x) + output_of(b, x)) / 2, eager, norm="l2") < 1e-5
     assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
 
 
@@ -236,7 +216,7 @@ def test_int_and_dict_widths(equal_resnets) -> None:
     result = fxmerge.merge([a, b], batches, width=20, quiet=True)
     assert set(_free_widths(result).values()) == {20}
     assert result.module.get_submodule("stage3.0.conv1").weight.shape[:2] == (20, 20)
-    _run(result.module, batches[0])
+    output_of(result.module, batches[0])
 
     requested = {"stem.0:out": 5, "stage2.0.conv1:out": 7, "stage3.0.conv1:out": 100}
     result = fxmerge.merge([a, b], batches, width=requested, quiet=True)
@@ -246,7 +226,7 @@ def test_int_and_dict_widths(equal_resnets) -> None:
     assert result.module.get_submodule("stage2.0.conv1").weight.shape[0] == 7
     assert result.module.get_submodule("stage2.0.conv2").weight.shape[1] == 7
     assert result.module.get_submodule("stage3.0.conv2").weight.shape[1] == 100
-    _run(result.module, batches[0])
+    output_of(result.module, batches[0])
 
 
 @pytest.mark.parametrize("width", [0, -3, 33, 1000, {"stem.0:out": 0}, {"stem.0:out": 33}, {"no_such_group": 4}, 0.0, "wide"])
@@ -261,7 +241,7 @@ def test_invalid_widths_raise_config_error(equal_resnets, width) -> None:
 
 @pytest.fixture(scope="module")
 def narrow_wide() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
-    batches = _batches()
+    batches = random_batches()
     torch.manual_seed(0)
     narrow = zoo.resnet((1, 1, 1), 8, in_channels=1, image_size=8).eval()
     wide = zoo.resnet((1, 1, 1), 16, in_channels=1, image_size=8).eval()
@@ -288,7 +268,7 @@ def test_permute_unequal_widths_keeps_unmatched_units(narrow_wide, order: str) -
         assert sorted(members.tolist()) == [1] * (w - n) + [2] * n
         assert sorted(merge_wide[merge_wide != 0].tolist()) == [0.5] * n + [1.0] * (w - n)
     assert _params(result.module) == _params(wide)
-    _run(result.module, batches[0])
+    output_of(result.module, batches[0])
     with pytest.raises(ConfigError, match="permute"):
         fxmerge.merge(models, batches, method="permute", width="min", quiet=True)
 
@@ -304,7 +284,7 @@ def test_mudsc_unequal_resnets(narrow_wide, width: str) -> None:
         if not group.fixed:
             assert group.width == (max if width == "max" else min)(group.sizes)
     assert _params(result.module) == _params(wide if width == "max" else narrow)
-    _run(result.module, batches[0])
+    output_of(result.module, batches[0])
 
 
 def _vit(layers: int, hidden: int) -> nn.Module:
@@ -319,7 +299,7 @@ def _attention(module: nn.Module) -> list[nn.MultiheadAttention]:
 
 @pytest.mark.parametrize(("width", "embed"), [("max", 64), ("min", 32)])
 def test_mudsc_unequal_vits(width: str, embed: int) -> None:
-    batches = _batches()
+    batches = random_batches()
     torch.manual_seed(0)
     small, large = _vit(2, 32), _vit(2, 64)
     result = fxmerge.merge([small, large], batches, method="mudsc", width=width, quiet=True)
@@ -333,7 +313,7 @@ def test_mudsc_unequal_vits(width: str, embed: int) -> None:
     heads = [g for g in result.groups if g.name.endswith(":heads")]
     assert heads and all(g.width == 4 for g in heads)
     assert _params(result.module) == _params(large if width == "max" else small)
-    y = _run(result.module, batches[0])
+    y = output_of(result.module, batches[0])
     assert y.shape == (16, 10)
 
 
@@ -350,12 +330,12 @@ def _check_depth_and_width(result: fxmerge.MergeResult, deep_wide: nn.Module, x:
     assert {k: v.shape for k, v in result.module.state_dict().items()} == {
         k: v.shape for k, v in deep_wide.state_dict().items()
     }
-    _run(result.module, x)
+    output_of(result.module, x)
 
 
 @pytest.mark.parametrize("order", ["shallow_first", "deep_first"])
 def test_depth_and_width_resnets(order: str) -> None:
-    batches = _batches()
+    batches = random_batches()
     torch.manual_seed(0)
     shallow_narrow = zoo.resnet((1, 1, 1), 8, in_channels=1, image_size=8).eval()
     deep_wide = zoo.resnet((2, 2, 2), 16, in_channels=1, image_size=8).eval()
@@ -365,7 +345,7 @@ def test_depth_and_width_resnets(order: str) -> None:
 
 
 def test_depth_and_width_vits() -> None:
-    batches = _batches()
+    batches = random_batches()
     torch.manual_seed(0)
     shallow_narrow, deep_wide = _vit(2, 32), _vit(3, 64)
     result = fxmerge.merge([shallow_narrow, deep_wide], batches, method="zip", quiet=True)

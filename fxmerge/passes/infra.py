@@ -1,8 +1,10 @@
 """fxmerge's passes as ``torch.fx.passes.infra`` ``PassBase`` objects, for torch.fx pipelines.
 
-Each pass takes a GraphModule and returns a ``PassResult``; the function-preserving ones check
-in ``ensures`` that the outputs did not change (raising ``InvarianceError``), in the spirit of
-Torch-TensorRT's ``validate_inference``. They compose with ``PassManager``::
+Each pass takes a GraphModule and returns a ``PassResult``; the function-preserving ones
+(``RandomPermutePass``, ``DepthExtensionPass``) check in ``ensures`` that the module they RETURN
+computes what their input computed on the example (raising ``InvarianceError``), in the spirit of
+Torch-TensorRT's ``validate_inference``. None of them modifies its input. They compose with
+``PassManager``::
 
     from torch.fx.passes.infra.pass_manager import PassManager
     manager = PassManager([RandomPermutePass(x, seed=0), BatchNormResetPass(batches)])
@@ -18,32 +20,65 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils._pytree import tree_flatten
 
 from fxmerge.errors import InvarianceError
 from fxmerge.passes.dependency import analyze_graph, state_name_map
 from fxmerge.passes.repair import reset_batchnorm
 
 
+def _outputs(graph_module: GraphModule, example: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors ``graph_module`` returns on ``example`` in eval mode, no gradients; the modules'
+    training flags are restored (a pass's input is not touched)."""
+    flags = [(module, module.training) for module in graph_module.modules()]
+    try:
+        with torch.no_grad():
+            leaves, _ = tree_flatten(graph_module.eval()(example))
+    finally:
+        for module, training in flags:
+            module.training = training
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
 class _FunctionPreserving(PassBase):
-    """A pass whose output must compute what its input computes on ``example``."""
+    """A pass whose OUTPUT module must compute what its input computes on ``example``.
+
+    torch's ``PassBase.__call__`` runs ``ensures`` on the pass's *input* module, which would
+    compare the input with itself; ``__call__`` here runs ``requires`` on the input (recording
+    its outputs) and ``ensures`` on the returned ``PassResult.graph_module``. ``ensures`` raises
+    ``InvarianceError`` when the largest absolute difference over all output tensors exceeds
+    ``rtol`` times the largest absolute reference output.
+    """
 
     def __init__(self, example: torch.Tensor, rtol: float = 1e-4) -> None:
         super().__init__()
         self.example = example
         self.rtol = rtol
-        self._expected: torch.Tensor | None = None
+        self._expected: list[torch.Tensor] | None = None
+
+    def __call__(self, graph_module: GraphModule) -> PassResult | None:
+        self.requires(graph_module)
+        result = self.call(graph_module)
+        self.ensures(result.graph_module)
+        return result
 
     def requires(self, graph_module: GraphModule) -> None:
-        with torch.no_grad():
-            self._expected = graph_module.eval()(self.example)
+        self._expected = _outputs(graph_module, self.example)
 
     def ensures(self, graph_module: GraphModule) -> None:
-        with torch.no_grad():
-            got = graph_module.eval()(self.example)
         expected = self._expected
-        assert expected is not None
-        error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-        if error > self.rtol:
+        if expected is None:
+            raise RuntimeError(f"{type(self).__name__}.ensures ran before requires")
+        got = _outputs(graph_module, self.example)
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise InvarianceError(
+                f"{type(self).__name__} changed the output shapes: {[tuple(e.shape) for e in expected]} -> "
+                f"{[tuple(g.shape) for g in got]}"
+            )
+        scale = max(e.abs().max().item() for e in expected) if expected else 0.0
+        difference = max(((g - e).abs().max().item() for g, e in zip(got, expected)), default=0.0)
+        error = difference / max(scale, 1e-12)
+        if not error <= self.rtol:  # NaN fails too
             raise InvarianceError(f"{type(self).__name__} changed the outputs (relative error {error:.2e})")
 
 
