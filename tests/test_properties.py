@@ -803,3 +803,19 @@ def test_group_beside_a_fixed_group_is_observed_through_their_product() -> None:
         "pool", 0,
     )
     check_recovery(spec)
+
+
+def test_nested_products_are_observed_as_a_whole() -> None:
+    """Regression, minimised from recovery/programs (all 7 of its failures in the 200-example
+    profile): a GroupNorm(4) over the output of a grouped conv (groups=2) nests three groups on
+    one axis (conv groups x GroupNorm groups per conv group x channels per GroupNorm group). No
+    tap held a product of just two of them, so the middle product was matched in identity order
+    and the last factor on weights: 0.22 relative error. Products of any number of groups are now
+    observed, and a factor's statistics are read off the product once the factors before it are
+    matched (``width.product_statistics``)."""
+    spec = Program(
+        10, "gn", 1,
+        (Block("pool"), Block("norm", norm="bn"), Block("grouped", out=8, groups=2), Block("grouped", out=8, norm="gn", gn_groups=4, groups=2)),
+        "flatten", 8,
+    )
+    check_recovery(spec)

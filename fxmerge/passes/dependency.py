@@ -18,6 +18,7 @@ model outputs are fixed.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -98,8 +99,8 @@ class Analysis:
     node_layouts: dict[str, tuple[Layout | None, ...]] = field(default_factory=dict)
     # (heads group, head-channel group, embedding group): size(heads) * size(inner) == size(embedding)
     head_ties: tuple[tuple[str, str, str], ...] = field(default=())
-    # (outer group, inner group) -> taps whose dim holds the product outer x inner (block-major)
-    composite_taps: dict[tuple[str, str], tuple[Tap, ...]] = field(default_factory=dict)
+    # (outer group, ..., inner group) -> taps whose dim holds that product of groups (block-major)
+    composite_taps: dict[tuple[str, ...], tuple[Tap, ...]] = field(default_factory=dict)
 
     def group(self, name: str) -> ChannelSpace:
         for group in self.groups:
@@ -112,29 +113,30 @@ class Analysis:
         return tuple(g for g in self.groups if not g.fixed)
 
     def composite_groups(self, names: Sequence[str] | None = None) -> tuple[ChannelSpace, ...]:
-        """The observed products of two groups, as groups named ``"outer*inner"``.
+        """The observed products of groups, as groups named ``"outer*inner"`` (``"a*b*c"``, ...).
 
-        Unit ``b * n_inner + j`` of such a group is channel j of block b (block-major). Products
-        with at least one free factor whose factors are both listed in ``names`` (when given) are
-        returned; their taps are where a tensor dim holds exactly that product. A product with a
-        fixed factor still observes the free one (``width.factor_statistics``).
+        Unit ``b * n_inner + j`` of a product of two is channel j of block b (block-major, and
+        row-major for more factors). Products with at least one free factor whose factors are all
+        listed in ``names`` (when given) are returned; their taps are where a tensor dim holds
+        exactly that product. A product with fixed factors still observes the free ones
+        (``width.product_statistics``).
         """
         by_name = {g.name: g for g in self.groups}
         allowed = set(names) if names is not None else None
         found = []
-        for (outer, inner), taps in self.composite_taps.items():
-            factors = (by_name[outer], by_name[inner])
+        for key, taps in self.composite_taps.items():
+            factors = [by_name[name] for name in key]
             if all(f.fixed for f in factors) or any(allowed is not None and f.name not in allowed for f in factors):
                 continue
             found.append(
                 ChannelSpace(
-                    name=f"{outer}*{inner}",
-                    size=factors[0].size * factors[1].size,
+                    name="*".join(key),
+                    size=math.prod(f.size for f in factors),
                     producers=(),
                     consumers=(),
                     taps=taps,
                     fixed=False,
-                    factor_of=(outer, inner),
+                    factor_of=key,
                     kind="composite",
                 )
             )
@@ -857,7 +859,7 @@ class _Analyzer(Interpreter):
                 for space in dict.fromkeys(f for piece in layout for f in piece if f in producers):
                     (producers if role == "out" else consumers)[space].append(ref)
         taps: dict[int, list[Tap]] = {s: [] for s in used}
-        composite_taps: dict[tuple[int, int], list[Tap]] = {}
+        composite_taps: dict[tuple[int, ...], list[Tap]] = {}
         for node_name, dim, all_dims in self.taps:
             # A tap is usable when its dim holds exactly one group and no other dim of the tensor
             # holds a free group: then every other position is a sample aligned across models.
@@ -874,10 +876,10 @@ class _Analyzer(Interpreter):
                 space = expanded[0][0]
                 if not isinstance(space, Opaque) and space in taps:
                     taps[space].append(Tap(node_name, dim))
-            elif len(expanded) == 1 and len(expanded[0]) == 2 and all(f in taps for f in expanded[0]):
-                # one dim holding a product of two groups (groups x channels per group of a
-                # grouped conv or GroupNorm, heads x head channels): its features, block-major,
-                # observe the composite as a whole
+            elif len(expanded) == 1 and len(expanded[0]) >= 2 and all(f in taps for f in expanded[0]):
+                # one dim holding a product of groups (groups x channels per group of a grouped
+                # conv or GroupNorm, heads x head channels, a GroupNorm over a grouped conv's
+                # output): its features, block-major, observe the product as a whole
                 composite_taps.setdefault(tuple(expanded[0]), []).append(Tap(node_name, dim))
         composite_of: dict[int, list[str]] = {s: [] for s in used}
         for root in table.roots():
@@ -929,7 +931,7 @@ class _Analyzer(Interpreter):
             layer_channel_groups=frozenset(names[s] for s in used if s in layer_channels),
             node_layouts=node_layouts,
             composite_taps={
-                (names[a], names[b]): tuple(dict.fromkeys(found)) for (a, b), found in composite_taps.items()
+                tuple(names[f] for f in key): tuple(dict.fromkeys(found)) for key, found in composite_taps.items()
             },
             head_ties=tuple(
                 (names[table.find(h)], names[table.find(i)], names[table.find(e)])

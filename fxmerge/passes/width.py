@@ -9,6 +9,7 @@ weight of a layer with output group g and input group h is W* = sum_k M_k^g W_k 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -354,7 +355,7 @@ def _match_structure(
                 features.append(unit_weight_features(analysis, state, key, done, k))
             return None if any(f is None for f in features) else similarity_of(features)  # type: ignore[arg-type]
 
-        activation = statistics.get(f"{structure.outer}*{inner}")
+        activation = product_statistics((structure.outer, inner), analyses, statistics, done)
         similarities[inner], sources[inner] = unit_similarity(activation, weights, method=method, balance=balance)
     # composite units are block-major: unit (b, j) of model k is offset_k + b * d_k + j
     pairing = np.tile(np.arange(h), (count, 1))
@@ -519,40 +520,106 @@ def _indistinct(activation: GroupStatistics) -> bool:
     return False
 
 
-def factor_statistics(name: str, analyses: Sequence[Analysis], statistics: Mapping[str, GroupStatistics]) -> GroupStatistics | None:
-    """A group's statistics: observed directly, or read off a product with a fixed group.
+def _labels_of(key: tuple[str, ...], analysis: Analysis, done: Mapping[str, GroupMatch], model: int) -> np.ndarray | None:
+    """Model ``model``'s units of the product ``key`` -> their merged units (row-major), or None
+    while a free factor of ``key`` is not matched yet. Fixed factors keep their order."""
+    labels = np.zeros(1, dtype=np.int64)
+    position = 0
+    while position < len(key):
+        pair = "*".join(key[position : position + 2])
+        if position + 1 < len(key) and pair in done:
+            matched, step = done[pair], 2
+        elif key[position] in done:
+            matched, step = done[key[position]], 1
+        elif analysis.group(key[position]).fixed:
+            size = analysis.group(key[position]).size
+            labels, position = (labels[:, None] * size + np.arange(size)[None, :]).reshape(-1), position + 1
+            continue
+        else:
+            return None
+        if matched.unmerge is None:
+            own, width = np.arange(matched.sizes[model]), matched.sizes[model]
+        else:
+            own, width = matched.unmerge[model].argmax(dim=1).numpy(), matched.width
+        labels = (labels[:, None] * width + own[None, :]).reshape(-1)
+        position += step
+    return labels
 
-    A free group that only ever appears next to a fixed one on a dim (the channels per group of
-    a GroupNorm whose groups are fixed) is observed through the product: the similarity of inner
-    units is averaged over the (unpermuted) blocks, that of outer blocks over their channels.
+
+def product_statistics(
+    key: tuple[str, ...],
+    analyses: Sequence[Analysis],
+    statistics: Mapping[str, GroupStatistics],
+    done: Mapping[str, GroupMatch] | None = None,
+) -> GroupStatistics | None:
+    """The statistics of the units of ``key`` (one group, or a product such as outer x inner):
+    observed directly, or read off an observed product that contains ``key`` as consecutive
+    factors (a GroupNorm whose groups are fixed; a GroupNorm over a grouped conv's output).
+
+    The factors before ``key`` must be fixed (their order is the same in every model) or already
+    matched (``done``): the similarity of two units of ``key`` is averaged over the blocks those
+    factors pair across models. The factors after it are summarised, per pair of units, by the
+    diagonal mean when they are fixed and by the mean matched similarity (an optimal one-to-one
+    assignment) otherwise.
     """
+    name = "*".join(key)
     if name in statistics:
         return statistics[name]
     reference = analyses[0]
     count = len(analyses)
-    for outer, inner in reference.composite_taps:
-        product = statistics.get(f"{outer}*{inner}")
-        if product is None or name not in (outer, inner):
+    for factors in reference.composite_taps:
+        product = statistics.get("*".join(factors))
+        at = next((i for i in range(len(factors) - len(key) + 1) if factors[i : i + len(key)] == key), None)
+        if product is None or at is None:
             continue
-        partner = inner if name == outer else outer
-        if not reference.group(partner).fixed:
+        prefix, suffix = factors[:at], factors[at + len(key) :]
+        prefix_labels = []
+        for k, analysis in enumerate(analyses):
+            labels = _labels_of(prefix, analysis, done or {}, k) if prefix else np.zeros(1, dtype=np.int64)
+            if labels is None:
+                break
+            prefix_labels.append(labels)
+        if len(prefix_labels) < count:
             continue
-        sizes = tuple(a.group(name).size for a in analyses)
-        partner_size = reference.group(partner).size
-        if name == inner:
-            correlation = _shared_similarity(product.correlation, sizes, np.tile(np.arange(partner_size), (count, 1)))
-            constant = [c.reshape(partner_size, n).all(0) for c, n in zip(np.split(product.constant, np.cumsum([partner_size * n for n in sizes])[:-1]), sizes)]
+        def size(factor_names: tuple[str, ...], k: int) -> int:
+            return math.prod(analyses[k].group(f).size for f in factor_names)
+        key_sizes = tuple(size(key, k) for k in range(count))
+        suffix_sizes = [size(suffix, k) for k in range(count)]
+        fixed_suffix = all(reference.group(f).fixed for f in suffix)
+        offsets = np.concatenate(([0], np.cumsum([size(factors, k) for k in range(count)])))
+        starts = np.concatenate(([0], np.cumsum(key_sizes)))
+        if max(key_sizes) ** 2 * count**2 * (1 if fixed_suffix or max(suffix_sizes) == 1 else max(suffix_sizes)) > 4_000_000:
+            continue  # summarising the suffix would cost more than it is worth
+        correlation = np.zeros((starts[-1], starts[-1]))
+        constant = []
+        for k in range(count):
+            block_k = product.constant[offsets[k] : offsets[k + 1]].reshape(len(prefix_labels[k]), key_sizes[k], suffix_sizes[k])
+            constant.append(block_k.all(axis=(0, 2)))
+            for l in range(count):
+                full = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]].reshape(
+                    len(prefix_labels[k]), key_sizes[k], suffix_sizes[k], len(prefix_labels[l]), key_sizes[l], suffix_sizes[l]
+                )
+                total, blocks = np.zeros((key_sizes[k], key_sizes[l])), 0
+                for merged in np.intersect1d(prefix_labels[k], prefix_labels[l]):
+                    pk, pl = np.flatnonzero(prefix_labels[k] == merged)[0], np.flatnonzero(prefix_labels[l] == merged)[0]
+                    sub = full[pk, :, :, pl, :, :]  # (key_k, suffix_k, key_l, suffix_l)
+                    if suffix_sizes[k] == 1 and suffix_sizes[l] == 1:
+                        total += sub[:, 0, :, 0]
+                    elif fixed_suffix:
+                        total += np.einsum("ajbj->ab", sub) / suffix_sizes[k]
+                    else:
+                        from fxmerge.match.groups import mean_matched_similarity
+
+                        total += np.array([[mean_matched_similarity(sub[a, :, b, :]) for b in range(key_sizes[l])] for a in range(key_sizes[k])])
+                    blocks += 1
+                if not blocks:
+                    break
+                correlation[starts[k] : starts[k + 1], starts[l] : starts[l + 1]] = total / blocks
+            else:
+                continue
+            break
         else:
-            offsets = np.concatenate(([0], np.cumsum([n * partner_size for n in sizes])))
-            starts = np.concatenate(([0], np.cumsum(sizes)))
-            correlation = np.zeros((starts[-1], starts[-1]))
-            for k, nk in enumerate(sizes):
-                for l, nl in enumerate(sizes):
-                    block = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]]
-                    block = block.reshape(nk, partner_size, nl, partner_size)
-                    correlation[starts[k] : starts[k + 1], starts[l] : starts[l + 1]] = np.einsum("ajbj->ab", block) / partner_size
-            constant = [c.reshape(n, partner_size).all(1) for c, n in zip(np.split(product.constant, offsets[1:-1]), sizes)]
-        return GroupStatistics(name, sizes, correlation, product.taps, product.samples, np.concatenate(constant))
+            return GroupStatistics(name, key_sizes, correlation, product.taps, product.samples, np.concatenate(constant))
     return None
 
 
@@ -591,45 +658,62 @@ def match_groups(
         items.append(group)
 
     def tier(group: ChannelSpace) -> int:
-        """0: activations tell the units apart; 1: observed, with ties; 2: not observed."""
+        """0: activations tell the units apart; 1: observed, with ties; 2: observed inside a
+        product of groups; 3: not observed."""
         names = [group.name]
         if group.name in structures:
             structure = structures[group.name]
             names = [f"{structure.outer}*{inner}" for inner in structure.inners]
-        found = [factor_statistics(name, analyses, statistics) if name == group.name else statistics.get(name) for name in names]
-        if any(stats is None for stats in found):
-            return 2
-        return 1 if any(_indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
+        keys = [tuple(name.split("*")) for name in names]
+        found = [product_statistics(key, analyses, statistics) for key in keys]
+        if all(stats is not None for stats in found):
+            return 1 if any(_indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
+        # observed inside a product whose other factors must be matched first
+        inside = any(set(key) <= set(factors) for key in keys for factors in analyses[0].composite_taps)
+        return 2 if inside else 3
 
     # Groups whose activations tell their units apart are matched first, then groups with ties,
     # then groups never observed: the weight features that the later ones need (attention heads
     # inside a layer, dead or tied units) then see their neighbours in the merged basis, whatever
     # the topological order. Within a tier, topological order.
-    matched: dict[str, list[GroupMatch]] = {}
-    for group in sorted(items, key=tier):
+    def match_item(group: ChannelSpace, done: Mapping[str, GroupMatch]) -> list[GroupMatch]:
         sizes = tuple(a.group(group.name).size for a in analyses)
         if any(a.group(group.name).fixed for a in analyses):
             if len(set(sizes)) != 1:
                 raise ConfigError(
                     f"group {group.name} is fixed ({group.reason}) but its sizes differ across models {sizes}"
                 )
-            found = [GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)]
-        elif group.name in structures:
-            found = _match_structure(
-                structures[group.name], analyses, states, results, statistics,
+            return [GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)]
+        if group.name in structures:
+            return _match_structure(
+                structures[group.name], analyses, states, done, statistics,
                 method=method, width=width, alpha=alpha, beta=beta, balance=balance,
             )
-        else:
-            similarity, source = unit_similarity(
-                factor_statistics(group.name, analyses, statistics),
-                lambda: weight_similarity(group.name, analyses, states, results),
-                method=method,
-                balance=balance,
-            )
-            target = resolve_width(width, group.name, sizes)
-            found = [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
-        matched[group.name] = found
-        results.update((result.name, result) for result in found)
+        similarity, source = unit_similarity(
+            product_statistics((group.name,), analyses, statistics, done),
+            lambda: weight_similarity(group.name, analyses, states, done),
+            method=method,
+            balance=balance,
+        )
+        target = resolve_width(width, group.name, sizes)
+        return [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
+
+    order = sorted(items, key=tier)
+    matched: dict[str, list[GroupMatch]] = {}
+    for group in order:
+        matched[group.name] = match_item(group, results)
+        results.update((result.name, result) for result in matched[group.name])
+    # A group matched on weights (alone, or to break ties) saw only the neighbours matched before
+    # it: match it once more with every other group in the merged basis (one step of Git
+    # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, in the first pass
+        for group in order:
+            if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
+                continue
+            own = {m.name for m in matched[group.name]}
+            matched[group.name] = match_item(group, {k: v for k, v in results.items() if k not in own})
+            results.update((result.name, result) for result in matched[group.name])
     return {result.name: result for group in items for result in matched[group.name]}
 
 
