@@ -27,6 +27,7 @@ SCRIPTS = {
     "timings": ["timings.py"],
     "memory": ["memory.py"],
     "properties": ["properties.py"],
+    "timm": ["timm_models.py"],
 }
 SEEDED = {"homogeneous", "depth", "width", "partial"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only
