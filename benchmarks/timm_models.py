@@ -106,59 +106,61 @@ def measure(name: str, size: int, batches_count: int, batch_size: int) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            torch.manual_seed(0)
-            fresh = timm.create_model(name, pretrained=False, num_classes=10).eval()
-            row["params_m"] = sum(p.numel() for p in fresh.parameters()) / 1e6
-            generator = torch.Generator().manual_seed(0)
-            batches = [torch.randn(batch_size, 3, size, size, generator=generator) for _ in range(batches_count)]
-            x = batches[0]
-            m = copy.deepcopy(fresh)
-            reset_batchnorm(m, batches, quiet=True)
-            y = _run(m, x)
-        except Exception as error:  # noqa: BLE001 - the model does not build or run at this size
-            row["build"] = _error(error)
-            row["seconds"] = time.perf_counter() - start
-            return row
-        try:
-            analysis = fxmerge.analyze(m, x)
-            row["groups"], row["free"] = len(analysis.groups), len(analysis.free_groups)
-            row["coverage"] = analysis.coverage()
-            twin = fxmerge.testing.random_permute(m, x, seed=1).eval()
-            row["invariance"] = relative_error(y, _run(twin, x))
-        except Exception as error:  # noqa: BLE001
-            row["analysis"] = _error(error)
-            row["seconds"] = time.perf_counter() - start
-            row["warnings"] = len(caught)
-            return row
-        result = None
-        for method in ("permute", "zip"):
-            try:
-                merged = fxmerge.merge([m, twin], batches, method=method, calibration_batches=batches_count, quiet=True)
-                row[method] = relative_error(y, _run(merged.module, x))
-                if method == "permute":
-                    result = merged
-            except Exception as error:  # noqa: BLE001
-                row[method] = _error(error)
-        try:
-            fresh_twin = fxmerge.testing.random_permute(fresh, x, seed=1).eval()
-            repaired = fxmerge.merge([fresh, fresh_twin], batches, method="permute", calibration_batches=batches_count, quiet=True)
-            row["bn_repair"] = relative_error(y, _run(repaired.module, x))
-            row["fresh_vs_m"] = relative_error(y, _run(fresh, x))  # what an unrepaired merge is off by
-        except Exception as error:  # noqa: BLE001
-            row["bn_repair"] = _error(error)
-        if result is not None:
-            try:
-                with tempfile.TemporaryDirectory() as directory:
-                    result.save(directory)
-                    loaded = fxmerge.load(directory)
-                    row["save_load"] = "ok" if _same(result.module, loaded, x) else "differs"
-            except Exception as error:  # noqa: BLE001
-                row["save_load"] = _error(error)
+        _measure(row, name, size, batches_count, batch_size)
     row["warnings"] = len(caught)
     row["warning_first"] = str(caught[0].message)[:160] if caught else ""
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: int) -> None:
+    """Fill ``row``; a failing build or analysis ends it early."""
+    try:
+        torch.manual_seed(0)
+        fresh = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        row["params_m"] = sum(p.numel() for p in fresh.parameters()) / 1e6
+        generator = torch.Generator().manual_seed(0)
+        batches = [torch.randn(batch_size, 3, size, size, generator=generator) for _ in range(batches_count)]
+        x = batches[0]
+        m = copy.deepcopy(fresh)
+        reset_batchnorm(m, batches, quiet=True)
+        y = _run(m, x)
+    except Exception as error:  # noqa: BLE001 - the model does not build or run at this size
+        row["build"] = _error(error)
+        return
+    try:
+        analysis = fxmerge.analyze(m, x)
+        row["groups"], row["free"] = len(analysis.groups), len(analysis.free_groups)
+        row["coverage"] = analysis.coverage()
+        twin = fxmerge.testing.random_permute(m, x, seed=1).eval()
+        row["invariance"] = relative_error(y, _run(twin, x))
+    except Exception as error:  # noqa: BLE001
+        row["analysis"] = _error(error)
+        return
+    result = None
+    for method in ("permute", "zip"):
+        try:
+            merged = fxmerge.merge([m, twin], batches, method=method, calibration_batches=batches_count, quiet=True)
+            row[method] = relative_error(y, _run(merged.module, x))
+            if method == "permute":
+                result = merged
+        except Exception as error:  # noqa: BLE001
+            row[method] = _error(error)
+    try:
+        fresh_twin = fxmerge.testing.random_permute(fresh, x, seed=1).eval()
+        repaired = fxmerge.merge([fresh, fresh_twin], batches, method="permute", calibration_batches=batches_count, quiet=True)
+        row["bn_repair"] = relative_error(y, _run(repaired.module, x))
+        row["fresh_vs_m"] = relative_error(y, _run(fresh, x))  # what an unrepaired merge is off by
+    except Exception as error:  # noqa: BLE001
+        row["bn_repair"] = _error(error)
+    if result is not None:
+        try:
+            with tempfile.TemporaryDirectory() as directory:
+                result.save(directory)
+                loaded = fxmerge.load(directory)
+                row["save_load"] = "ok" if _same(result.module, loaded, x) else "differs"
+        except Exception as error:  # noqa: BLE001
+            row["save_load"] = _error(error)
 
 
 def _cell(value: object, fmt: str = ".1e") -> str:
