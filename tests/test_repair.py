@@ -196,11 +196,25 @@ def test_a_batch_norm_that_cannot_be_reset_is_named(norm: type[nn.Module], match
 class _OpaqueNorm(_FunctionalNorm):
     """A custom leaf: its F.batch_norm is inside the module, out of the graph's sight."""
 
+    momentum = 0.1
+
 
 def test_running_statistics_inside_a_leaf_module_are_named() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 1), _OpaqueNorm(3)).eval()
     with pytest.warns(UserWarning, match=r"module '1' \(_OpaqueNorm\) holds a 'running_mean' buffer"):
         reset_batchnorm(model, _batches(), quiet=True)
+
+
+def test_frozen_batch_norms_are_left_alone() -> None:
+    """torchvision's FrozenBatchNorm2d (no momentum) keeps its statistics as fixed parameters."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3), nn.BatchNorm2d(3)).eval()
+    frozen = model[1].running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reset_batchnorm(model, _batches(), quiet=True) == 1
+    assert torch.equal(model[1].running_mean, frozen)
 
 
 def test_shared_functional_statistics_accumulate_over_call_sites() -> None:

@@ -248,7 +248,7 @@ def reset_batchnorm(
     A batch norm that cannot be reset is named in a ``UserWarning`` (``strict=True``: an
     ``UnsupportedOpError``): running statistics that are not buffers, a non-constant training
     flag, or ``running_mean``/``running_var`` buffers that no resettable batch norm reads (a
-    custom leaf module's own batch norm, a frozen batch norm traced into elementwise ops).
+    custom leaf module's own batch norm; frozen batch norms, without ``momentum``, are left alone).
 
     ``process_group``: None, or a ``torch.distributed`` ProcessGroup whose processes each pass
     their own shard of the batches: the per-batch-norm sums are summed over the processes, so
@@ -348,15 +348,21 @@ def _check_unread_statistics(
     named: set[int],
 ) -> None:
     """Describe in ``problems`` every ``running_mean``/``running_var`` buffer no resettable batch
-    norm reads (reset ones are keyed by their running mean; their running var goes with it)."""
+    norm reads (reset ones are keyed by their running mean; their running var goes with it).
+
+    A module without a ``momentum`` attribute never updates its statistics (torchvision's and
+    timm's frozen batch norms): they are fixed parameters, as in training, and are left alone.
+    """
     covered = {id(s.running_var) for s in keyed.values()} | set(keyed) | named
     for sub in module.modules():
+        if not hasattr(sub, "momentum"):
+            continue
         for attr in ("running_mean", "running_var"):
             buffer = sub._buffers.get(attr)
             if isinstance(buffer, torch.Tensor) and id(buffer) not in covered:
                 path = names[id(sub)] or "the root module"
                 problems.append(
                     f"module {path!r} ({type(sub).__name__}) holds a {attr!r} buffer that no batch norm "
-                    "fxmerge can reset reads (a custom layer's own batch norm, or a frozen one)"
+                    "fxmerge can reset reads (a custom layer's own batch norm)"
                 )
                 break
