@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "`BN repair`: the same permute merge of the model with timm's initial statistics, against m "
         "(in parentheses: how far the initial-statistics model itself is from m, i.e. what a merge that "
         "skipped the reset would be off by); `save/load`: the permute result through `MergeResult.save` "
-        "and `fxmerge.load`, `ok` = bit-identical outputs and state dict. Goal: every error < 1e-4. "
+        "and `fxmerge.load`, `ok` = bit-identical outputs and state dict. Goal: every error < 1e-4; "
+        "0.0e+00 means bit-identical outputs (the twin's permutation is recovered exactly, the average of "
+        "two equal weights is exact, and the statistics are recomputed on the same activations). "
         "Seconds: the whole row, wall clock, on a shared machine (indicative only).\n\n"
         f"Machine: {machine_info()}; timm {timm.__version__}.\n\n"
     )
