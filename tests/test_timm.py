@@ -86,3 +86,21 @@ def test_batchnormact_leaf_merges_and_loads_when_trusted(tmp_path: Path) -> None
     with pytest.raises(LoadError, match=r"BatchNormAct2d.*modules=\[BatchNormAct2d\]"):
         fxmerge.load(tmp_path)
     _assert_bit_identical(result.module, fxmerge.load(tmp_path, modules=[BatchNormAct2d]), x)
+
+
+def test_functional_and_module_batch_norms_merge_to_the_same_model() -> None:
+    """Two different models (seeds 0, 1) zipped: traced into (F.batch_norm on get_attr buffers) or
+    with BatchNormAct2d kept as a leaf (_BatchNorm modules), the reset gives the same merged model."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model("lcnet_050", pretrained=False, num_classes=10).eval())
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 32, 32, generator=generator) for _ in range(3)]
+    options = {"method": "zip", "calibration_batches": len(batches), "quiet": True}
+    functional = fxmerge.merge(models, batches, **options).module
+    modules = fxmerge.merge(models, batches, leaf_modules=[BatchNormAct2d], **options).module
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in functional.modules())
+    assert sum(type(m) is BatchNormAct2d for m in modules.modules()) > 10
+    x = batches[0]
+    assert relative_error(_output(modules, x), _output(functional, x)) < 1e-6
