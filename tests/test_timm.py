@@ -6,6 +6,7 @@ initial statistics (0 / 1); the reference ``m`` is the same model with statistic
 calibration batches. ``merge([fresh, random_permute(fresh)])`` equals ``m`` only if the merge's BN
 reset covers every batch norm (before it did, the error was 1.0-1.8). The merged module saves and
 loads bit-identically; with ``BatchNormAct2d`` kept as a leaf it loads when the class is trusted.
+Two different models merge to the same model whether their batch norms are functional or modules.
 The whole list (15+ models, permute and zip) is benchmarks/timm_models.py.
 """
 
