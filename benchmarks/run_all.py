@@ -28,6 +28,7 @@ SCRIPTS = {
     "timings": ["timings.py"],
     "memory": ["memory.py"],
     "properties": ["properties.py"],
+    "timm": ["timm_models.py"],
 }
 SEEDED = {"homogeneous", "depth", "width", "conv1d", "partial"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only

@@ -3,9 +3,17 @@
 A pickled GraphModule loses ``node.meta``, fails on lambda targets, and can only be read with
 ``torch.load(weights_only=False)``, which runs whatever code the file names. This format stores the
 graph and the module tree as JSON data and the tensors with safetensors; loading rebuilds the
-model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap``; tensor functions
-from ``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions).
+model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap``, and the module
+classes the caller passes to ``load_module(modules=[...])``; tensor functions from
+``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions).
 Nothing in the folder is evaluated, executed, imported or unpickled.
+
+Parameters and buffers are stored wherever they sit: in layers, and in the plain ``nn.Module``
+containers fx creates for ``get_attr`` targets when it traces into a module (timm's
+``BatchNormAct2d`` becomes ``F.batch_norm`` on ``bn1.running_mean``...). A module class outside
+torch.nn (a leaf such as ``BatchNormAct2d``, a user's RMSNorm) is stored by its name
+``module.qualname`` with its constructor arguments, and rebuilt only when the loader is given the
+class: ``fxmerge.load(directory, modules=[BatchNormAct2d])``.
 
 Format ``fxmerge.graphmodule``, version 1.0 — a directory holding:
 
@@ -21,7 +29,8 @@ Format ``fxmerge.graphmodule``, version 1.0 — a directory holding:
     * ``modules``: every submodule path of the tree, parents first:
       ``{"path": "stage1.0.conv1", "class": "torch.nn.Conv2d", "args": {"in_channels": 16, ...}}``
       — constructor arguments read back from the module's attributes (``bias=False`` when its bias
-      is None), checked at save time to rebuild the same module — or ``{"path", "alias_of"}``
+      is None), checked at save time to rebuild the same module (for a class outside torch.nn,
+      ``"class"`` is ``module.qualname`` and every attribute is checked) — or ``{"path", "alias_of"}``
       where one module object sits at two paths.
     * ``tensors``: the names of the ``parameters``, ``buffers``, ``nonpersistent_buffers`` and
       plain tensor ``attributes`` (``get_attr`` constants), ``frozen`` parameters
@@ -54,7 +63,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -68,7 +77,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import CodeGen
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from fxmerge.errors import FxMergeError, LoadError, SaveError
+from fxmerge.errors import ConfigError, FxMergeError, LoadError, SaveError
 from fxmerge.passes.tails import ChannelMap
 
 FORMAT = "fxmerge.graphmodule"
@@ -257,6 +266,34 @@ def _class_name(cls: type) -> str | None:
         if known is cls:
             return name
     return None
+
+
+def custom_class_name(cls: type) -> str:
+    """The name a module class outside the allowlist is stored under: ``module.qualname``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _trusted_classes(modules: Sequence[type[nn.Module]]) -> dict[str, type[nn.Module]]:
+    """Stored name -> class for the user's trusted classes (``load_module(modules=)``)."""
+    if isinstance(modules, type):
+        modules = [modules]
+    table: dict[str, type[nn.Module]] = {}
+    for cls in modules:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ConfigError(f"load(modules=...) takes nn.Module subclasses, got {cls!r}")
+        table[custom_class_name(cls)] = cls
+    return table
+
+
+def _trusted_class(name: Any, trusted: Mapping[str, type[nn.Module]]) -> type[nn.Module] | None:
+    """The trusted class stored as ``name``; else the only trusted class of the same qualname (the
+    defining module may be imported under another name, e.g. ``__main__``), else None."""
+    if not isinstance(name, str):
+        return None
+    if name in trusted:
+        return trusted[name]
+    same = [cls for cls in trusted.values() if name.endswith("." + cls.__qualname__)]
+    return same[0] if len(same) == 1 else None
 
 
 # ------------------------------------------------------------------------------- value encoding
@@ -485,12 +522,27 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
 
 
-def _signature(module: nn.Module) -> dict[str, Any]:
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (tensor dicts, hooks)
+
+
+def _signature(module: nn.Module, path: str, *, custom: bool = False) -> dict[str, Any]:
     """What a rebuilt module must share with the original: own tensors' shapes and child names (those
     the constructor makes; others are placed by name), and every plain attribute (sizes, flags, strides) except
-    ``training``."""
+    ``training``. ``custom`` (a class outside torch.nn): every other attribute too, by its encoding —
+    one that has none (a plain tensor, an object) cannot be checked and is refused."""
     tensors = {k: None if v is None else tuple(v.shape) for k, v in (*module._parameters.items(), *module._buffers.items())}
     plain = {k: v for k, v in vars(module).items() if k != "training" and _plain(v)}
+    if custom:
+        where = f"module {path!r} ({custom_class_name(type(module))})"
+        for k, v in vars(module).items():
+            if k in _MODULE_INTERNALS or k in plain:
+                continue
+            if isinstance(v, torch.Tensor):
+                raise SaveError(
+                    f"{where}: attribute {k!r} is a tensor that is neither a parameter nor a buffer, so its value "
+                    "cannot be stored: register it with register_buffer"
+                )
+            plain[k] = _encode(v, f"{where}, attribute {k!r}", constructor=True)
     return {"tensors": tensors, "children": sorted(module._modules), "attributes": plain}
 
 
@@ -499,7 +551,7 @@ def _construct(cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
         return cls(**args)
 
 
-def _check_rebuild(module: nn.Module, path: str, args: dict[str, Any]) -> None:
+def _check_rebuild(module: nn.Module, path: str, args: dict[str, Any], *, custom: bool = False) -> None:
     cls = type(module)
     decoded = {k: _decode(json.loads(json.dumps(v)), {}, path, constructor=True) for k, v in args.items()}
     where = f"module {path!r} ({cls.__name__})"
@@ -507,7 +559,7 @@ def _check_rebuild(module: nn.Module, path: str, args: dict[str, Any]) -> None:
         fresh = _construct(cls, decoded)
     except Exception as error:  # noqa: BLE001
         raise SaveError(f"{where}: cannot be rebuilt from its attributes {decoded}: {error}") from error
-    expected, got = _signature(module), _signature(fresh)
+    expected, got = _signature(module, path, custom=custom), _signature(fresh, path, custom=custom)
     if set(got["children"]) <= set(expected["children"]):  # the children are rebuilt on their own
         got["children"] = expected["children"]
     # tensors the constructor does not make (a container's get_attr parameters) are placed by name
@@ -542,17 +594,23 @@ def _module_records(gm: GraphModule) -> list[dict[str, Any]]:
         seen[id(module)] = path
         cls = type(module)
         name = _class_name(cls)
-        if name is None:
-            raise SaveError(
-                f"module {path!r} is a {cls.__module__}.{cls.__qualname__}: only torch.nn layer classes, "
-                "plain nn.Module/Sequential/ModuleList/ModuleDict containers and fxmerge's ChannelMap can be "
-                "saved (custom classes would need their code at load time). Trace the model so that "
-                "custom modules are not leaves (their code becomes graph nodes)"
-            )
         if _has_hooks(module):
             raise SaveError(f"module {path!r} ({cls.__name__}) has hooks; they would be lost: remove them before saving")
-        args = _constructor_args(module, path)
-        _check_rebuild(module, path, args)
+        if name is not None:
+            args = _constructor_args(module, path)
+            _check_rebuild(module, path, args)
+        else:  # a class outside torch.nn: stored by name, rebuilt only if the loader trusts it
+            name = custom_class_name(cls)
+            try:
+                args = _constructor_args(module, path)
+                _check_rebuild(module, path, args, custom=True)
+            except SaveError as error:
+                raise SaveError(
+                    f"{error}. A module class outside torch.nn ({name}) is saved as its constructor arguments, read "
+                    "back from same-named attributes, and rebuilt at load time by fxmerge.load(..., modules=[its "
+                    "class]); this one cannot be. Trace the model so that it is not a leaf (its code becomes graph "
+                    "nodes), or give it an attribute per constructor argument"
+                ) from error
         records.append({"path": path, "class": name, "args": args})
     return records
 
@@ -811,7 +869,7 @@ def _check_path(path: Any, what: str) -> str:
     return path
 
 
-def _build_modules(gm: GraphModule, records: Any) -> None:
+def _build_modules(gm: GraphModule, records: Any, trusted: Mapping[str, type[nn.Module]]) -> None:
     if not isinstance(records, list):
         raise LoadError(f"{GRAPH}: malformed 'modules'")
     classes = _module_classes()
@@ -831,11 +889,15 @@ def _build_modules(gm: GraphModule, records: Any) -> None:
             except AttributeError as error:
                 raise LoadError(f"{GRAPH}: module {path!r} aliases unknown module {target!r}") from error
         else:
-            cls = classes.get(record.get("class"))  # type: ignore[arg-type]
+            cls = classes.get(record.get("class")) or _trusted_class(record.get("class"), trusted)  # type: ignore[arg-type]
             if cls is None:
+                stored = record.get("class")
+                short = stored.rpartition(".")[2] if isinstance(stored, str) else "TheClass"
                 raise LoadError(
-                    f"{GRAPH}: module {path!r} has class {record.get('class')!r}, which is not allowed "
-                    "(torch.nn layer classes, containers and fxmerge's ChannelMap only)"
+                    f"{GRAPH}: module {path!r} has class {stored!r}, which is not allowed (torch.nn layer classes, "
+                    "containers and fxmerge's ChannelMap only, and the classes passed as modules=). If you trust "
+                    f"that class, import it and pass it: fxmerge.load(directory, modules=[{short}]) — its "
+                    "constructor then runs with the saved arguments"
                 )
             raw = record.get("args", {})
             if not isinstance(raw, dict):
@@ -957,15 +1019,22 @@ def _build_graph(gm: GraphModule, nodes: Any, tensor_names: set[str]) -> Graph:
     return graph
 
 
-def load_module(directory: str | os.PathLike) -> GraphModule:
+def load_module(directory: str | os.PathLike, *, modules: Sequence[type[nn.Module]] = ()) -> GraphModule:
     """Load a GraphModule written by :func:`save_module`, in eval mode.
 
     The manifest is checked first (format, version, sha256 of every file); the module tree is
     rebuilt from allowlisted classes only (on the meta device, then the weights are assigned with
     ``load_state_dict(strict=True, assign=True)``), and every call_function target must be an
     allowlisted function: nothing from the folder is evaluated, executed, imported or unpickled.
-    Raises LoadError naming the file or node at fault.
+
+    ``modules``: module classes outside torch.nn that the caller trusts (e.g. timm's
+    ``BatchNormAct2d`` kept as a leaf, a user's RMSNorm): a saved module of one of these classes
+    (stored as ``module.qualname``; a unique qualname match is accepted too) is rebuilt by calling
+    the class with its saved, data-only constructor arguments. Classes are never looked up or
+    imported by name. Raises LoadError naming the file, module or node at fault (and, for a class
+    not passed here, the fix).
     """
+    trusted = _trusted_classes(modules)
     directory = Path(directory)
     manifest = _read_manifest(directory)
     graph_bytes = _verified(directory, manifest, GRAPH)
@@ -978,19 +1047,19 @@ def load_module(directory: str | os.PathLike) -> GraphModule:
     except Exception as error:  # noqa: BLE001 - SafetensorError and friends
         raise LoadError(f"{directory / WEIGHTS}: unreadable: {error}") from error
     try:
-        return _build(data, tensors)
+        return _build(data, tensors, trusted)
     except FxMergeError:
         raise
     except Exception as error:  # noqa: BLE001 - a malformed file must not escape as a random error
         raise LoadError(f"{directory / GRAPH}: malformed: {type(error).__name__}: {error}") from error
 
 
-def _build(data: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> GraphModule:
+def _build(data: Mapping[str, Any], tensors: dict[str, torch.Tensor], trusted: Mapping[str, type[nn.Module]]) -> GraphModule:
     class_name = data.get("class_name", "GraphModule")
     if not _is_identifier(class_name):
         raise LoadError(f"{GRAPH}: malformed class_name {class_name!r}")
     gm = GraphModule(nn.Module(), Graph(), class_name)
-    _build_modules(gm, data.get("modules", []))
+    _build_modules(gm, data.get("modules", []), trusted)
     record = data.get("tensors", {})
     if not isinstance(record, dict):
         raise LoadError(f"{GRAPH}: malformed 'tensors'")

@@ -6,11 +6,17 @@ shape meta kept, eval mode — for merged zoo ResNet/VGG/ViT, a partial-zipping 
 tails), an ``output="concat"`` result, a depth-heterogeneous merge (its report), torchvision's
 resnet18 traced by ``fxmerge.trace``, and a model using every supported layer class.
 
+Module classes outside torch.nn (a user's RMSNorm defined in this file, timm's BatchNormAct2d kept
+as a leaf) are saved by name with their constructor arguments and rebuilt only when the loader is
+given the class (``load_module(dir, modules=[...])``); parameters and buffers that ``get_attr``
+reads under fx's plain containers round-trip and stay buffers.
+
 Refusals: a flipped byte, edited files (even with their sha256 updated in the manifest: targets and
 classes outside the allowlists, getattr/call_method escapes, code smuggled into names that fx
 writes into its generated code), unknown versions, missing files — each a ``LoadError`` — and a
 sentinel proves that nothing named in the folder ever ran. Saving what cannot be stored as data
-(custom module classes, lambdas, modified layers, hooks) is a ``SaveError``.
+(custom classes that cannot be rebuilt from their attributes, lambdas, modified layers, hooks) is a
+``SaveError``; loading a custom class the caller did not pass is a ``LoadError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import fxmerge
 from fxmerge import zoo
-from fxmerge.errors import LoadError, SaveError
+import fxmerge.passes.repair
+from fxmerge.errors import ConfigError, LoadError, SaveError
 from fxmerge.io import load_module, load_report, save_module
 from fxmerge.passes.tails import ChannelMap
 
@@ -452,9 +460,13 @@ def test_weights_that_do_not_fit_the_graph_are_refused(saved: Path) -> None:
 # ------------------------------------------------------------------------------------------ saving
 
 
+CONSTRUCTED: list[str] = []  # every Custom / MyRMSNorm construction, to prove an untrusted one never runs
+
+
 class Custom(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        CONSTRUCTED.append("Custom")
         self.linear = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,13 +482,173 @@ class Outer(nn.Module):
         return self.block(x)
 
 
-def test_saving_a_custom_module_class_is_refused(tmp_path: Path) -> None:
-    gm = fxmerge.trace(Outer().eval(), torch.randn(2, 4), leaf_modules=[Custom])  # kept as a leaf
-    with pytest.raises(SaveError, match=r"module 'block' is a .*Custom: only torch.nn layer classes"):
+class MyRMSNorm(nn.Module):
+    """A user's layer, defined here (outside torch.nn and fxmerge)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        CONSTRUCTED.append("MyRMSNorm")
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class WithNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+        self.norm = MyRMSNorm(6, eps=1e-3)
+        self.block = Custom()
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.head(self.norm(self.linear(x))))
+
+
+def _with_norms() -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    model = WithNorms().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    return fxmerge.trace(model, torch.randn(2, 4), leaf_modules=[MyRMSNorm, Custom])
+
+
+def test_user_module_classes_load_only_when_trusted(tmp_path: Path, sentinel) -> None:
+    gm = _with_norms()
+    save_module(gm, tmp_path)
+    graph = json.loads((tmp_path / "graph.json").read_text())
+    classes = {r["path"]: r["class"] for r in graph["modules"]}
+    assert classes["norm"].endswith("test_io.MyRMSNorm") and classes["block"].endswith("test_io.Custom")
+    assert next(r for r in graph["modules"] if r["path"] == "norm")["args"] == {"dim": 6, "eps": 1e-3}
+    CONSTRUCTED.clear()
+    with pytest.raises(LoadError, match=r"module 'norm' has class '.*MyRMSNorm', which is not allowed.*"
+                       r"fxmerge.load\(directory, modules=\[MyRMSNorm\]\)"):
+        load_module(tmp_path)
+    with pytest.raises(LoadError, match=r"module 'block' has class '.*Custom'.*modules=\[Custom\]"):
+        load_module(tmp_path, modules=[MyRMSNorm])  # trusting one class does not trust the other
+    assert CONSTRUCTED == ["MyRMSNorm"]  # Custom never ran
+    loaded = fxmerge.load(tmp_path, modules=[MyRMSNorm, Custom])
+    assert_same_module(gm, loaded, torch.randn(3, 4))
+    assert loaded.norm.eps == 1e-3 and type(loaded.norm) is MyRMSNorm
+    # tampering: a trusted class's record renamed to an untrusted one is refused
+    _edit(tmp_path, "graph.json", lambda g: g["modules"][1].__setitem__("class", "subprocess.Popen"))
+    _refuse(tmp_path, sentinel, r"class 'subprocess.Popen', which is not allowed")
+
+
+def test_trust_takes_module_classes_only(tmp_path: Path) -> None:
+    save_module(_with_norms(), tmp_path)
+    with pytest.raises(ConfigError, match="nn.Module subclasses"):
+        load_module(tmp_path, modules=["tests.test_io.MyRMSNorm"])
+
+
+def test_timm_batchnormact_leaf_round_trips_when_trusted(tmp_path: Path) -> None:
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.SiLU), nn.Conv2d(8, 8, 1),
+        BatchNormAct2d(8, apply_act=False, eps=1e-3),
+    ).eval()
+    batches = _batches((4, 3, 8, 8))
+    fxmerge.passes.repair.reset_batchnorm(model, batches, quiet=True)  # statistics that are not 0/1
+    gm = fxmerge.trace(model, batches[0], leaf_modules=[BatchNormAct2d])
+    assert sum(isinstance(m, BatchNormAct2d) for m in gm.modules()) == 2
+    save_module(gm, tmp_path)
+    with pytest.raises(LoadError, match=r"BatchNormAct2d.*modules=\[BatchNormAct2d\]"):
+        load_module(tmp_path)
+    loaded = load_module(tmp_path, modules=[BatchNormAct2d])
+    assert_same_module(gm, loaded, batches[1])
+    assert type(loaded.get_submodule("1.act")) is nn.SiLU and type(loaded.get_submodule("3.act")) is nn.Identity
+
+
+class _FunctionalNorm(nn.Module):
+    """F.batch_norm on its own buffers: traced into, it leaves get_attr buffers under fx containers."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.register_buffer("running_mean", torch.randn(channels))
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+
+
+def test_get_attr_parameters_and_buffers_round_trip_and_stay_buffers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), _FunctionalNorm(5), nn.ReLU(), nn.Conv2d(5, 5, 1), _FunctionalNorm(5))
+    gm = fxmerge.trace(model.eval(), torch.randn(2, 3, 8, 8))
+    assert type(gm.get_submodule("1")) is nn.Module  # fx's plain container
+    loaded = roundtrip(gm, tmp_path)
+    assert_same_module(gm, loaded, torch.randn(2, 3, 8, 8))
+    assert dict(loaded.named_buffers()).keys() == dict(gm.named_buffers()).keys() == {
+        "1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+    assert {n for n, _ in loaded.named_parameters()} == {n for n, _ in gm.named_parameters()}
+    # the loaded model's batch norms are still resettable, to the same statistics
+    batches = _batches((4, 3, 8, 8))
+    fxmerge.passes.repair.reset_batchnorm(gm, batches, quiet=True)
+    fxmerge.passes.repair.reset_batchnorm(loaded, batches, quiet=True)
+    for key, value in gm.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.f = factor  # not stored under its constructor argument's name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.f
+
+
+class _PlainTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.tensor(2.0)  # neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class _Renamed(MyRMSNorm):
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.mode = torch.float64  # an attribute set after construction, checked by its encoding
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (_Scaled(3.0), r"module 'block' \(_Scaled\): constructor argument 'factor' has no same-named attribute.*"
+                       r"test_io._Scaled\) is saved as its constructor arguments"),
+        (_PlainTensor(), r"attribute 'scale' is a tensor that is neither a parameter nor a buffer.*register_buffer"),
+    ],
+    ids=["unreadable-argument", "plain-tensor"],
+)
+def test_saving_a_custom_module_that_cannot_be_rebuilt_is_refused(tmp_path: Path, module: nn.Module, match: str) -> None:
+    outer = nn.Sequential()
+    outer.add_module("block", module)
+    gm = fxmerge.trace(outer.eval(), torch.randn(2, 4), leaf_modules=[type(module)])
+    with pytest.raises(SaveError, match=match):
         save_module(gm, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written
-    # traced through (the default), its code is graph nodes and the model saves
-    gm = fxmerge.trace(Outer().eval(), torch.randn(2, 4))
+
+
+def test_a_custom_module_modified_after_construction_is_refused(tmp_path: Path) -> None:
+    outer = nn.Sequential()
+    outer.add_module("norm", _Renamed(4))
+    gm = fxmerge.trace(outer.eval(), torch.randn(2, 4), leaf_modules=[_Renamed])
+    save_module(gm, tmp_path / "ok")  # an encodable attribute equal to the rebuilt one's
+    gm.get_submodule("norm").mode = torch.float16
+    with pytest.raises(SaveError, match=r"module 'norm' \(_Renamed\): rebuilding it .* gives different attributes"):
+        save_module(gm, tmp_path / "out")
+
+
+def test_a_custom_module_class_traced_through_saves_without_trust(tmp_path: Path) -> None:
+    gm = fxmerge.trace(Outer().eval(), torch.randn(2, 4))  # its code becomes graph nodes
     x = torch.randn(3, 4)
     assert_same_module(gm, roundtrip(gm, tmp_path / "ok"), x)
 
