@@ -387,7 +387,7 @@ def attach_tails(
 
 def repair(merged: GraphModule, batches: list[torch.Tensor], config: MergeConfig, process_group: Any) -> GraphModule:
     """Stage "repair": BatchNorm running statistics recomputed on the calibration data; eval mode."""
-    reset_batchnorm(merged, batches, quiet=config.quiet, process_group=process_group)
+    reset_batchnorm(merged, batches, quiet=config.quiet, process_group=process_group, strict=config.strict)
     return merged.eval()
 
 

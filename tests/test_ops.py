@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import fxmerge
 from fxmerge import ops
-from fxmerge.errors import UnsupportedOpError
+from fxmerge.errors import LoadError, UnsupportedOpError
 from fxmerge.passes.dependency import analyze_graph, state_name_map
 from fxmerge.passes.units import find_units
 from fxmerge.testing import permute_model
@@ -118,8 +118,9 @@ _LAYER_PATTERN = re.compile(r"\bnn\.(?!Modules?\b|Parameter\b)[A-Z]\w*|\bnn\.mod
 _ALLOWED = {
     # nn.ModuleList: a container accepted as the list of models (input validation), not a layer
     "fxmerge/api.py": {"nn.ModuleList"},
-    # BatchNorm reset: owned by the "timmbn" helper, to switch to ops.running_stats (functional
-    # and ATen batch norms)
+    # BatchNorm reset of modules: found as torch's _BatchNorm base class, whose own forward (in
+    # train mode, with hooks) accumulates the statistics; the functional and ATen forms come from
+    # the registry (ops.batch_norm_schema)
     "fxmerge/passes/repair.py": {"nn.modules."},
 }
 
@@ -247,7 +248,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.eps = eps
+        self.dim, self.eps = dim, eps  # same-named attributes: what saving a leaf of this class reads
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
@@ -311,6 +312,22 @@ def test_user_registered_rmsnorm_is_permutable_and_merges(rms_registered) -> Non
     with torch.no_grad():
         errors = [relative_error(model(b), result.module(b)) for b in calibration]
     assert max(errors) < 1e-4, errors
+
+
+def test_user_registered_rmsnorm_merge_saves_and_loads(rms_registered, tmp_path) -> None:
+    """The merged module keeps the user's RMSNorm leaves: ``fxmerge.load`` rebuilds them only when
+    it is given the class, and otherwise says which class it needs and how to pass it."""
+    model, calibration = _rms_model_and_data()
+    twin = fxmerge.testing.random_permute(model, calibration[0], seed=0)
+    result = fxmerge.merge([model, twin], calibration, method="zip", quiet=True)
+    result.save(tmp_path / "merged")
+    with pytest.raises(LoadError, match=r"RMSNorm.*modules=\["):
+        fxmerge.load(tmp_path / "merged")
+    loaded = fxmerge.load(tmp_path / "merged", modules=[RMSNorm])
+    assert isinstance(loaded.get_submodule("final"), RMSNorm)
+    with torch.no_grad():
+        assert torch.equal(loaded(calibration[0]), result.module(calibration[0]))
+        assert relative_error(model(calibration[0]), loaded(calibration[0])) < 1e-4
 
 
 def test_unregistered_rmsnorm_leaf_fails_closed_and_still_merges() -> None:

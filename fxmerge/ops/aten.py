@@ -16,9 +16,9 @@ from fxmerge.ops.attention import sdpa
 from fxmerge.ops.conv_linear import functional_conv, functional_linear
 from fxmerge.ops.elementwise import binary_rule, preserve_rule
 from fxmerge.ops.embedding import embedding_rule
-from fxmerge.ops.norm import batch_norm_rule, functional_group_norm, functional_layer_norm
+from fxmerge.ops.norm import ATEN_BATCH_NORM_ARGUMENTS, batch_norm_rule, functional_group_norm, functional_layer_norm
 from fxmerge.ops.pool_reduce import reduce_rule
-from fxmerge.ops.registry import builtin
+from fxmerge.ops.registry import BatchNormSchema, builtin
 from fxmerge.ops.shape import expand_rule, permute_rule, reshape_rule, split_rule
 
 FAMILY = "aten"
@@ -47,10 +47,23 @@ for _spatial, _op in ((1, aten.conv1d), (2, aten.conv2d), (3, aten.conv3d)):
 builtin(aten.layer_norm, name="aten.layer_norm", family=FAMILY, rule=functional_layer_norm)
 builtin(aten.group_norm, name="aten.group_norm", family=FAMILY, rule=functional_group_norm)
 # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
-builtin(aten.batch_norm, name="aten.batch_norm", family=FAMILY, rule=_BATCH_NORM, running_stats=_ATEN_RUNNING)
+builtin(
+    aten.batch_norm, name="aten.batch_norm", family=FAMILY, rule=_BATCH_NORM, running_stats=_ATEN_RUNNING,
+    batch_norm=BatchNormSchema(ATEN_BATCH_NORM_ARGUMENTS + ("cudnn_enabled",)),
+)
 builtin(
     aten._native_batch_norm_legit_no_training, name="aten._native_batch_norm_legit_no_training", family=FAMILY,
     rule=_batch_norm_with_statistics, running_stats=_ATEN_RUNNING,
+    batch_norm=BatchNormSchema(
+        ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
+        returns_tuple=True, has_training_flag=False,
+    ),
+)
+# the training forms (out, save_mean, save_invstd), as in graphs exported in train mode
+builtin(
+    aten._native_batch_norm_legit, aten.native_batch_norm, name="aten.native_batch_norm", family=FAMILY,
+    rule=_batch_norm_with_statistics, running_stats=_ATEN_RUNNING,
+    batch_norm=BatchNormSchema(ATEN_BATCH_NORM_ARGUMENTS, returns_tuple=True),
 )
 # embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse): the table comes first
 builtin(aten.embedding, name="aten.embedding", family=FAMILY, rule=embedding_rule(0))

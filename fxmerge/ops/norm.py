@@ -11,9 +11,11 @@ from torch import nn
 
 from fxmerge.groups import Layout
 from fxmerge.ops.conv_linear import resize_every_axis
-from fxmerge.ops.registry import arg, builtin, first_input
+from fxmerge.ops.registry import BatchNormSchema, arg, builtin, first_input
 
 FAMILY = "norm"
+# torch.batch_norm's and ATen's argument order (F.batch_norm puts the running statistics first)
+ATEN_BATCH_NORM_ARGUMENTS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 
 
 def group_structure(ctx: Any, node: Any, layout: Layout, groups: int) -> None:
@@ -170,4 +172,12 @@ builtin(
     F.batch_norm, name="F.batch_norm", family=FAMILY,
     rule=batch_norm_rule(((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))),
     running_stats=((1, "running_mean"), (2, "running_var")),
+    batch_norm=BatchNormSchema(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")),
+)
+# torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
+builtin(
+    torch.batch_norm, name="torch.batch_norm", family=FAMILY,
+    rule=batch_norm_rule(((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))),
+    running_stats=((3, "running_mean"), (4, "running_var")),
+    batch_norm=BatchNormSchema(ATEN_BATCH_NORM_ARGUMENTS + ("cudnn_enabled",)),
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +53,38 @@ from torch.fx import Node
 Rule = Callable[[Any, Node, tuple, dict], Any]
 
 
+@dataclass(frozen=True)
+class BatchNormSchema:
+    """How a functional batch norm takes its arguments, for the repair pass that recomputes its
+    running statistics: argument names in positional order; ``returns_tuple`` for the ATen forms
+    that return ``(out, save_mean, save_invstd)``; ``has_training_flag`` False for the forms that
+    are always in inference mode."""
+
+    arguments: tuple[str, ...]
+    returns_tuple: bool = False
+    has_training_flag: bool = True
+
+    def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+        bound.update(zip(self.arguments, args))
+        bound.update(kwargs)
+        if not self.has_training_flag:
+            bound["training"] = False
+        return bound
+
+    @staticmethod
+    def normalise(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """What the op computes in train mode: ``x`` (N, C, ...) normalised with its own batch
+        statistics per channel, then the affine map."""
+        return torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+
+
 @dataclass(frozen=True, repr=False)
 class OpEntry:
     """What fxmerge knows about one op kind (see the module docstring for every field).
 
     ``running_stats`` names (mean, var): module attribute names for a module, (position, keyword)
-    arguments for a function. ``identity(module, name, shape, like)`` returns the value of parameter
+    arguments for a function; ``batch_norm``: a functional batch norm's argument schema. ``identity(module, name, shape, like)`` returns the value of parameter
     ``name`` that makes the layer an identity (None: zeros); ``resized_shape(module, shape,
     resize)`` the shape of a parameter of an inserted unit at the shallow model's widths (None:
     unchanged); ``zero_params`` the parameter name prefixes to zero so that the layer outputs zero
@@ -72,6 +98,7 @@ class OpEntry:
     layer: bool = False
     consumes: bool = False
     running_stats: tuple[Any, Any] | None = None
+    batch_norm: BatchNormSchema | None = None
     resize: Callable[[nn.Module], None] | None = None
     identity: Callable[..., torch.Tensor | None] | None = None
     resized_shape: Callable[..., torch.Size] | None = None
@@ -310,6 +337,15 @@ class RunningStats:
     module: str | None
     mean: str
     var: str
+
+
+def batch_norm_schema(target: Any) -> BatchNormSchema | None:
+    """The argument schema of a functional batch norm (``F.batch_norm``, the ATen forms), or None."""
+    try:
+        entry = function_entry(target)
+    except TypeError:  # an unhashable target
+        return None
+    return entry.batch_norm if entry is not None else None
 
 
 def running_stats(gm: torch.fx.GraphModule) -> list[RunningStats]:

@@ -2,16 +2,16 @@
 
 A batch norm appears in three forms, and every one is reset the same way:
 
-* a ``_BatchNorm`` module (``nn.BatchNorm2d``, or a subclass kept as a leaf such as timm's
+* a ``_BatchNorm`` module (``BatchNorm2d``, or a subclass kept as a leaf such as timm's
   ``BatchNormAct2d``), called by a ``call_module`` node or from inside any module;
 * a functional call in a GraphModule's graph whose running statistics are ``get_attr`` buffers —
-  ``F.batch_norm(x, running_mean, running_var, ...)``, what fx leaves when it traces into timm's
+  ``batch_norm(x, running_mean, running_var, ...)`` of torch's functional API, what fx leaves when it traces into timm's
   ``BatchNormAct2d`` — or one of the ATen forms torch.export produces
   (``aten.batch_norm.default``, ``aten._native_batch_norm_legit_no_training.default``, ...).
 
 Functional sites are recomputed by running their GraphModule through an ``fx.Interpreter`` that
 normalises those nodes with the batch's own statistics (what a BatchNorm module does in train
-mode) and accumulates them, so the result equals resetting the equivalent ``nn.BatchNorm2d``. A
+mode) and accumulates them, so the result equals resetting the equivalent ``BatchNorm2d`` module. A
 batch norm that cannot be reset (running statistics computed in the graph or held as parameters,
 a training flag that is not a constant, running-statistics buffers no batch norm reads) gets a
 warning naming it; ``strict=True`` raises instead.
@@ -26,58 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
+from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import UnsupportedOpError
+from fxmerge.ops.registry import BatchNormSchema
 from fxmerge.progress import progress
 
-# ----------------------------------------------------------------------------------- op table
-# Batch-norm op knowledge (moves to fxmerge/ops/ with the registry): for every functional form,
-# its argument names in schema order, whether it returns (out, mean, invstd) instead of out, and
-# the defaults of the arguments that may be left out.
-
-
-@dataclass(frozen=True)
-class BatchNormOp:
-    """Schema of a functional batch norm: argument names in positional order; ``training`` is
-    False for the forms that are always in inference mode (no flag); ``returns_tuple`` for the
-    ATen forms that return ``(out, save_mean, save_invstd)``."""
-
-    arguments: tuple[str, ...]
-    returns_tuple: bool = False
-    has_training_flag: bool = True
-
-    def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        bound = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-        bound.update(zip(self.arguments, args))
-        bound.update(kwargs)
-        if not self.has_training_flag:
-            bound["training"] = False
-        return bound
-
-
-_ATEN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
-_BATCH_NORM_TARGETS: dict[Any, BatchNormOp] = {
-    F.batch_norm: BatchNormOp(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")),
-    torch.batch_norm: BatchNormOp((*_ATEN_ORDER, "cudnn_enabled")),
-    torch.ops.aten.batch_norm.default: BatchNormOp((*_ATEN_ORDER, "cudnn_enabled")),
-    torch.ops.aten._native_batch_norm_legit_no_training.default: BatchNormOp(
-        ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
-        returns_tuple=True, has_training_flag=False,
-    ),
-    torch.ops.aten._native_batch_norm_legit.default: BatchNormOp(_ATEN_ORDER, returns_tuple=True),
-    torch.ops.aten.native_batch_norm.default: BatchNormOp(_ATEN_ORDER, returns_tuple=True),
-}
-
-
-def _batch_norm_op(target: Any) -> BatchNormOp | None:
-    try:
-        return _BATCH_NORM_TARGETS.get(target)
-    except TypeError:  # an unhashable target
-        return None
+def _batch_norm_op(target: Any) -> BatchNormSchema | None:
+    return ops.batch_norm_schema(target)  # the registry knows the functional batch norms
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -123,7 +82,7 @@ class _BatchStatistics:
 class _Site:
     """A functional batch-norm node whose running statistics are get_attr buffers."""
 
-    op: BatchNormOp
+    op: BatchNormSchema
     statistics: _BatchStatistics
 
 
@@ -143,7 +102,7 @@ class _Recalibration(Interpreter):
         bound = site.op.bind(args, kwargs)
         x, eps = bound["input"], bound["eps"]
         site.statistics.add(x)
-        out = F.batch_norm(x, None, None, bound["weight"], bound["bias"], training=True, eps=eps)
+        out = site.op.normalise(x, bound["weight"], bound["bias"], eps)
         if not site.op.returns_tuple:
             return out
         dims = [0, *range(2, x.dim())]
@@ -235,7 +194,7 @@ def reset_batchnorm(
     """Recompute every batch norm's running mean/var as the cumulative average over ``batches``.
 
     Covers ``_BatchNorm`` modules with ``track_running_stats`` and the functional batch norms of
-    every GraphModule in ``module`` (``F.batch_norm`` and the ATen forms in ``_BATCH_NORM_TARGETS``)
+    every GraphModule in ``module`` (the functional and ATen forms the registry ``fxmerge.ops`` knows)
     whose running statistics are ``get_attr`` buffers. Only the batch norms run in train mode
     (dropout and friends stay in eval mode, and each batch is normalised with its own statistics,
     as in training); no gradients. Each running mean and variance becomes the average over the
@@ -281,7 +240,7 @@ def reset_batchnorm(
         message = (
             f"{problem}: its running statistics are not recomputed and keep their merged (averaged) values, "
             "so the merged model may be wrong; make them buffers read by get_attr, or keep the layer "
-            "as an nn.BatchNorm module"
+            "as a BatchNorm module"
         )
         if strict:
             raise UnsupportedOpError(message)
