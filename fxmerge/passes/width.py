@@ -451,14 +451,6 @@ def unit_similarity(
     (dead, collinear, or too few samples for the width: ``_indistinct``) get the weight
     similarity as a small tie-break. ``weights`` is called only when the weights are needed.
     """
-    if activation is not None and too_few_samples(activation):
-        warnings.warn(
-            f"group {activation.name}: {activation.samples} calibration samples at its taps for "
-            f"{max(activation.sizes)} units per model, so activations cannot tell every unit apart "
-            "(rank-deficient covariance); weight similarity breaks the ties and the merge may not be "
-            f"exact. Pass more calibration data (more than {max(activation.sizes)} samples there).",
-            stacklevel=2,
-        )
     if method == "mudsc" or activation is None or _indistinct(activation):
         weight_similarity_ = weights()
     else:
@@ -495,6 +487,21 @@ def _match_plain(
         source,
         tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
         tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
+    )
+
+
+def _warn_too_few_samples(starved: Sequence[GroupStatistics]) -> None:
+    """One warning for every group observed on no more samples than it has units per model."""
+    if not starved:
+        return
+    shown = ", ".join(f"{s.name} ({s.samples} samples, {max(s.sizes)} units)" for s in starved[:8])
+    more = f" and {len(starved) - 8} more" if len(starved) > 8 else ""
+    warnings.warn(
+        f"{len(starved)} group(s) had no more calibration samples at their taps than units per model: "
+        f"{shown}{more}. Their covariance is rank-deficient, so activations cannot tell every unit apart; "
+        "weight similarity breaks the ties and the merge may not be exact. Pass more calibration data "
+        "(more batches, or larger inputs: conv features count every position as a sample).",
+        stacklevel=3,
     )
 
 
@@ -703,17 +710,16 @@ def match_groups(
     for group in order:
         matched[group.name] = match_item(group, results)
         results.update((result.name, result) for result in matched[group.name])
+    _warn_too_few_samples([s for s in statistics.values() if too_few_samples(s)])
     # A group matched on weights (alone, or to break ties) saw only the neighbours matched before
     # it: match it once more with every other group in the merged basis (one step of Git
     # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # said once, in the first pass
-        for group in order:
-            if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
-                continue
-            own = {m.name for m in matched[group.name]}
-            matched[group.name] = match_item(group, {k: v for k, v in results.items() if k not in own})
-            results.update((result.name, result) for result in matched[group.name])
+    for group in order:
+        if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
+            continue
+        own = {m.name for m in matched[group.name]}
+        matched[group.name] = match_item(group, {k: v for k, v in results.items() if k not in own})
+        results.update((result.name, result) for result in matched[group.name])
     return {result.name: result for group in items for result in matched[group.name]}
 
 
