@@ -307,8 +307,10 @@ def analyse(states: tuple[ModelState, ...], config: MergeConfig) -> tuple[ModelS
     return tuple(
         replace(
             s,
-            analysis=analyze_graph(s.graph, state_name_map(s.source), config.strict),
-            state={k: v.detach() for k, v in s.source.state_dict().items()},
+            # the graph's own state: a module the traced graph never calls (googlenet's auxiliary
+            # heads in eval mode) or a second path to a shared module is not part of it
+            analysis=analyze_graph(s.graph, state_name_map(s.graph), config.strict),
+            state={k: v.detach() for k, v in s.graph.state_dict().items()},
         )
         for s in states
     )

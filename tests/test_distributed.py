@@ -122,12 +122,6 @@ def _worker(rank: int, rendezvous: str, out: str) -> None:
 # ------------------------------------------------------------------------------------ the tests
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_distributed_merge_equals_single_process(tmp_path: Path, one_thread) -> None:

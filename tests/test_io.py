@@ -45,12 +45,7 @@ from fxmerge.io import load_module, load_report, save_module
 from fxmerge.passes.tails import ChannelMap
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batches(shape: tuple[int, ...], count: int = 2, seed: int = 0) -> list[torch.Tensor]:

@@ -13,7 +13,6 @@ The whole list (15+ models, permute and zip) is benchmarks/timm_models.py.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,7 @@ timm = pytest.importorskip("timm")  # the test extra installs it
 from timm.layers import BatchNormAct2d  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _case(name: str, size: int = 32) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.Tensor]]:

@@ -9,7 +9,6 @@ the last one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import networkx as nx
 import pytest
@@ -22,12 +21,7 @@ from fxmerge import zoo
 from fxmerge.passes.units import Unit, analysis_for_units, channel_count, channel_dims, find_units, spine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def traced(model: torch.nn.Module, shape: tuple[int, ...]) -> GraphModule:
