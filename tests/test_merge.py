@@ -417,3 +417,34 @@ def test_torch_compile_matches_eager(cases, options: dict) -> None:
         out = compiled(case.x)
     assert out.shape == eager.shape
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-5), (out - eager).abs().max()
+
+
+class _UnusedInEval(nn.Module):
+    """googlenet-style: an auxiliary head only training calls, and one module under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+        self.aux = nn.Linear(6, 3)
+        self.shared = nn.Linear(6, 6)
+        self.alias = self.shared  # a second path to one module (coat's shared position encoding)
+
+    def forward(self, x):
+        h = torch.relu(self.shared(torch.relu(self.body(x))))
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h)
+
+
+def test_modules_the_traced_graph_never_calls_are_not_merged() -> None:
+    """Regression (torchvision googlenet, timm coat_lite_tiny): the merge read the user model's
+    state dict, whose auxiliary head and second path to a shared module the traced graph does
+    not hold, and the rewrite failed with "GraphModule has no attribute 'aux'"."""
+    torch.manual_seed(0)
+    model = _UnusedInEval().eval()
+    calibration = random_batches((8, 4), count=4)
+    twin = random_permute(model, calibration[0], seed=1)
+    result = fxmerge.merge([model, twin], calibration, method="permute", quiet=True)
+    assert relative_error(output_of(model, calibration[0]), output_of(result.module, calibration[0])) < 1e-5
+    assert not hasattr(result.module, "aux")
