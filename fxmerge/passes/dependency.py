@@ -845,8 +845,15 @@ class _Analyzer(Interpreter):
             taken.add(name)
             names[space] = name
 
-        def public(layout: Layout) -> tuple[tuple[str | int, ...], ...]:
-            return tuple(tuple(f.size if isinstance(f, Opaque) else names.get(f, f"?{f}") for f in piece) for piece in layout)
+        def public(layout: Layout, sized: bool = False) -> tuple[tuple[str | int, ...], ...]:
+            # ``sized``: a space that is no group (on no parameter axis) cannot change its width,
+            # so it stands as its size (a shape literal over it, maxvit's, is then rewritten right)
+            def name(f: Any) -> str | int:
+                if isinstance(f, Opaque):
+                    return f.size
+                return names[f] if f in names else (table.sizes[f] if sized else f"?{f}")
+
+            return tuple(tuple(name(f) for f in piece) for piece in layout)
 
         producers: dict[int, list[AxisRef]] = {s: [] for s in used}
         consumers: dict[int, list[AxisRef]] = {s: [] for s in used}
@@ -915,7 +922,7 @@ class _Analyzer(Interpreter):
         literals = []
         for node_name, path, value, layout in self.literals:
             try:
-                literals.append(ShapeLiteral(node_name, path, value, public(leaf_layout(layout))))
+                literals.append(ShapeLiteral(node_name, path, value, public(leaf_layout(layout), sized=True)))
             except Unrepresentable:
                 continue
         return Analysis(
