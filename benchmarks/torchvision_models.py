@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ def measure(name: str, batches: int, batch_size: int, zip_budget: float) -> dict
         row[f"{method}_fixed"] = sum(1 for g in result.groups if g.fixed)
         del result
     row["total_s"] = time.perf_counter() - start
+    row["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return row
 
 
@@ -161,13 +163,13 @@ def _fmt(value, spec: str = ".1e") -> str:
 def table(rows: list[dict], missing: list[str]) -> str:
     lines = [
         "| model | input | params (M) | invariance | coverage | free/groups | permute err | zip err | "
-        "warnings (too few samples) | fixed groups | permute (s) | zip (s) | total (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "warnings (too few samples) | fixed groups | permute (s) | zip (s) | total (s) | peak RSS (GB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r.get('input', '-')} | {_fmt(r.get('params_M'), '.1f')} | "
-                         f"not measured: {r['error']} |||||||||")
+                         f"not measured: {r['error']} ||||||||||")
             continue
         warn = f"{r['permute_warnings']} ({r['permute_too_few']})"
         if "zip_warnings" in r:
@@ -176,10 +178,10 @@ def table(rows: list[dict], missing: list[str]) -> str:
         lines.append(
             f"| {r['model']} | {r['input']} | {r['params_M']:.1f} | {r['invariance']:.1e} | {r['coverage']:.1%} | "
             f"{r['free']}/{r['groups']} | {r['permute']:.1e} | {zip_err} | {warn} | {r['permute_fixed']} | "
-            f"{r['permute_s']:.1f} | {_fmt(r.get('zip_s'), '.1f')} | {r['total_s']:.1f} |"
+            f"{r['permute_s']:.1f} | {_fmt(r.get('zip_s'), '.1f')} | {r['total_s']:.1f} | {_fmt(r.get('peak_rss_GB'), '.1f')} |"
         )
     for name in missing:
-        lines.append(f"| {name} | - | - | not finished (still queued or running when the table was written) |||||||||")
+        lines.append(f"| {name} | - | - | not finished (still queued or running when the table was written) ||||||||||")
     return "\n".join(lines)
 
 
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = json.loads(lines[-1][4:])
                 else:
                     tail = (stderr.strip().splitlines() or ["no output"])[-1][:160]
-                    row = {"model": name, "error": f"process exited with {process.returncode} ({tail})"}
+                    why = "killed by SIGKILL, out of memory?" if process.returncode == -9 else tail
+                    row = {"model": name, "error": f"process exited with {process.returncode} ({why})"}
             del running[name]
             pending.remove(name)
             rows.append(row)
