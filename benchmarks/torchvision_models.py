@@ -29,9 +29,11 @@ which rows are missing).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -96,6 +98,27 @@ def _caught_count(caught: list, text: str | None = None) -> int:
     return sum(1 for w in caught if issubclass(w.category, UserWarning) and (text is None or text in str(w.message)))
 
 
+TOO_FEW = re.compile(r"group (.+?): \d+ calibration samples at its taps")
+
+
+def wrong_groups(result, permutations: dict) -> list[str]:
+    """Groups whose merged units do not pair each unit of m with its own image in the twin.
+
+    Twin unit j is unit ``permutations[name][j]`` of m, so a recovered group has
+    ``labels[1][j] == labels[0][perm[j]]`` for every j, with distinct labels. Groups reported
+    under another name than a permuted space (composites, labelled head-major) are not checked.
+    """
+    wrong = []
+    for group in result.groups:
+        perm = permutations.get(group.name)
+        if group.fixed or perm is None or len(group.labels[0]) != len(perm):
+            continue
+        mine, twins = group.labels
+        if len(set(mine)) != len(mine) or any(twins[j] != mine[int(i)] for j, i in enumerate(perm)):
+            wrong.append(group.name)
+    return wrong
+
+
 def measure(name: str, batches: int, batch_size: int, zip_budget: float) -> dict:
     """One model's row (see the module docstring)."""
     import torch
@@ -128,9 +151,12 @@ def measure(name: str, batches: int, batch_size: int, zip_budget: float) -> dict
     row["free"] = len(analysis.free_groups)
     row["coverage"] = analysis.coverage()
     row["analysis_warnings"] = _caught_count(caught)
-    twin = random_permute(model, x, seed=1).eval()
+    twin, permutations = random_permute(model, x, seed=1, return_permutations=True)
+    twin.eval()
     with torch.no_grad():
         row["invariance"] = relative_error(y, twin(x))
+        if row["invariance"] > 1e-5:  # float32 rounding, or a wrong twin? float64 tells
+            row["invariance_f64"] = relative_error(copy.deepcopy(model).double()(x.double()), copy.deepcopy(twin).double()(x.double()))
 
     methods = ["permute", "zip"]
     for method in methods:
@@ -147,6 +173,10 @@ def measure(name: str, batches: int, batch_size: int, zip_budget: float) -> dict
         row[f"{method}_warnings"] = _caught_count(caught)
         row[f"{method}_too_few"] = _caught_count(caught, "calibration samples at its taps")
         row[f"{method}_fixed"] = sum(1 for g in result.groups if g.fixed)
+        wrong = wrong_groups(result, permutations)
+        warned = {m.group(1) for w in caught if (m := TOO_FEW.match(str(w.message)))}
+        row[f"{method}_wrong"] = wrong
+        row[f"{method}_wrong_unwarned"] = [n for n in wrong if n not in warned]
         del result
     row["total_s"] = time.perf_counter() - start
     row["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -163,7 +193,7 @@ def _fmt(value, spec: str = ".1e") -> str:
 def table(rows: list[dict], missing: list[str]) -> str:
     lines = [
         "| model | input | params (M) | invariance | coverage | free/groups | permute err | zip err | "
-        "warnings (too few samples) | fixed groups | permute (s) | zip (s) | total (s) | peak RSS (GB) |",
+        "warnings (too few samples); mismatched groups | fixed groups | permute (s) | zip (s) | total (s) | peak RSS (GB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -175,13 +205,19 @@ def table(rows: list[dict], missing: list[str]) -> str:
         if "zip_warnings" in r:
             warn += f" / zip {r['zip_warnings']} ({r['zip_too_few']})"
         zip_err = _fmt(r.get("zip")) if "zip" in r else f"skipped ({r.get('zip_skipped', '?')})"
+        for method in ("permute", "zip"):
+            if r.get(f"{method}_wrong"):
+                unwarned = r[f"{method}_wrong_unwarned"]
+                warn += (f"; {method} mismatched {', '.join(r[f'{method}_wrong'])} "
+                         f"({'NOT warned: ' + ', '.join(unwarned) if unwarned else 'all warned'})")
+        f64 = f" (float64 {r['invariance_f64']:.0e})" if "invariance_f64" in r else ""
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['params_M']:.1f} | {r['invariance']:.1e} | {r['coverage']:.1%} | "
+            f"| {r['model']} | {r['input']} | {r['params_M']:.1f} | {r['invariance']:.1e}{f64} | {r['coverage']:.1%} | "
             f"{r['free']}/{r['groups']} | {r['permute']:.1e} | {zip_err} | {warn} | {r['permute_fixed']} | "
             f"{r['permute_s']:.1f} | {_fmt(r.get('zip_s'), '.1f')} | {r['total_s']:.1f} | {_fmt(r.get('peak_rss_GB'), '.1f')} |"
         )
     for name in missing:
-        lines.append(f"| {name} | - | - | not finished (still queued or running when the table was written) ||||||||||")
+        lines.append(f"| {name} | - | - | not finished (queued or running when the run was stopped or this table was written) ||||||||||")
     return "\n".join(lines)
 
 
@@ -191,7 +227,9 @@ def write(out: Path, rows: list[dict], missing: list[str], args: argparse.Namesp
 
     ordered = sorted(rows, key=lambda r: r["model"])
     done = [r for r in ordered if "error" not in r]
-    bad = [r["model"] for r in done if max(r["permute"], r.get("zip", 0.0)) >= 1e-4]
+    bad = [
+        f"{r['model']} ({m} {r[m]:.1e})" for r in done for m in ("permute", "zip") if r.get(m, 0.0) >= 1e-4
+    ]
     header = (
         "# Every torchvision classification builder: invariance, coverage, recovery of a permuted twin\n\n"
         "Generated by `python benchmarks/torchvision_models.py` "
@@ -204,7 +242,11 @@ def write(out: Path, rows: list[dict], missing: list[str], args: argparse.Namesp
         "raised by that merge (in brackets: how many say a group had too few calibration samples for "
         "its width); fixed groups of the merge; seconds of each merge and of the whole row (build, "
         "analysis, twin, merges). Inputs: the smallest each builder accepts. Wall clock, one torch "
-        "thread per model, on a machine shared with other jobs: indicative only.\n\n"
+        "thread per model, on a machine shared with other jobs: indicative only. Invariance is "
+        "measured in float32; above 1e-5 it is measured again in float64 (in brackets), which tells "
+        "rounding from a wrong twin. At these input sizes the last stages see few samples "
+        "(batches x batch size x their spatial positions), fewer than they have channels: the merge "
+        "warns for each such group and breaks ties with weight similarity.\n\n"
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, 1 thread per model, {args.jobs} model(s) at a time.\n\n"
         f"Rows: {len(done)} measured, {len(ordered) - len(done)} failed or timed out, {len(missing)} not finished, "
@@ -227,8 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --out/torchvision.json; --models: re-measure those only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite torchvision.md from torchvision.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: measure one model, print its row
     args = parser.parse_args(argv)
+
+    if args.report_only:
+        saved = json.loads((args.out / "torchvision.json").read_text())
+        write(args.out, saved["rows"], saved["missing"], args)
+        return 0
 
     if args.one:
         try:
@@ -244,17 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or [*tvm.list_models(module=tvm), *VARIANTS]
     names = sorted(names, key=num_params)
     rows: list[dict] = []
+    unfinished: list[str] = []
     if args.resume and (args.out / "torchvision.json").exists():
         # keep the rows of an earlier run (and its models not asked for now); measure the others
-        rows = [r for r in json.loads((args.out / "torchvision.json").read_text())["rows"]]
+        saved = json.loads((args.out / "torchvision.json").read_text())
+        rows = saved["rows"]
         measured = {r["model"] for r in rows}
         if args.models:
             rows = [r for r in rows if r["model"] not in names]
+            unfinished = [n for n in saved["missing"] if n not in names]  # still listed as not finished
         else:
             names = [n for n in names if n not in measured]
     small = [n for n in names if num_params(n) < ALONE_PARAMS]
     large = [n for n in names if num_params(n) >= ALONE_PARAMS]
-    pending = list(names)
+    pending = list(names) + unfinished
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     queue = list(small) + list(large)
