@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "coverage": ["coverage.py"],
+    "torchvision": ["torchvision_models.py"],
     "matcher": ["bench_matcher.py", "--sizes", "256", "512", "1024", "2048", "--json", str(HERE / "results" / "matcher.json")],
     "homogeneous": ["homogeneous.py"],
     "depth": ["depth.py"],

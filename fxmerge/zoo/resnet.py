@@ -35,16 +35,17 @@ class BasicBlock(nn.Module):
     Input (N, in_channels, H, W) -> output (N, out_channels, ceil(H/stride), ceil(W/stride))
     (``dims=2``; ``dims=1``: (N, C, L), ``dims=3``: (N, C, D, H, W), every spatial dim strided).
     The shortcut is an empty ``nn.Sequential`` (identity) when shapes already agree, otherwise a
-    strided 1x1 convolution followed by BatchNorm (the usual projection shortcut).
+    strided 1x1 convolution followed by BatchNorm (the usual projection shortcut). ``groups``:
+    the groups of both 3x3 convolutions (ResNeXt-style grouped convs; the shortcut stays dense).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dims: int = 2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dims: int = 2, groups: int = 1) -> None:
         super().__init__()
         conv, norm, _ = _layers(dims)
-        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, groups=groups)
         self.bn1 = norm(out_channels)
         self.relu1 = nn.ReLU()
-        self.conv2 = conv(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.conv2 = conv(out_channels, out_channels, 3, stride=1, padding=1, bias=False, groups=groups)
         self.bn2 = norm(out_channels)
         if stride == 1 and in_channels == out_channels:
             self.shortcut = nn.Sequential()
@@ -72,6 +73,7 @@ class _ResNet(nn.Module):
         in_channels: int,
         num_outputs: int,
         dims: int = 2,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         conv, norm, pool = _layers(dims)
@@ -87,7 +89,7 @@ class _ResNet(nn.Module):
             blocks = []
             for block_index in range(num_blocks):
                 stride = 2 if (stage_index > 0 and block_index == 0) else 1
-                blocks.append(BasicBlock(channels, stage_width, stride, dims))
+                blocks.append(BasicBlock(channels, stage_width, stride, dims, groups))
                 channels = stage_width
             setattr(self, self.stage_names[stage_index], nn.Sequential(*blocks))
         self.pool = pool(1)
@@ -112,6 +114,7 @@ def resnet(
     in_channels: int = 3,
     image_size: int = 32,
     num_outputs: int = 10,
+    groups: int = 1,
 ) -> nn.Module:
     """CIFAR-style ResNet: input (N, in_channels, image_size, image_size) -> (N, num_outputs).
 
@@ -121,7 +124,8 @@ def resnet(
     Stage ``i`` (1-based) has ``round(width * width_multiplier) * 2**(i-1)`` channels and
     ``blocks_per_stage[i-1]`` BasicBlocks; the first block of every stage after the first halves
     the spatial size. ``image_size`` only validates the input size: global average pooling makes
-    the network itself size-agnostic. Returned in train mode, like torchvision's factories.
+    the network itself size-agnostic. ``groups``: groups of every block's 3x3 convolutions
+    (must divide the base width). Returned in train mode, like torchvision's factories.
     """
     if len(blocks_per_stage) == 0 or any(int(n) < 1 for n in blocks_per_stage):
         raise ValueError(f"resnet: blocks_per_stage must be non-empty positive ints, got {blocks_per_stage!r}")
@@ -132,4 +136,6 @@ def resnet(
         raise ValueError(
             f"resnet: in_channels={in_channels}, image_size={image_size}, num_outputs={num_outputs} must be >= 1"
         )
-    return _ResNet(tuple(int(n) for n in blocks_per_stage), base_width, in_channels, num_outputs, dims)
+    if groups < 1 or base_width % groups:
+        raise ValueError(f"resnet: groups={groups} must be >= 1 and divide the base width {base_width}")
+    return _ResNet(tuple(int(n) for n in blocks_per_stage), base_width, in_channels, num_outputs, dims, groups)
