@@ -352,19 +352,3 @@ def test_depth_and_width_vits() -> None:
     _check_depth_and_width(result, deep_wide, batches[0])
     assert [m.embed_dim for m in _attention(result.module)] == [64, 64, 64]
 
-
-def test_too_few_calibration_samples_warn_and_weights_break_the_ties() -> None:
-    """A group observed on no more samples than it has units has a rank-deficient covariance:
-    with 2 samples every pair of live units correlates +-1. The merge says so in one warning
-    naming the groups and the counts, and weight similarity breaks the ties, so a permuted twin
-    is still recovered."""
-    torch.manual_seed(0)
-    model = zoo.mlp((24, 16), in_channels=1, image_size=4, num_outputs=5).eval()
-    twin = random_permute(model, torch.randn(4, 1, 4, 4), seed=3)
-    calibration = [torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))] * 4  # 2 distinct samples
-    with pytest.warns(UserWarning, match=r"group\(s\) had no more calibration samples") as record:
-        result = fxmerge.merge([model, twin], calibration, method="permute", quiet=True)
-    message = next(str(w.message) for w in record if "calibration samples" in str(w.message))
-    assert "(8 samples, 24 units)" in message and "(8 samples, 16 units)" in message, message
-    x = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(2))
-    assert relative_error(output_of(model, x), output_of(result.module, x)) < 1e-4
