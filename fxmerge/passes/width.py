@@ -19,6 +19,7 @@ import torch
 from fxmerge.errors import ConfigError
 from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.match import match
+from fxmerge.match.groups import mean_matched_similarity
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics
 from fxmerge.passes.rewrite import transform_axis, transform_tensor
@@ -196,13 +197,6 @@ def weight_similarity(
     return similarity_of(features)
 
 
-def _group_of(analysis: Analysis, space: int) -> ChannelSpace | None:
-    for group in analysis.groups:
-        if analysis.space_ids[group.name] == space:
-            return group
-    return None
-
-
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
     keys: set = set()
     for name, result in done.items():
@@ -334,8 +328,6 @@ def _match_structure(
     """Pair the outer blocks (heads) across models, then match each inner group: inside paired
     blocks, or once for all blocks when the inner is shared (see ``Structure``)."""
     from scipy.optimize import linear_sum_assignment
-
-    from fxmerge.match.groups import mean_matched_similarity
 
     matcher = "zip" if method == "mudsc" else method
     count = len(analyses)
@@ -572,62 +564,66 @@ def product_statistics(
     name = "*".join(key)
     if name in statistics:
         return statistics[name]
-    reference = analyses[0]
-    count = len(analyses)
-    for factors in reference.composite_taps:
+    for factors in analyses[0].composite_taps:
         product = statistics.get("*".join(factors))
         at = next((i for i in range(len(factors) - len(key) + 1) if factors[i : i + len(key)] == key), None)
         if product is None or at is None:
             continue
-        prefix, suffix = factors[:at], factors[at + len(key) :]
-        prefix_labels = []
-        for k, analysis in enumerate(analyses):
-            labels = _labels_of(prefix, analysis, done or {}, k) if prefix else np.zeros(1, dtype=np.int64)
-            if labels is None:
-                break
-            prefix_labels.append(labels)
-        if len(prefix_labels) < count:
-            continue
-        def size(factor_names: tuple[str, ...], k: int) -> int:
-            return math.prod(analyses[k].group(f).size for f in factor_names)
-        key_sizes = tuple(size(key, k) for k in range(count))
-        suffix_sizes = [size(suffix, k) for k in range(count)]
-        fixed_suffix = all(reference.group(f).fixed for f in suffix)
-        offsets = np.concatenate(([0], np.cumsum([size(factors, k) for k in range(count)])))
-        starts = np.concatenate(([0], np.cumsum(key_sizes)))
-        if max(key_sizes) ** 2 * count**2 * (1 if fixed_suffix or max(suffix_sizes) == 1 else max(suffix_sizes)) > 4_000_000:
-            continue  # summarising the suffix would cost more than it is worth
-        correlation = np.zeros((starts[-1], starts[-1]))
-        constant = []
-        for k in range(count):
-            block_k = product.constant[offsets[k] : offsets[k + 1]].reshape(len(prefix_labels[k]), key_sizes[k], suffix_sizes[k])
-            constant.append(block_k.all(axis=(0, 2)))
-            for l in range(count):
-                full = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]].reshape(
-                    len(prefix_labels[k]), key_sizes[k], suffix_sizes[k], len(prefix_labels[l]), key_sizes[l], suffix_sizes[l]
-                )
-                total, blocks = np.zeros((key_sizes[k], key_sizes[l])), 0
-                for merged in np.intersect1d(prefix_labels[k], prefix_labels[l]):
-                    pk, pl = np.flatnonzero(prefix_labels[k] == merged)[0], np.flatnonzero(prefix_labels[l] == merged)[0]
-                    sub = full[pk, :, :, pl, :, :]  # (key_k, suffix_k, key_l, suffix_l)
-                    if suffix_sizes[k] == 1 and suffix_sizes[l] == 1:
-                        total += sub[:, 0, :, 0]
-                    elif fixed_suffix:
-                        total += np.einsum("ajbj->ab", sub) / suffix_sizes[k]
-                    else:
-                        from fxmerge.match.groups import mean_matched_similarity
-
-                        total += np.array([[mean_matched_similarity(sub[a, :, b, :]) for b in range(key_sizes[l])] for a in range(key_sizes[k])])
-                    blocks += 1
-                if not blocks:
-                    break
-                correlation[starts[k] : starts[k + 1], starts[l] : starts[l + 1]] = total / blocks
-            else:
-                continue
-            break
-        else:
-            return GroupStatistics(name, key_sizes, correlation, product.taps, product.samples, np.concatenate(constant))
+        found = _read_off(product, factors, at, len(key), analyses, done or {})
+        if found is not None:
+            return found
     return None
+
+
+def _read_off(
+    product: GroupStatistics, factors: tuple[str, ...], at: int, length: int, analyses: Sequence[Analysis],
+    done: Mapping[str, GroupMatch],
+) -> GroupStatistics | None:
+    """The statistics of ``factors[at : at + length]`` from those of their observed ``product``
+    (see ``product_statistics``), or None while a factor before them is not matched yet or the
+    summary would cost too much."""
+    count = len(analyses)
+    key, prefix, suffix = factors[at : at + length], factors[:at], factors[at + length :]
+    prefix_labels = [_labels_of(prefix, a, done, k) if prefix else np.zeros(1, dtype=np.int64) for k, a in enumerate(analyses)]
+    if any(labels is None for labels in prefix_labels):
+        return None
+
+    def size(names: tuple[str, ...], k: int) -> int:
+        return math.prod(analyses[k].group(f).size for f in names)
+
+    key_sizes = tuple(size(key, k) for k in range(count))
+    suffix_sizes = [size(suffix, k) for k in range(count)]
+    fixed_suffix = all(analyses[0].group(f).fixed for f in suffix)
+    matched_suffix = not fixed_suffix and max(suffix_sizes) > 1
+    if max(key_sizes) ** 2 * count**2 * (max(suffix_sizes) if matched_suffix else 1) > 4_000_000:
+        return None  # one assignment per pair of units: more than the tie it would settle is worth
+    offsets = np.concatenate(([0], np.cumsum([size(factors, k) for k in range(count)])))
+    starts = np.concatenate(([0], np.cumsum(key_sizes)))
+    correlation = np.zeros((starts[-1], starts[-1]))
+    constant = []
+    for k in range(count):
+        units_k = (len(prefix_labels[k]), key_sizes[k], suffix_sizes[k])
+        constant.append(product.constant[offsets[k] : offsets[k + 1]].reshape(units_k).all(axis=(0, 2)))
+        for l in range(count):
+            units_l = (len(prefix_labels[l]), key_sizes[l], suffix_sizes[l])
+            full = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]].reshape(*units_k, *units_l)
+            total, blocks = np.zeros((key_sizes[k], key_sizes[l])), 0
+            for merged in np.intersect1d(prefix_labels[k], prefix_labels[l]):
+                pk, pl = np.flatnonzero(prefix_labels[k] == merged)[0], np.flatnonzero(prefix_labels[l] == merged)[0]
+                sub = full[pk, :, :, pl, :, :]  # (key_k, suffix_k, key_l, suffix_l)
+                if not matched_suffix and suffix_sizes[k] == 1:
+                    total += sub[:, 0, :, 0]
+                elif not matched_suffix:
+                    total += np.einsum("ajbj->ab", sub) / suffix_sizes[k]
+                else:
+                    total += np.array(
+                        [[mean_matched_similarity(sub[a, :, b, :]) for b in range(key_sizes[l])] for a in range(key_sizes[k])]
+                    )
+                blocks += 1
+            if not blocks:
+                return None
+            correlation[starts[k] : starts[k + 1], starts[l] : starts[l + 1]] = total / blocks
+    return GroupStatistics("*".join(key), key_sizes, correlation, product.taps, product.samples, np.concatenate(constant))
 
 
 def match_groups(
