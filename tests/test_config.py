@@ -14,7 +14,7 @@ from torch import nn
 
 import fxmerge
 from fxmerge import zoo
-from fxmerge.cli import _merge_settings, build_parser, main
+from fxmerge.cli import _default_text, _merge_settings, build_parser, main
 from fxmerge.config import MergeConfig, option_names
 from fxmerge.errors import ConfigError
 
@@ -62,12 +62,6 @@ def _merge_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
     return entries
 
 
-def _default_text(value: object) -> str:
-    if value is None or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
 
 
 def test_every_option_is_a_flag_with_help_and_its_default(monkeypatch, capsys) -> None:
