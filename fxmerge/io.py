@@ -5,8 +5,21 @@ A pickled GraphModule loses ``node.meta``, fails on lambda targets, and can only
 graph and the module tree as JSON data and the tensors with safetensors; loading rebuilds the
 model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap``, and the module
 classes the caller passes to ``load_module(modules=[...])``; tensor functions from
-``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions).
+``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions, and
+ATen operator overloads ``torch.ops.aten.<op>.<overload>``, checked against the dispatcher's table).
 Nothing in the folder is evaluated, executed, imported or unpickled.
+
+Modules captured by ``torch.export`` (``ExportedProgram.module()``, what fxmerge's export front end
+merges) round-trip too: their ATen calls, their parameters and buffers under the original module
+paths, lifted constants, and their pytree codegen — the loaded module takes the same args/kwargs and
+returns the same structure (a HuggingFace ``SequenceClassifierOutput``...), with output types looked up
+among those registered with ``torch.utils._pytree`` in the loading process (``import transformers``
+first), never imported by a name from the file. Two parts of an exported module are not kept:
+``node.meta`` (FakeTensor values and capture-time shapes, stale once a merge rewrote widths: every shape
+the loaded module uses comes from its tensors and node arguments), and ``_guards_fn``, the input shape
+check that torch.export generates as Python source and runs through ``exec`` — code, which this format
+does not store. **A loaded exported module does not check its input shapes** (export's pre-hook and
+``range_constraints`` are dropped with it); an input the original refuses may run or fail inside an op.
 
 Parameters and buffers are stored wherever they sit: in layers, and in the plain ``nn.Module``
 containers fx creates for ``get_attr`` targets when it traces into a module (timm's
@@ -15,7 +28,7 @@ torch.nn (a leaf such as ``BatchNormAct2d``, a user's RMSNorm) is stored by its 
 ``module.qualname`` with its constructor arguments, and rebuilt only when the loader is given the
 class: ``fxmerge.load(directory, modules=[BatchNormAct2d])``.
 
-Format ``fxmerge.graphmodule``, version 1.0 — a directory holding:
+Format ``fxmerge.graphmodule``, version 1.1 (1.1 adds ``codegen`` and ATen targets) — a directory holding:
 
 ``manifest.json``
     ``{"format": "fxmerge.graphmodule", "format_version": "1.0", "fxmerge_version",
@@ -36,8 +49,13 @@ Format ``fxmerge.graphmodule``, version 1.0 — a directory holding:
       plain tensor ``attributes`` (``get_attr`` constants), ``frozen`` parameters
       (``requires_grad=False``) and ``tied`` names (``alias: canonical``, one copy stored).
     * ``nodes``: ``{"name", "op", "target", "args", "kwargs"}`` per graph node, in order, plus
-      ``"tensor_meta"`` when the node had one. ``call_function`` targets are qualified names
-      (``_operator.add``, ``torch.cat``, ``torch.nn.functional.relu``, ``builtins.getattr``).
+      ``"tensor_meta"`` when the node had one (not for torch.export graphs). ``call_function`` targets
+      are qualified names (``_operator.add``, ``torch.cat``, ``torch.nn.functional.relu``,
+      ``builtins.getattr``, ``torch.ops.aten.linear.default``).
+    * ``codegen`` (torch.export graphs only): ``{"orig_args": forward's argument names, "in_spec",
+      "out_spec"}``, each spec ``{"type": pytree serialized type name, "context": JSON data, "children":
+      [...]}`` (a leaf: type and context null, no children); inputs are tuples, lists and dicts with
+      identifier keys.
     * values are tagged JSON: null/booleans/ints/finite floats/strings as themselves,
       ``{"node": name}``, ``{"tuple": [...]}``, ``{"list": [...]}``, ``{"dict": [[key, value],
       ...]}``, ``{"slice": [start, stop, step]}``, ``{"ellipsis": null}``, ``{"float": "nan"}``,
@@ -72,16 +90,17 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.graph import CodeGen
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxmerge.errors import ConfigError, FxMergeError, LoadError, SaveError
 from fxmerge.passes.tails import ChannelMap
 
 FORMAT = "fxmerge.graphmodule"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safetensors", "report.json"
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_module", "load_report", "result_to_dict", "save_module"]
@@ -112,6 +131,8 @@ _OPERATOR_NAMES = (
 )
 
 _DENIED_TORCH = frozenset({"from_file"})  # reads a file
+
+_SYMBOLIC_NUMBERS = ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum")
 
 _CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -189,6 +210,8 @@ def _core_functions() -> dict[str, Callable]:
     for _, obj in _public(math):
         _register(table, obj, ("math.",))
     _register(table, builtins.getattr)
+    for name in _SYMBOLIC_NUMBERS:  # torch.export graphs compute sizes with these on SymInts
+        _register(table, getattr(torch, name, None), ("torch.",))
     table.update(_wrapped_functions("torch.fx."))
     return {name: fn for name, fn in table.items() if fn is not None}
 
@@ -221,8 +244,47 @@ def _torchvision_functions() -> dict[str, Callable]:
     return {name: fn for name, fn in table.items() if fn is not None}
 
 
+# torch.export graphs call ATen operator overloads (``torch.ops.aten.linear.default``). Only the
+# ``aten`` namespace loads: it is what torch.export's IR is made of (``prims`` appear only after a
+# core-ATen decomposition, which fxmerge never runs, so they stay out); custom and third-party
+# namespaces (``torch.ops.mylib.*``) and higher-order operators (``torch.ops.higher_order.cond``, which
+# call stored subgraphs) are refused. Denied ATen operators read files, print, or re-point storage.
+OP_NAMESPACES = ("aten",)
+_DENIED_ATEN = frozenset({"from_file", "_print", "set", "set_", "save"})
+
+
+def _operator_problem(name: str) -> str | None:
+    """Why ``torch.ops.<namespace>.<packet>.<overload>`` is not an allowlisted operator, or None."""
+    parts = name.split(".")
+    if len(parts) != 5 or not all(_is_identifier(part) for part in parts):
+        return "not of the form torch.ops.aten.<operator>.<overload>"
+    _, _, namespace, packet, overload = parts
+    if namespace not in OP_NAMESPACES:
+        return f"namespace {namespace!r} is not allowed (only {', '.join(OP_NAMESPACES)}: custom operators cannot be loaded)"
+    if packet in _DENIED_ATEN:
+        return f"aten.{packet} is denied (it reads files, prints or re-points storage)"
+    try:  # the dispatcher's table of registered operators: a look-up, nothing is imported
+        torch._C._dispatch_find_schema_or_throw(f"aten::{packet}", "" if overload == "default" else overload)
+    except RuntimeError:
+        return f"aten.{packet}.{overload} is not a registered ATen operator overload"
+    return None
+
+
+def _operator(name: str) -> Callable | None:
+    """The ATen OpOverload named ``name`` (``torch.ops.aten.linear.default``), or None."""
+    if _operator_problem(name) is not None:
+        return None
+    _, _, _, packet, overload = name.split(".")
+    op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+    if not isinstance(op, torch._ops.OpOverload) or (op.namespace, op._overloadname) != ("aten", overload):
+        return None
+    return op
+
+
 def _function(name: str) -> Callable | None:
     """The allowlisted function named ``name``, or None. Only table look-ups: no import by name."""
+    if name.startswith("torch.ops."):
+        return _operator(name)
     if name.startswith("operator."):
         name = "_" + name
     if name.startswith("torchvision."):
@@ -573,18 +635,21 @@ def _check_rebuild(module: nn.Module, path: str, args: dict[str, Any], *, custom
             )
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def _has_hooks(module: nn.Module, *, exported: bool = False) -> bool:
+    """Whether ``module`` has hooks; ``exported``: other than those ``ExportedProgram.module()`` adds."""
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(module, name, None) for name in names)
+    return any(
+        not (exported and _export_hook(hook)) for name in names for hook in (getattr(module, name, None) or {}).values()
+    )
 
 
 def _module_records(gm: GraphModule) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     seen: dict[int, str] = {id(gm): ""}
-    if _has_hooks(gm):
+    if _has_hooks(gm, exported=_is_exported(gm)):
         raise SaveError("the GraphModule has hooks; they would be lost: remove them before saving")
     for path, module in gm.named_modules(remove_duplicate=False):
-        if path == "":
+        if path == "" or _is_guards_fn(module):
             continue
         if not _safe_path(path):
             raise SaveError(f"module path {path!r}: only letters, digits, '_' and '-' are allowed in module names")
@@ -676,6 +741,161 @@ def _tensor_entries(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Te
     return record, stored
 
 
+# ------------------------------------------------------------------------------- torch.export
+
+def _is_exported(gm: nn.Module) -> bool:
+    """Whether ``gm`` is an ``ExportedProgram.module()`` (a ``_StatefulGraphModule``)."""
+    return any(
+        cls.__name__ == "_StatefulGraphModule" and cls.__module__ == "torch.export._unlift" for cls in type(gm).__mro__
+    )
+
+
+def _export_hook(hook: Any) -> bool:
+    """A hook ``ExportedProgram.module()`` installs: its input check (``_check_input_constraints_pre_hook``)
+    and the enter/exit hooks for nn.Module-typed inputs (lambdas of ``_create_stateful_graph_module``)."""
+    name = getattr(hook, "__qualname__", "")
+    return getattr(hook, "__module__", None) == "torch.export._unlift" and (
+        name == "_check_input_constraints_pre_hook" or name.startswith("_create_stateful_graph_module.<locals>.")
+    )
+
+
+def _is_guards_fn(module: nn.Module) -> bool:
+    """torch.export's ``_guards_fn``: a ``GuardsFn`` whose ``forward`` is Python source that export
+    generated from the input shape guards and ran through ``exec``. Code cannot be stored as data, so it
+    is dropped: a loaded module does not check input shapes (see ``load_module``)."""
+    cls = type(module)
+    return cls.__name__ == "GuardsFn" and cls.__module__ == "torch.export._unlift"
+
+
+def _calls_guards_fn(gm: GraphModule, node: Node) -> bool:
+    if node.op != "call_module" or not isinstance(node.target, str):
+        return False
+    try:
+        module = gm.get_submodule(node.target)
+    except AttributeError:
+        return False
+    if not _is_guards_fn(module):
+        return False
+    if node.users:
+        raise SaveError(f"node {node.name!r}: the result of torch.export's guard function is used; it cannot be dropped")
+    return True
+
+
+_INPUT_CONTAINERS = (tuple, list, dict)
+
+
+def _encode_spec(spec: Any, where: str, *, inputs: bool = False) -> Any:
+    """A pytree ``TreeSpec`` as data: ``{"type": serialized type name, "context": JSON data, "children":
+    [...]}``, a leaf ``{"type": null, "context": null, "children": []}`` (as torch's ``treespec_dumps``). Only node types registered with ``torch.utils._pytree`` under a
+    serialized name and with a plain-data context (tuples, lists, dicts, HF ModelOutputs) can be stored;
+    ``inputs``: tuples, lists and dicts with identifier keys only (fx writes the keys into the code)."""
+    if spec.is_leaf():
+        return {"type": None, "context": None, "children": []}
+    node_def = pytree.SUPPORTED_SERIALIZED_TYPES.get(spec.type)
+    type_name = getattr(spec.type, "__qualname__", repr(spec.type))
+    if (
+        node_def is None or not isinstance(node_def.serialized_type_name, str)
+        or node_def.to_dumpable_context is not None or node_def.from_dumpable_context is not None
+    ):
+        raise SaveError(
+            f"{where}: the pytree node type {type_name} has no data-only serialization (register it with "
+            "torch.utils._pytree.register_pytree_node(..., serialized_type_name=...) and a JSON context)"
+        )
+    if inputs and spec.type not in _INPUT_CONTAINERS:
+        raise SaveError(f"{where}: inputs structured as {type_name} cannot be stored (tuples, lists and dicts only)")
+    context = spec.context
+    try:
+        plain = json.loads(json.dumps(context, allow_nan=False)) == context
+    except (TypeError, ValueError):
+        plain = False
+    if not plain:
+        raise SaveError(f"{where}: the pytree context {context!r} of {type_name} is not plain JSON data")
+    if inputs and spec.type is dict and not all(_is_identifier(k) for k in context):
+        raise SaveError(f"{where}: keyword inputs must be named by identifiers, got {context!r}")
+    children = [_encode_spec(child, where, inputs=inputs) for child in spec.children()]
+    return {"type": node_def.serialized_type_name, "context": context, "children": children}
+
+
+def _decode_spec(data: Any, where: str, *, inputs: bool = False) -> Any:
+    """The TreeSpec :func:`_encode_spec` stored. Node types are looked up among those registered with
+    ``torch.utils._pytree`` in this process — never imported by a name read from the file."""
+    if not isinstance(data, dict) or set(data) != {"type", "context", "children"} or not isinstance(data["children"], list):
+        raise LoadError(f"{where}: malformed pytree spec")
+    name, context = data["type"], data["context"]
+    if name is None and context is None and not data["children"]:
+        return pytree.treespec_leaf()
+    cls = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise LoadError(
+            f"{where}: pytree type {name!r} is not registered with torch.utils._pytree in this process (types are "
+            "never imported from the file): import the library that registers it first (`import transformers` "
+            "for HuggingFace ModelOutputs)"
+        )
+    if pytree.SUPPORTED_SERIALIZED_TYPES[cls].from_dumpable_context is not None:
+        raise LoadError(f"{where}: pytree type {name!r} has a custom context format, which is not read")
+    if inputs and cls not in _INPUT_CONTAINERS:
+        raise LoadError(f"{where}: inputs structured as {name!r} are not allowed (tuples, lists and dicts only)")
+    children = [_decode_spec(child, where, inputs=inputs) for child in data["children"]]
+    if cls in (tuple, list) and context is not None:
+        raise LoadError(f"{where}: malformed {name} context")
+    if cls is dict and not (
+        isinstance(context, list) and len(context) == len(children)
+        and all(_is_identifier(k) if inputs else isinstance(k, (str, int)) for k in context)
+    ):
+        raise LoadError(f"{where}: malformed dict keys {str(context)[:80]!r}")
+    return pytree.TreeSpec(cls, context, children)
+
+
+def _codegen_record(gm: GraphModule) -> dict[str, Any] | None:
+    """The pytree codegen of an exported module as data (None for plain CodeGen): the forward's argument
+    names and the input/output specs, so that the loaded module takes the same args/kwargs and returns
+    the same structure (e.g. a HuggingFace ``SequenceClassifierOutput``)."""
+    codegen = gm.graph._codegen
+    if type(codegen) is CodeGen:
+        return None
+    if type(codegen) is not _PyTreeCodeGen:
+        raise SaveError(f"the graph uses {type(codegen).__name__}; only CodeGen and pytree codegen graphs can be stored")
+    info = codegen.pytree_info
+    names = list(info.orig_args)
+    if not all(_is_identifier(n) for n in names) or "self" in names or len(set(names)) != len(names):
+        raise SaveError(f"the forward's argument names {names} must be distinct identifiers")
+    record = {
+        "orig_args": names,
+        "in_spec": None if info.in_spec is None else _encode_spec(info.in_spec, "the graph's input spec", inputs=True),
+        "out_spec": None if info.out_spec is None else _encode_spec(info.out_spec, "the graph's output spec"),
+    }
+    if info.in_spec is not None and _decode_spec(record["in_spec"], "input spec", inputs=True) != info.in_spec:
+        raise SaveError(f"the graph's input spec {info.in_spec} does not survive storing as data")
+    if info.out_spec is not None and _decode_spec(record["out_spec"], "output spec") != info.out_spec:
+        raise SaveError(f"the graph's output spec {info.out_spec} does not survive storing as data")
+    return record
+
+
+def _build_codegen(record: Any, graph: Graph) -> CodeGen:
+    """The codegen stored by :func:`_codegen_record`, checked against ``graph``'s inputs and outputs."""
+    if record is None:
+        return CodeGen()
+    where = f"{GRAPH}: codegen"
+    if not isinstance(record, dict) or set(record) != {"orig_args", "in_spec", "out_spec"}:
+        raise LoadError(f"{where}: malformed")
+    names = record["orig_args"]
+    if (  # fx writes these names into the forward's signature
+        not isinstance(names, list) or not all(_is_identifier(n) for n in names)
+        or "self" in names or len(set(names)) != len(names)
+    ):
+        raise LoadError(f"{where}: the argument names {str(names)[:80]!r} must be distinct identifiers")
+    in_spec = None if record["in_spec"] is None else _decode_spec(record["in_spec"], f"{where}: in_spec", inputs=True)
+    out_spec = None if record["out_spec"] is None else _decode_spec(record["out_spec"], f"{where}: out_spec")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if in_spec is not None and in_spec.num_leaves != len(placeholders):
+        raise LoadError(f"{where}: the input spec has {in_spec.num_leaves} leaves for {len(placeholders)} placeholders")
+    output = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    count = len(output) if isinstance(output, (tuple, list)) else 1
+    if out_spec is not None and out_spec.num_leaves != count:
+        raise LoadError(f"{where}: the output spec has {out_spec.num_leaves} leaves for {count} graph outputs")
+    return _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
+
+
 # -------------------------------------------------------------------------------------- graph
 
 def _check_call(op: str, target: Any, args: tuple, kwargs: Mapping, where: str, error: type[Exception]) -> None:
@@ -694,15 +914,21 @@ def _check_call(op: str, target: Any, args: tuple, kwargs: Mapping, where: str, 
             )
 
 
-def _node_record(node: Node) -> dict[str, Any]:
+def _node_record(node: Node, *, keep_meta: bool = True) -> dict[str, Any]:
     where = f"node {node.name!r} ({node.op} {node.target!r})"
     if node.op == "call_function":
         target = _function_name(node.target)
+        name = _qualified_name(node.target)
+        if target is None and isinstance(name, str) and name.startswith("torch.ops."):
+            raise SaveError(
+                f"node {node.name!r}: operator {name}: {_operator_problem(name) or 'not loadable'}"
+            )
         if target is None:
             raise SaveError(
                 f"node {node.name!r}: call_function target {node.target!r} ({_qualified_name(node.target)}) is not "
                 "in the allowlist (torch, torch.nn.functional, operator, math, builtins.getattr, torchvision ops "
-                "and fx-wrapped functions); lambdas and user functions cannot be stored as data"
+                "and fx-wrapped functions, ATen operators torch.ops.aten.*); lambdas and user functions cannot be "
+                "stored as data"
             )
     elif node.op in ("call_module", "call_method", "get_attr", "placeholder", "output"):
         target = node.target
@@ -716,7 +942,7 @@ def _node_record(node: Node) -> dict[str, Any]:
         "args": [_encode(a, where) for a in node.args],
         "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()},
     }
-    if "tensor_meta" in node.meta:
+    if keep_meta and "tensor_meta" in node.meta:
         try:
             record["tensor_meta"] = _encode_meta(node.meta["tensor_meta"])
         except SaveError:
@@ -728,18 +954,20 @@ def graph_to_dict(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tens
     """graph.json's content and the tensors for weights.safetensors. Raises SaveError."""
     if not isinstance(gm, GraphModule):
         raise SaveError(f"save_module needs a torch.fx.GraphModule, got {type(gm).__name__}")
-    if type(gm.graph._codegen) is not CodeGen:
-        raise SaveError(
-            f"the graph uses {type(gm.graph._codegen).__name__} (pytree inputs/outputs); only plain "
-            "CodeGen graphs can be stored"
-        )
-    class_name = type(gm).__name__
+    codegen = _codegen_record(gm)
+    class_name = "GraphModule" if _is_exported(gm) else type(gm).__name__
     if not _IDENTIFIER.match(class_name):
         class_name = "GraphModule"
     modules = _module_records(gm)
     tensors, stored = _tensor_entries(gm)
-    nodes = [_node_record(node) for node in gm.graph.nodes]
-    return {"class_name": class_name, "modules": modules, "tensors": tensors, "nodes": nodes}, stored
+    # torch.export's node.meta describes the shapes seen at capture (symbolic, and stale once a merge
+    # rewrote widths): not stored; every shape a loaded module uses comes from the tensors and node args
+    keep_meta = not any("val" in node.meta for node in gm.graph.nodes)
+    nodes = [_node_record(node, keep_meta=keep_meta) for node in gm.graph.nodes if not _calls_guards_fn(gm, node)]
+    data = {"class_name": class_name, "modules": modules, "tensors": tensors, "nodes": nodes}
+    if codegen is not None:
+        data["codegen"] = codegen
+    return data, stored
 
 
 # -------------------------------------------------------------------------------------- files
@@ -979,10 +1207,16 @@ def _build_graph(gm: GraphModule, nodes: Any, tensor_names: set[str]) -> Graph:
         where = f"{GRAPH}: node {name!r}"
         if op == "call_function":
             fn = _function(target) if isinstance(target, str) else None
+            if fn is None and isinstance(target, str) and target.startswith("torch.ops."):
+                raise LoadError(
+                    f"{where}: call_function target {target!r} is not allowed: "
+                    f"{_operator_problem(target) or 'not an ATen operator overload'}"
+                )
             if fn is None:
                 raise LoadError(
                     f"{where}: call_function target {target!r} is not allowed (only torch, torch.nn.functional, "
-                    "operator, math, builtins.getattr and torchvision's ops and fx-wrapped functions)"
+                    "operator, math, builtins.getattr, torchvision's ops and fx-wrapped functions and ATen "
+                    "operators torch.ops.aten.*)"
                 )
             target = fn
         elif op == "call_module":
@@ -1026,6 +1260,10 @@ def load_module(directory: str | os.PathLike, *, modules: Sequence[type[nn.Modul
     rebuilt from allowlisted classes only (on the meta device, then the weights are assigned with
     ``load_state_dict(strict=True, assign=True)``), and every call_function target must be an
     allowlisted function: nothing from the folder is evaluated, executed, imported or unpickled.
+
+    A module saved from ``torch.export`` comes back as a plain GraphModule with the same pytree
+    signature and outputs, without export's input checks (``_guards_fn`` is not stored: it is code).
+    Import the library whose output types it returns (``import transformers``) before loading.
 
     ``modules``: module classes outside torch.nn that the caller trusts (e.g. timm's
     ``BatchNormAct2d`` kept as a leaf, a user's RMSNorm): a saved module of one of these classes
@@ -1087,6 +1325,7 @@ def _build(data: Mapping[str, Any], tensors: dict[str, torch.Tensor], trusted: M
         raise LoadError(f"{WEIGHTS} lacks values for {left[:5]}")
     tensor_names = set().union(*(set(_string_list(record, k)) for k in ("parameters", "buffers", "nonpersistent_buffers", "attributes")))
     graph = _build_graph(gm, data.get("nodes"), tensor_names | set(record.get("tied", {})))
+    graph._codegen = _build_codegen(data.get("codegen"), graph)
     gm.graph = graph  # sets the owning module and recompiles
     try:
         graph.lint()
