@@ -3,8 +3,8 @@
 A pickled GraphModule loses ``node.meta``, fails on lambda targets, and can only be read with
 ``torch.load(weights_only=False)``, which runs whatever code the file names. This format stores the
 graph and the module tree as JSON data and the tensors with safetensors; loading rebuilds the
-model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap``, and the module
-classes the caller passes to ``load_module(modules=[...])``; tensor functions from
+model from allowlists only (``torch.nn`` layer classes, fxmerge's ``ChannelMap`` and ``InputGuards``,
+and the module classes the caller passes to ``load_module(modules=[...])``; tensor functions from
 ``torch``/``torch.nn.functional``/``operator``/``math``/torchvision's fx-wrapped functions, and
 ATen operator overloads ``torch.ops.aten.<op>.<overload>``, checked against the dispatcher's table).
 Nothing in the folder is evaluated, executed, imported or unpickled.
@@ -14,12 +14,16 @@ merges) round-trip too: their ATen calls, their parameters and buffers under the
 paths, lifted constants, and their pytree codegen — the loaded module takes the same args/kwargs and
 returns the same structure (a HuggingFace ``SequenceClassifierOutput``...), with output types looked up
 among those registered with ``torch.utils._pytree`` in the loading process (``import transformers``
-first), never imported by a name from the file. Two parts of an exported module are not kept:
-``node.meta`` (FakeTensor values and capture-time shapes, stale once a merge rewrote widths: every shape
-the loaded module uses comes from its tensors and node arguments), and ``_guards_fn``, the input shape
-check that torch.export generates as Python source and runs through ``exec`` — code, which this format
-does not store. **A loaded exported module does not check its input shapes** (export's pre-hook and
-``range_constraints`` are dropped with it); an input the original refuses may run or fail inside an op.
+first), never imported by a name from the file. ``node.meta`` (FakeTensor values, capture-time shapes,
+stale once a merge rewrote widths) is not kept: every shape the loaded module uses comes from its
+tensors and node arguments. ``_guards_fn``, the input check torch.export generates as Python source
+and runs through ``exec``, is code and is not stored: it is replaced by an :class:`InputGuards` built
+from the recorded input shapes and ``range_constraints`` — static sizes, size ranges and equal sizes,
+the checks export derives from its dynamic shapes, raising the same ``AssertionError("Guard failed:
+...")``. Guards that export's tracer writes as expressions (``x.size()[1] % 4 == 0``, ViT's ``//
+patch != 1``) are not kept; ``save_module`` warns, naming them. Export's forward pre-hook (which checks
+the input structure) is not kept either; the generated ``forward(input_ids, attention_mask)`` signature
+refuses unknown keywords.
 
 Parameters and buffers are stored wherever they sit: in layers, and in the plain ``nn.Module``
 containers fx creates for ``get_attr`` targets when it traces into a module (timm's
@@ -81,6 +85,7 @@ import os
 import re
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from functools import lru_cache
@@ -320,6 +325,7 @@ def _module_classes() -> dict[str, type[nn.Module]]:
     table["torch.nn.Module"] = nn.Module
     table["torch.nn.modules.linear.NonDynamicallyQuantizableLinear"] = NonDynamicallyQuantizableLinear
     table["fxmerge.passes.tails.ChannelMap"] = ChannelMap
+    table["fxmerge.io.InputGuards"] = InputGuards
     return table
 
 
@@ -649,8 +655,12 @@ def _module_records(gm: GraphModule) -> list[dict[str, Any]]:
     if _has_hooks(gm, exported=_is_exported(gm)):
         raise SaveError("the GraphModule has hooks; they would be lost: remove them before saving")
     for path, module in gm.named_modules(remove_duplicate=False):
-        if path == "" or _is_guards_fn(module):
+        if path == "":
             continue
+        if _is_guards_fn(module):
+            module = _input_guards(gm, module)
+            if module is None:
+                continue  # dropped, with its call (see graph_to_dict)
         if not _safe_path(path):
             raise SaveError(f"module path {path!r}: only letters, digits, '_' and '-' are allowed in module names")
         if id(module) in seen:
@@ -761,10 +771,163 @@ def _export_hook(hook: Any) -> bool:
 
 def _is_guards_fn(module: nn.Module) -> bool:
     """torch.export's ``_guards_fn``: a ``GuardsFn`` whose ``forward`` is Python source that export
-    generated from the input shape guards and ran through ``exec``. Code cannot be stored as data, so it
-    is dropped: a loaded module does not check input shapes (see ``load_module``)."""
+    generated from the input shape guards and ran through ``exec``. Code is not stored: it is replaced
+    by an :class:`InputGuards` made from the recorded input shapes."""
     cls = type(module)
     return cls.__name__ == "GuardsFn" and cls.__module__ == "torch.export._unlift"
+
+
+def _guard(condition: bool, message: str) -> None:
+    torch._assert(condition, f"Guard failed: {message}")
+
+
+class InputGuards(nn.Module):
+    """The input checks of a module captured by torch.export, as data (what its ``_guards_fn`` checks).
+
+    ``sizes[i]``: per dimension of input ``i`` (called ``names[i]`` in messages), a static size (int),
+    a symbol (str: the same size wherever the symbol appears, within ``ranges[symbol] = [min, max]``, max
+    None when unbounded) or None (not checked); ``sizes[i]`` None: input ``i`` is not checked. A failed
+    check raises ``AssertionError("Guard failed: input_ids.size()[1] <= 64")``, as export's does. The
+    guards export's tracer adds beyond these (divisibility, ``!= 1``...) are Python expressions and are
+    not kept (``save_module`` warns, naming them).
+    """
+
+    _is_impure = True  # fx's dead-code elimination must keep the call: its effect is the check
+
+    def __init__(self, names: list[str], sizes: list[list[int | str | None] | None], ranges: dict[str, list[int | None]]) -> None:
+        super().__init__()
+        if not (isinstance(names, list) and len(names) == len(sizes) and all(isinstance(n, str) for n in names)):
+            raise ValueError("InputGuards: names must be one string per input")
+        for entry in sizes:
+            if entry is not None and not (
+                isinstance(entry, list) and all(e is None or type(e) in (int, str) for e in entry)
+            ):
+                raise ValueError(f"InputGuards: malformed sizes {str(entry)[:80]}")
+        for symbol, bounds in ranges.items():
+            if not (
+                isinstance(symbol, str) and isinstance(bounds, list) and len(bounds) == 2 and type(bounds[0]) is int
+                and (bounds[1] is None or type(bounds[1]) is int)
+            ):
+                raise ValueError(f"InputGuards: malformed range {symbol!r}: {bounds!r}")
+        self.names, self.sizes, self.ranges = names, sizes, ranges
+
+    def checks(self) -> list[str]:
+        """The conditions :meth:`forward` checks, written as export writes its guards."""
+        out: list[str] = []
+        seen: dict[str, str] = {}
+        for name, sizes in zip(self.names, self.sizes):
+            for dim, expected in enumerate(sizes or ()):
+                where = f"{name}.size()[{dim}]"
+                if type(expected) is int:
+                    out.append(f"{where} == {expected}")
+                elif expected in seen:
+                    out.append(f"{where} == {seen[expected]}")
+                elif expected is not None:
+                    low, high = self.ranges.get(expected, [0, None])
+                    out += ([f"{where} >= {low}"] if low > 2 else []) + ([f"{where} <= {high}"] if high is not None else [])
+                    seen[expected] = where
+        return out
+
+    def forward(self, *inputs: Any) -> None:
+        seen: dict[str, tuple[int, str]] = {}
+        for name, sizes, value in zip(self.names, self.sizes, inputs):
+            if sizes is None:
+                continue
+            _guard(isinstance(value, torch.Tensor) and value.dim() == len(sizes), f"{name}.dim() == {len(sizes)}")
+            for dim, expected in enumerate(sizes):
+                size, where = value.size(dim), f"{name}.size()[{dim}]"
+                if type(expected) is int:
+                    _guard(size == expected, f"{where} == {expected}")
+                elif expected in seen:
+                    _guard(size == seen[expected][0], f"{where} == {seen[expected][1]}")
+                elif expected is not None:
+                    low, high = self.ranges.get(expected, [0, None])
+                    # export checks a minimum only above 2: its default, which sizes 0 and 1 may pass
+                    _guard(low <= 2 or size >= low, f"{where} >= {low}")
+                    _guard(high is None or size <= high, f"{where} <= {high}")
+                    seen[expected] = (size, where)
+
+
+def _input_names(info: Any, count: int) -> list[str]:
+    """Names of the flat inputs as export's guard messages write them: ``input_ids``, ``x``, ``x[0]``."""
+    spec = info.in_spec
+    if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple and spec.child(1).type is dict:
+        subtrees = [*spec.child(0).children(), *spec.child(1).children()]
+    else:
+        subtrees = list(spec.children())
+    names = [
+        arg + pytree.keystr(path)
+        for arg, subtree in zip(info.orig_args, subtrees)
+        for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * subtree.num_leaves, subtree))[0]
+    ]
+    return names if len(names) == count else [f"input {i}" for i in range(count)]
+
+
+def _export_guard_messages(guards_fn: nn.Module) -> set[str]:
+    """The conditions export's generated guard function checks, read from its code objects' constant
+    strings (``"Guard failed: ..."``): data, for the warning about guards not kept; nothing is run."""
+    functions = [guards_fn.forward]
+    for cell in getattr(guards_fn.forward, "__closure__", None) or ():
+        try:
+            functions.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return {
+        const.removeprefix("Guard failed: ")
+        for fn in functions for const in getattr(getattr(fn, "__code__", None), "co_consts", ())
+        if isinstance(const, str) and const.startswith("Guard failed: ")
+    }
+
+
+def _input_guards(gm: GraphModule, guards_fn: nn.Module) -> InputGuards | None:
+    """An :class:`InputGuards` with the checks of export's ``_guards_fn`` on input sizes, from the
+    placeholders' recorded values and ``gm.range_constraints``; None (with a warning) without them."""
+    from torch.export._unlift import _convert_range_to_int
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or not any(isinstance(n.meta.get("val"), torch.Tensor) for n in placeholders):
+        warnings.warn(
+            "save_module: torch.export's input guards (_guards_fn) are dropped: the graph's placeholders have no "
+            "recorded shapes to rebuild them from; the loaded module does not check its input shapes",
+            stacklevel=4,
+        )
+        return None
+    constraints = getattr(gm, "range_constraints", None) or {}
+    sizes: list[list[int | str | None] | None] = []
+    ranges: dict[str, list[int | None]] = {}
+    for node in placeholders:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            sizes.append(None)
+            continue
+        entry: list[int | str | None] = []
+        for size in value.shape:
+            expr = size.node.expr if isinstance(size, torch.SymInt) else size
+            if isinstance(expr, int) or getattr(expr, "is_Integer", False):
+                entry.append(int(expr))
+            elif getattr(expr, "is_Symbol", False):
+                # export's range_constraints; a copy of the module may have lost them (deepcopy does):
+                # then the range the capture's shape environment recorded
+                shape_env = getattr(size.node, "shape_env", None)
+                bounds = constraints.get(expr) or getattr(shape_env, "var_to_range", {}).get(expr)
+                if bounds is not None:
+                    low, high = _convert_range_to_int(bounds)
+                    ranges[str(expr)] = [int(low), None if high == math.inf else int(high)]
+                entry.append(str(expr))
+            else:
+                entry.append(None)  # a derived size (2 * s0 ...): not checked
+        sizes.append(entry)
+    guards = InputGuards(_input_names(info, len(placeholders)), sizes, ranges)
+    kept = {c.replace(" ", "") for c in guards.checks()}
+    lost = sorted(m for m in _export_guard_messages(guards_fn) if m.replace(" ", "") not in kept)
+    if lost:
+        warnings.warn(
+            f"save_module: torch.export's input guards {lost} are Python expressions and are not kept; the loaded "
+            "module checks static sizes, ranges and equal sizes of its inputs only",
+            stacklevel=4,
+        )
+    return guards
 
 
 def _calls_guards_fn(gm: GraphModule, node: Node) -> bool:
@@ -963,7 +1126,10 @@ def graph_to_dict(gm: GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tens
     # torch.export's node.meta describes the shapes seen at capture (symbolic, and stale once a merge
     # rewrote widths): not stored; every shape a loaded module uses comes from the tensors and node args
     keep_meta = not any("val" in node.meta for node in gm.graph.nodes)
-    nodes = [_node_record(node, keep_meta=keep_meta) for node in gm.graph.nodes if not _calls_guards_fn(gm, node)]
+    dropped = not any(r.get("class") == "fxmerge.io.InputGuards" for r in modules)
+    nodes = [
+        _node_record(node, keep_meta=keep_meta) for node in gm.graph.nodes if not (dropped and _calls_guards_fn(gm, node))
+    ]
     data = {"class_name": class_name, "modules": modules, "tensors": tensors, "nodes": nodes}
     if codegen is not None:
         data["codegen"] = codegen
@@ -992,7 +1158,9 @@ def save_module(gm: GraphModule, directory: str | os.PathLike, *, report: Mappin
 
     Raises SaveError, before writing anything, when the module cannot be stored as data: a module
     class outside the allowlist, a call_function target that is not an allowlisted function
-    (lambdas, user functions), an argument value without an encoding, or hooks.
+    (lambdas, user functions, custom operators), an argument value without an encoding, or hooks
+    (other than those ``ExportedProgram.module()`` installs). Warns when torch.export input guards
+    are not kept (see the module docstring).
     """
     from fxmerge import __version__
 
@@ -1123,8 +1291,8 @@ def _build_modules(gm: GraphModule, records: Any, trusted: Mapping[str, type[nn.
                 short = stored.rpartition(".")[2] if isinstance(stored, str) else "TheClass"
                 raise LoadError(
                     f"{GRAPH}: module {path!r} has class {stored!r}, which is not allowed (torch.nn layer classes, "
-                    "containers and fxmerge's ChannelMap only, and the classes passed as modules=). If you trust "
-                    f"that class, import it and pass it: fxmerge.load(directory, modules=[{short}]) — its "
+                    "containers, fxmerge's ChannelMap and InputGuards only, and the classes passed as modules=). "
+                    f"If you trust that class, import it and pass it: fxmerge.load(directory, modules=[{short}]) — its "
                     "constructor then runs with the saved arguments"
                 )
             raw = record.get("args", {})
@@ -1262,8 +1430,9 @@ def load_module(directory: str | os.PathLike, *, modules: Sequence[type[nn.Modul
     allowlisted function: nothing from the folder is evaluated, executed, imported or unpickled.
 
     A module saved from ``torch.export`` comes back as a plain GraphModule with the same pytree
-    signature and outputs, without export's input checks (``_guards_fn`` is not stored: it is code).
-    Import the library whose output types it returns (``import transformers``) before loading.
+    signature and outputs; its ``_guards_fn`` is an :class:`InputGuards` (sizes, ranges, equal sizes;
+    tracer guards written as expressions are not kept). Import the library whose output types it
+    returns (``import transformers``) before loading.
 
     ``modules``: module classes outside torch.nn that the caller trusts (e.g. timm's
     ``BatchNormAct2d`` kept as a leaf, a user's RMSNorm): a saved module of one of these classes
