@@ -848,6 +848,13 @@ class InputGuards(nn.Module):
                     seen[expected] = (size, where)
 
 
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is a finite integer (int, sympy Integer), else None (``int_oo``...)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    return int(value) if getattr(value, "is_Integer", False) else None
+
+
 def _input_names(info: Any, count: int) -> list[str]:
     """Names of the flat inputs as export's guard messages write them: ``input_ids``, ``x``, ``x[0]``."""
     spec = info.in_spec
@@ -882,8 +889,6 @@ def _export_guard_messages(guards_fn: nn.Module) -> set[str]:
 def _input_guards(gm: GraphModule, guards_fn: nn.Module) -> InputGuards | None:
     """An :class:`InputGuards` with the checks of export's ``_guards_fn`` on input sizes, from the
     placeholders' recorded values and ``gm.range_constraints``; None (with a warning) without them."""
-    from torch.export._unlift import _convert_range_to_int
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is None or info.in_spec is None or not any(isinstance(n.meta.get("val"), torch.Tensor) for n in placeholders):
@@ -904,16 +909,16 @@ def _input_guards(gm: GraphModule, guards_fn: nn.Module) -> InputGuards | None:
         entry: list[int | str | None] = []
         for size in value.shape:
             expr = size.node.expr if isinstance(size, torch.SymInt) else size
-            if isinstance(expr, int) or getattr(expr, "is_Integer", False):
-                entry.append(int(expr))
+            if _integer(expr) is not None:
+                entry.append(_integer(expr))
             elif getattr(expr, "is_Symbol", False):
                 # export's range_constraints; a copy of the module may have lost them (deepcopy does):
                 # then the range the capture's shape environment recorded
                 shape_env = getattr(size.node, "shape_env", None)
                 bounds = constraints.get(expr) or getattr(shape_env, "var_to_range", {}).get(expr)
-                if bounds is not None:
-                    low, high = _convert_range_to_int(bounds)
-                    ranges[str(expr)] = [int(low), None if high == math.inf else int(high)]
+                low = _integer(getattr(bounds, "lower", None))
+                if low is not None:
+                    ranges[str(expr)] = [low, _integer(bounds.upper)]  # an infinite upper bound: None
                 entry.append(str(expr))
             else:
                 entry.append(None)  # a derived size (2 * s0 ...): not checked
@@ -949,9 +954,10 @@ _INPUT_CONTAINERS = (tuple, list, dict)
 
 def _encode_spec(spec: Any, where: str, *, inputs: bool = False) -> Any:
     """A pytree ``TreeSpec`` as data: ``{"type": serialized type name, "context": JSON data, "children":
-    [...]}``, a leaf ``{"type": null, "context": null, "children": []}`` (as torch's ``treespec_dumps``). Only node types registered with ``torch.utils._pytree`` under a
-    serialized name and with a plain-data context (tuples, lists, dicts, HF ModelOutputs) can be stored;
-    ``inputs``: tuples, lists and dicts with identifier keys only (fx writes the keys into the code)."""
+    [...]}``; a leaf is ``{"type": null, "context": null, "children": []}`` (as in torch's
+    ``treespec_dumps``). Only node types registered with ``torch.utils._pytree`` under a serialized name
+    and with a plain-data context (tuples, lists, dicts, HF ModelOutputs) can be stored; ``inputs``:
+    tuples, lists and dicts with identifier keys only (fx writes the keys into the code)."""
     if spec.is_leaf():
         return {"type": None, "context": None, "children": []}
     node_def = pytree.SUPPORTED_SERIALIZED_TYPES.get(spec.type)

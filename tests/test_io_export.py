@@ -13,10 +13,11 @@ and equal sizes, the same messages; guards export's tracer writes as expressions
 
 Round trips of a tiny BERT (kwargs in, ModelOutput out), ViT and torchvision resnet18 give
 bit-identical outputs of the same type and the same state_dict, also at other batch sizes and
-sequence lengths, and refuse what the original refuses; a module whose widths were rewritten after export (as a merge does, node.meta
-left stale) loads at its new widths. Edited files — an operator that does not exist, one from
-another namespace, a denied one, code in the argument names or keyword keys, an unregistered output
-type, a flipped weight byte — are refused with a LoadError naming what is wrong, and nothing runs.
+sequence lengths, and refuse what the original refuses; a module whose widths were rewritten after
+export (as a merge does, node.meta left stale) loads at its new widths. Edited files — an operator
+that does not exist, one from another namespace, a denied one, code in the argument names or keyword
+keys, an unregistered output type, malformed guards, a modified weight file — are refused with a
+LoadError naming what is wrong, and nothing runs. Saving a custom operator is a SaveError.
 """
 
 from __future__ import annotations
