@@ -169,6 +169,19 @@ def test_bert_takes_the_same_keywords_and_returns_its_model_output(exported, tmp
         loaded(**_tokens(2, 8), token_type_ids=torch.zeros(2, 8, dtype=torch.long))  # not an input of the export
 
 
+def test_a_loaded_exported_module_compiles(exported, tmp_path: Path) -> None:
+    """Dynamo traces the rebuilt codegen and InputGuards: same output type, same values."""
+    _, gm = exported["bert"]
+    save_module(gm, tmp_path)
+    loaded = load_module(tmp_path)
+    args, kwargs = _CALLS["bert"][1]
+    with torch.no_grad():
+        eager = loaded(*args, **kwargs)
+        compiled = torch.compile(loaded, backend="aot_eager")(*args, **kwargs)
+    assert type(compiled) is type(eager)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-6, atol=1e-6)
+
+
 _BAD_INPUTS = [
     ("bert", ((), _tokens(2, 65)), r"input_ids.size\(\)\[1\] <= 64"),  # max_position_embeddings
     ("bert", ((), {**_tokens(2, 8), "attention_mask": torch.ones(2, 9, dtype=torch.long)}),
