@@ -108,7 +108,7 @@ FORMAT = "fxmerge.graphmodule"
 FORMAT_VERSION = "1.1"
 MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safetensors", "report.json"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_module", "load_report", "result_to_dict", "save_module"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "InputGuards", "load_module", "load_report", "result_to_dict", "save_module"]
 
 # ------------------------------------------------------------------------------------ allowlists
 
