@@ -384,3 +384,26 @@ def test_saving_a_custom_operator_is_refused_naming_the_node(tmp_path: Path) -> 
     with pytest.raises(SaveError, match=r"node 'twice': operator torch.ops.fxmerge_test.twice.default: namespace 'fxmerge_test'"):
         save_module(gm, tmp_path)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_width_changed_merge_of_two_berts_saves_and_loads_bit_identically(tmp_path: Path) -> None:
+    """``fxmerge.merge`` of two independently initialised tiny BERTs (exported), zipped to 1.5x their
+    width: ``MergeResult.save`` then ``fxmerge.load`` gives the same module at the merged width."""
+    from conftest import tiny_bert, token_batches
+
+    result = fxmerge.merge(
+        [tiny_bert(0), tiny_bert(1)], token_batches(2, size=8), method="zip", width=1.5, capture="export", quiet=True
+    )
+    assert result.capture == ("export", "export")
+    result.save(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["method"] == "zip"
+    loaded = fxmerge.load(tmp_path)
+    assert loaded.state_dict()["bert.embeddings.word_embeddings.weight"].shape == (100, 48)  # 1.5 x 32
+    for batch in (token_batches(1, seed=9)[0], {k: v[:3, :7] for k, v in token_batches(1, seed=3)[0].items()}):
+        with torch.no_grad():
+            assert_identical(result.module(**batch), loaded(**batch))
+    state = result.module.state_dict()
+    assert list(loaded.state_dict()) == list(state)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(AssertionError, match=r"Guard failed: input_ids.size\(\)\[1\] <= 64"):
+        loaded(**token_batches(1, length=65)[0])
