@@ -516,7 +516,7 @@ def merge(
     statistics = run("features", collect_statistics, states, region, batches, config, process_group)
     matches = run("width", match_widths, states, region, statistics, config)
 
-    def build(config: MergeConfig) -> GraphModule:
+    def build(config: MergeConfig, run: Callable[..., Any] = run) -> GraphModule:
         merged = run("rewrite", rewrite, states, region, matches, config)
         merged = run("rewrite", attach_tails, merged, states, region, matches, config)
         return run("repair", repair, merged, batches, config, process_group)
@@ -528,5 +528,6 @@ def merge(
     return MergeResult(
         module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches,
         capture=tuple(capture_of(s.graph) for s in states),
-        _rebuild=lambda weights: build(replace(config, model_weights=weights)),
+        # re-weighting repeats the last stages; their seconds are not this merge's
+        _rebuild=lambda weights: build(replace(config, model_weights=weights), _stage_runner({})),
     )

@@ -140,7 +140,10 @@ def test_labels_in_a_batch_are_not_fed_to_the_model(bert: nn.Module) -> None:
     dropped: the merge equals the merge of the bare inputs."""
     batches = token_batches(4, size=16)
     twin = fxmerge.testing.random_permute(bert, batches[0], seed=2)
-    labelled = [{**b, "labels": torch.zeros(16, dtype=torch.long)} for b in batches[:2]] + [(b, 0) for b in batches[2:]]
+    from transformers import BatchEncoding
+
+    labelled = [BatchEncoding({**batches[0], "labels": torch.zeros(16, dtype=torch.long)})]
+    labelled += [{**batches[1], "labels": torch.zeros(16, dtype=torch.long)}] + [(b, 0) for b in batches[2:]]
     plain = fxmerge.merge([bert, twin], batches, method="permute", quiet=True)
     with_labels = fxmerge.merge([bert, twin], labelled, method="permute", quiet=True)
     test = token_batches(1, seed=4)[0]
@@ -207,3 +210,46 @@ def test_depth_heterogeneous_transformers_merge_and_the_extension_is_exact(famil
     assert relative_error(logits(shallow, test), logits(result.interpolate((0.0, 1.0)), test)) < 1e-5
     assert relative_error(logits(deep, test), logits(result.interpolate((1.0, 0.0)), test)) < 1e-5
     assert logits(result.module, test).shape == (8, 3)
+
+
+@pytest.mark.parametrize("options", [{"output": "concat"}, {"stop_at": 3}])
+def test_partial_zipping_of_an_exported_model_keeps_each_models_own_tail(bert: nn.Module, options: dict) -> None:
+    """Each model's tail reads its own weights (torch.export puts every parameter read before the
+    tail): merging a model with its permuted twin gives it back per head, and concatenated
+    heads give [logits, logits]."""
+    batches = token_batches(4, size=16)
+    twin = fxmerge.testing.random_permute(bert, batches[0], seed=2)
+    result = fxmerge.merge([bert, twin], batches, method="permute", quiet=True, **options)
+    test = token_batches(1, seed=6)[0]
+    expected = logits(bert, test)
+    if options.get("output") == "concat":
+        expected = torch.cat([expected, expected], dim=-1)
+    assert relative_error(expected, logits(result.module, test)) < 1e-4
+
+
+class TwoInputs(nn.Module):
+    """A model with two positional inputs: image features and a per-sample conditioning vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Linear(6, 16)
+        self.condition = nn.Linear(3, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.image(x) + self.condition(c)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_tuple_inputs_are_positional_arguments(capture: str) -> None:
+    """Calibration items ((x, c), label): the input tuple is the model's positional arguments."""
+    model = randomize_(TwoInputs(), 0).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [((torch.randn(32, 6, generator=generator), torch.randn(32, 3, generator=generator)), 0) for _ in range(4)]
+    twin = fxmerge.testing.random_permute(model, batches[0][0], seed=1, capture=capture)
+    result = fxmerge.merge([model, twin], batches, method="permute", capture=capture, quiet=True)
+    assert result.capture == (capture, capture)
+    x, c = torch.randn(5, 6, generator=generator), torch.randn(5, 3, generator=generator)
+    with torch.no_grad():
+        assert relative_error(model(x, c), twin(x, c)) < 1e-5
+        assert relative_error(model(x, c), result.module(x, c)) < 1e-4

@@ -106,9 +106,11 @@ def split_tails(
     output_node = next(n for n in nodes if n.op == "output")
     tail = [n for n in nodes[names.index(stop) + 1 :] if n.op != "output"]
     result_arg = output_node.args[0]
-    if not isinstance(result_arg, Node):
-        raise ConfigError("partial zipping and output='concat' need a model with a single tensor output")
-    outputs: list[Node] = []
+    # a torch.export graph returns a flat tuple of its outputs (its codegen rebuilds the structure)
+    results = list(result_arg) if isinstance(result_arg, (tuple, list)) else [result_arg]
+    if not results or not all(isinstance(r, Node) for r in results):
+        raise ConfigError("partial zipping and output='concat' need a model whose outputs are tensors")
+    outputs: list[list[Node]] = []
     for k, (source, maps) in enumerate(zip(sources, unmerge_maps)):
         prefix = f"tail{k}"
         env: dict[Node, Node] = {}
@@ -119,8 +121,21 @@ def split_tails(
                 merged.add_module(target, ChannelMap(matrix, dim))
                 value = graph.call_module(target, (value,))
             env[stop_node] = value
+
+            def own(arg: Node) -> Node:
+                """The tail's value of ``arg``; a parameter read from before the tail (torch.export
+                puts every get_attr first) becomes this model's own copy."""
+                if arg in env:
+                    return env[arg]
+                if arg.op == "get_attr":
+                    target = f"{prefix}.{arg.target}"
+                    _set_attribute(merged, target, copy.deepcopy(_get(source, str(arg.target))))
+                    env[arg] = graph.get_attr(target)
+                    return env[arg]
+                return arg
+
             for node in tail:
-                copied = graph.node_copy(node, lambda a: env.get(a, a))
+                copied = graph.node_copy(node, own)
                 if node.op == "call_module":
                     copied.target = f"{prefix}.{node.target}"
                     _set_attribute(merged, copied.target, copy.deepcopy(source.get_submodule(str(node.target))))
@@ -128,18 +143,24 @@ def split_tails(
                     copied.target = f"{prefix}.{node.target}"
                     _set_attribute(merged, copied.target, copy.deepcopy(_get(source, str(node.target))))
                 env[node] = copied
-        outputs.append(env.get(result_arg, result_arg))
+        outputs.append([env.get(r, r) for r in results])
+    combined_results = []
     with graph.inserting_before(output_node):
-        if output == "concat":
-            combined = graph.call_function(torch.cat, (outputs,), {"dim": -1})
-        else:
-            combined = outputs[0]
-            for other in outputs[1:]:
-                combined = graph.call_function(operator.add, (combined, other))
-            combined = graph.call_function(operator.truediv, (combined, float(len(outputs))))
-    output_node.args = (combined,)
+        for per_model in zip(*outputs):
+            if output == "concat":
+                combined = graph.call_function(torch.cat, (list(per_model),), {"dim": -1})
+            else:
+                combined = per_model[0]
+                for other in per_model[1:]:
+                    combined = graph.call_function(operator.add, (combined, other))
+                combined = graph.call_function(operator.truediv, (combined, float(len(per_model))))
+            combined_results.append(combined)
+    output_node.args = (type(result_arg)(combined_results) if isinstance(result_arg, (tuple, list)) else combined_results[0],)
     for node in reversed(tail):
         if not node.users:
+            graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # the reference's own tail parameters, now unread
+        if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     merged.delete_all_unused_submodules()
     graph.lint()
