@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fxmerge.config import CAPTURES
+
 __all__ = ["build_parser", "main"]
 
 _DEMO_METHODS = ("average", "permute", "zip")
@@ -143,6 +145,14 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     inspect_.add_argument("target", help="a merge directory or a model factory 'package.module:callable'")
     inspect_.add_argument("--kwargs", default=None, metavar="YAML", help="factory keyword arguments")
     inspect_.add_argument("--input-shape", default="1,3,32,32", help="example input shape for a factory (default 1,3,32,32)")
+    inspect_.add_argument(
+        "--token-ids", type=_positive_int, default=None, metavar="VOCAB",
+        help="the example input is random int64 token ids in [0, VOCAB) of --input-shape (a text model), not N(0, 1)",
+    )
+    inspect_.add_argument(
+        "--capture", choices=CAPTURES, default="auto",
+        help="'fx', 'export' (torch.export, e.g. HuggingFace transformers) or 'auto' (fx, else export; default)",
+    )
     inspect_.add_argument("--graph", action="store_true", help="also print the whole graph code")
     inspect_.add_argument("--svg", metavar="FILE", help="draw the graph with Graphviz (needs pydot) into FILE")
     inspect_.set_defaults(handler=_run_inspect)
@@ -280,7 +290,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     model = load_model({"factory": args.target, "kwargs": yaml.safe_load(args.kwargs) if args.kwargs else {}})
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    analysis = analyze(model, torch.randn(*shape))
+    example = torch.randint(0, args.token_ids, shape) if args.token_ids else torch.randn(*shape)
+    analysis = analyze(model, example, capture=args.capture)
+    print(f"captured by {analysis.graph_module.meta.get('fxmerge_capture', 'fx')}")
     print(analysis.summary())
     if args.graph:
         print(analysis.graph_module.print_readable(print_output=False))

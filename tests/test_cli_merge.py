@@ -73,6 +73,15 @@ def test_inspect_a_factory_prints_the_groups(capsys):
     assert "permutable" in out and "stage2.0.conv1:out" in out
 
 
+def test_inspect_a_transformers_factory_exports_it(capsys):
+    """A HuggingFace BERT (tests/conftest.py's tiny_bert) on token ids: fx cannot trace it, so
+    "auto" exports it, and every hidden group is free."""
+    assert main(["inspect", "conftest:tiny_bert", "--input-shape", "2,8", "--token-ids", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "captured by export" in out and "hidden-channel coverage 100.0%" in out
+    assert "bert.encoder.layer.0.intermediate.dense:out" in out
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("models: []\nunknown: 1\n")
