@@ -1010,3 +1010,33 @@ def test_coverage_counts_fixed_hidden_channels() -> None:
     with pytest.warns(UserWarning):
         partial = fxmerge.analyze(model, x, leaf_modules=["6"])
     assert partial.coverage() == pytest.approx(16 / (8 + 8 + 6 + 2 + 6))
+
+
+class _AddcmulAffine(nn.Module):
+    """timm's ``resmlp.Affine``: ``beta + alpha * x`` over the last dim, as ``torch.addcmul``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(1, 1, dim))
+        self.beta = nn.Parameter(torch.randn(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, dim) -> (N, L, dim)
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_addcmul_keeps_the_channel_group_free(capture: str) -> None:
+    """Found by the timm table (resmlp_12_224: 42% coverage): addcmul broadcasts its three operands
+    like ``beta + alpha * x``, so the hidden group stays free."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _AddcmulAffine(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 5, 8)
+    analysis = fxmerge.analyze(model, x, capture=capture)
+    hidden = [g for g in analysis.groups if g.size == 16]
+    assert hidden and not any(g.fixed for g in hidden), [(g.name, g.reason) for g in hidden]
+    if capture == "fx":
+        assert_invariant(model, x, analysis, min_changed_fraction=0.5)
+    else:
+        twin = fxmerge.testing.random_permute(model, x, capture="export", seed=1)
+        with torch.no_grad():
+            assert torch.allclose(model(x), twin(x), atol=1e-6) and not torch.equal(model[0].weight, twin[0].weight)

@@ -139,7 +139,7 @@ builtin(
 builtin(
     aten.ge, aten.gt, aten.le, aten.lt, aten.eq, aten.ne, aten.__and__, aten.__or__, aten.bitwise_and,
     aten.bitwise_or, aten.logical_and, aten.logical_or, aten.masked_fill, aten.rsub, aten.floor_divide,
-    aten.remainder, aten.div_, aten.sub_, aten.clamp_min, aten.clamp_max,
+    aten.remainder, aten.div_, aten.sub_, aten.clamp_min, aten.clamp_max, aten.addcmul, aten.addcdiv,
     name="aten comparisons and masks", family=FAMILY, rule=binary_rule,
 )
 builtin(aten.slice, name="aten.slice", family=FAMILY, rule=_slice)

@@ -61,7 +61,7 @@ builtin(
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul,
     torch.multiply, torch.div, torch.divide, torch.true_divide, torch.maximum, torch.minimum,
-    torch.where, torch.pow, operator.pow, torch.masked_fill,
+    torch.where, torch.pow, operator.pow, torch.masked_fill, torch.addcmul, torch.addcdiv,
     name="binary functions", family=FAMILY, rule=binary_rule,
 )
 
@@ -73,7 +73,7 @@ def _binary_method_rule(ctx: Any, node: Any, args: tuple, kwargs: dict) -> Any:
 builtin(
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
     "maximum", "minimum", "masked_fill", "masked_fill_", "where", "__add__", "__mul__",
-    "__radd__", "__rmul__",
+    "__radd__", "__rmul__", "addcmul", "addcmul_", "addcdiv", "addcdiv_",
     name="binary methods", family=FAMILY, rule=_binary_method_rule,
 )
 
