@@ -468,18 +468,23 @@ def unit_similarity(
     similarity as a small tie-break, computed for the tied units only (``tied_units``).
     ``weights(units)`` is called only when the weights are needed (``units``: None for all).
     """
+    tied = None
     if method == "mudsc" or activation is None:
         weight_similarity_ = weights(None)
     elif _indistinct(activation):
-        weight_similarity_ = weights(tied_units(activation))
+        tied = tied_units(activation)
+        weight_similarity_ = weights(tied)
     else:
         weight_similarity_ = None
     if activation is not None and weight_similarity_ is not None and method == "mudsc":
         return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
-    if activation is not None and weight_similarity_ is not None and _indistinct(activation):
+    if activation is not None and weight_similarity_ is not None and tied is not None:
         # units constant on the calibration data (dead), or collinear (dead units after a
-        # LayerNorm), all look alike: their weights decide
-        return activation.correlation + _TIE_BREAK * weight_similarity_, "activations (+weights for ties)"
+        # LayerNorm), all look alike: their weights decide. The tie-break only lowers a pair
+        # (by 1e-3 x its weight dissimilarity, 0 for equal weights), and only pairs with a tied
+        # unit: it gives tied units no advantage over the pairs activations already tell apart.
+        covered = tied[:, None] | tied[None, :]
+        return activation.correlation + _TIE_BREAK * (weight_similarity_ - 1.0) * covered, "activations (+weights for ties)"
     if activation is not None:
         return activation.correlation, "activations"
     if weight_similarity_ is not None:
