@@ -174,50 +174,27 @@ def _others_ready(layouts, axis: int, key: tuple[int, ...], free: set[int], matc
     return True
 
 
-def similarity_of(features: Sequence[torch.Tensor], rows: np.ndarray | None = None) -> np.ndarray | None:
-    """Pearson correlation (N, N) between the rows of per-model feature matrices (units, F);
-    ``rows``: a (N,) bool mask — only the rows and columns of those units are computed, the
-    other entries are 0.
-
-    Computed in float32 (half the float64 time; the matrices are large: F is every weight a unit
-    has): each entry is a dot product of two unit-norm rows, off by about sqrt(F) * 6e-8 (1e-5 at
-    F = 30000) from its float64 value — far below the differences the matchers act on (weights
-    break ties scaled by 1e-3; MuDSC mixes them with activation correlations).
-    """
+def similarity_of(features: Sequence[torch.Tensor]) -> np.ndarray | None:
+    """Pearson correlation (N, N) between the rows of per-model feature matrices (units, F)."""
     if len({f.shape[1] for f in features}) != 1:
         return None
-    stacked = torch.cat(list(features), dim=0).to(torch.float32)
+    stacked = torch.cat(list(features), dim=0)
     centred = stacked - stacked.mean(dim=1, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if rows is None:
-        full = unit @ unit.T
-    else:  # only the rows and columns of ``rows``: the other entries stay 0
-        index = torch.from_numpy(np.flatnonzero(rows))
-        part = unit[index] @ unit.T
-        full = torch.zeros(len(rows), len(rows), dtype=part.dtype)
-        full[index] = part
-        full[:, index] = part.T
-    # a matrix product's (i, j) and (j, i) may round differently: the matchers need symmetry
-    return ((full + full.T) / 2).clamp(-1, 1).numpy()
+    return (unit @ unit.T).clamp(-1, 1).numpy()
 
 
 def weight_similarity(
-    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"],
-    units: np.ndarray | None = None,
+    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"]
 ) -> np.ndarray | None:
-    """MuDSC's weight-space similarity of one group's units over all models (N, N), or None.
-
-    ``units``: a (N,) bool mask of the joint units the similarity is needed for (the tied ones):
-    only their rows and columns (their similarity to every unit) are computed, the other entries
-    are 0 — the cost is that of the tied units, not of the whole group.
-    """
+    """MuDSC's weight-space similarity of one group's units over all models, or None."""
     features = []
     for k, (analysis, state) in enumerate(zip(analyses, states)):
         block = unit_weight_features(analysis, state, (analysis.space_ids[name],), done, k)
         if block is None:
             return None
         features.append(block)
-    return similarity_of(features, units)
+    return similarity_of(features)
 
 
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
@@ -363,8 +340,7 @@ def _match_structure(
     sources: dict[str, str] = {}
     for inner in structure.inners:
 
-        def weights(units: np.ndarray | None, inner: str = inner) -> np.ndarray | None:
-            # a composite's weight similarity is computed whole (its units are block x channel)
+        def weights(inner: str = inner) -> np.ndarray | None:
             features = []
             for k, (analysis, state) in enumerate(zip(analyses, states)):
                 key = (analysis.space_ids[structure.outer], analysis.space_ids[inner])
@@ -455,7 +431,7 @@ def _match_structure(
 
 def unit_similarity(
     activation: GroupStatistics | None,
-    weights: Callable[[np.ndarray | None], np.ndarray | None],
+    weights: Callable[[], np.ndarray | None],
     *,
     method: str,
     balance: float,
@@ -465,26 +441,18 @@ def unit_similarity(
     Activations (correlation of features on the calibration data) when the group was observed;
     MuDSC adds ``balance`` times the weight similarity; units that activations cannot tell apart
     (dead, collinear, or too few samples for the width: ``_indistinct``) get the weight
-    similarity as a small tie-break, computed for the tied units only (``tied_units``).
-    ``weights(units)`` is called only when the weights are needed (``units``: None for all).
+    similarity as a small tie-break. ``weights`` is called only when the weights are needed.
     """
-    tied = None
-    if method == "mudsc" or activation is None:
-        weight_similarity_ = weights(None)
-    elif _indistinct(activation):
-        tied = tied_units(activation)
-        weight_similarity_ = weights(tied)
+    if method == "mudsc" or activation is None or _indistinct(activation):
+        weight_similarity_ = weights()
     else:
         weight_similarity_ = None
     if activation is not None and weight_similarity_ is not None and method == "mudsc":
         return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
-    if activation is not None and weight_similarity_ is not None and tied is not None:
+    if activation is not None and weight_similarity_ is not None and _indistinct(activation):
         # units constant on the calibration data (dead), or collinear (dead units after a
-        # LayerNorm), all look alike: their weights decide. The tie-break only lowers a pair
-        # (by 1e-3 x its weight dissimilarity, 0 for equal weights), and only pairs with a tied
-        # unit: it gives tied units no advantage over the pairs activations already tell apart.
-        covered = tied[:, None] | tied[None, :]
-        return activation.correlation + _TIE_BREAK * (weight_similarity_ - 1.0) * covered, "activations (+weights for ties)"
+        # LayerNorm), all look alike: their weights decide
+        return activation.correlation + _TIE_BREAK * weight_similarity_, "activations (+weights for ties)"
     if activation is not None:
         return activation.correlation, "activations"
     if weight_similarity_ is not None:
@@ -533,22 +501,6 @@ def too_few_samples(activation: GroupStatistics) -> bool:
     """Whether a group was observed on no more samples than one model has units: its covariance
     is then rank-deficient, and correlations cannot be trusted to tell every unit apart."""
     return activation.samples <= max(activation.sizes)
-
-
-def tied_units(activation: GroupStatistics) -> np.ndarray:
-    """(N,) bool: the joint units activations cannot tell apart (see ``_indistinct``): constant
-    units, units collinear with another unit of their model; every unit when there are too few
-    samples for the width."""
-    if too_few_samples(activation):
-        return np.ones(sum(activation.sizes), dtype=bool)
-    tied = np.asarray(activation.constant, dtype=bool).copy()
-    offset = 0
-    for size in activation.sizes:
-        block = np.abs(activation.correlation[offset : offset + size, offset : offset + size])
-        np.fill_diagonal(block, 0.0)
-        tied[offset : offset + size] |= (block >= _COLLINEAR).any(axis=1)
-        offset += size
-    return tied
 
 
 def _indistinct(activation: GroupStatistics) -> bool:
@@ -742,7 +694,7 @@ def match_groups(
             )
         similarity, source = unit_similarity(
             product_statistics((group.name,), analyses, statistics, done),
-            lambda units: weight_similarity(group.name, analyses, states, done, units),
+            lambda: weight_similarity(group.name, analyses, states, done),
             method=method,
             balance=balance,
         )
