@@ -492,7 +492,7 @@ def _topic_examples(corpus: Corpus, split: SplitName, rng: np.random.Generator) 
 
 _TASKS = {
     "area": ("single", tuple(AREAS), _area_examples),
-    "order": ("single", ("swapped", "original"), _order_examples),
+    "order": ("single", ("shuffled", "original"), _order_examples),
     "next": ("pair", ("not next", "next"), _next_examples),
     "topic": ("pair", ("other section", "same section"), _topic_examples),
     "paraphrase": ("pair", ("other sentence", "shortened copy"), _paraphrase_examples),
