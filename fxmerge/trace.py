@@ -99,6 +99,10 @@ def trace(
             "or register the module's rule with fxmerge.ops.register)"
         )
     batch = as_batch(example_inputs)
+    if capture == "auto" and _is_exported(model) and not leaf_modules:
+        # an ExportedProgram's module: re-exporting keeps its input/output structure (fx would
+        # trace through its pytree code and return a plain dict instead of an HF ModelOutput)
+        capture = "export"
     if capture == "fx":
         return _fx_capture(model, batch, leaf_modules)
     if capture == "export":
@@ -117,6 +121,12 @@ def trace(
                 f"neither capture can handle {type(model).__name__}. torch.fx: {fx_error} — torch.export: "
                 f"{export_error}"
             ) from export_error
+
+
+def _is_exported(model: nn.Module) -> bool:
+    from torch.fx.graph import _PyTreeCodeGen
+
+    return isinstance(model, GraphModule) and isinstance(model.graph._codegen, _PyTreeCodeGen)
 
 
 def _fx_capture(model: nn.Module, batch: Batch, leaf_modules: Sequence[LeafSpec]) -> GraphModule:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_invariant, nontrivial_permutations, randomize_
+from conftest import assert_invariant, nontrivial_permutations, randomize_, relative_error
 from torch import nn
 
 import fxmerge
@@ -1040,3 +1040,46 @@ def test_addcmul_keeps_the_channel_group_free(capture: str) -> None:
         twin = fxmerge.testing.random_permute(model, x, capture="export", seed=1)
         with torch.no_grad():
             assert torch.allclose(model(x), twin(x), atol=1e-6) and not torch.equal(model[0].weight, twin[0].weight)
+
+
+class _BiasAttention(nn.Module):
+    """Swin/T5-style attention: a (2L-1, heads) table indexed by relative position and added to
+    every head's scores through sdpa's ``attn_mask`` (1, heads, L, L). ``lookup``: "index"
+    (``table[index]``, advanced indexing: fails closed) or "embedding" (``F.embedding``)."""
+
+    def __init__(self, lookup: str, dim: int = 8, heads: int = 2, length: int = 4) -> None:
+        super().__init__()
+        self.heads, self.lookup = heads, lookup
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(2 * length - 1, heads))
+        position = torch.arange(length)
+        self.register_buffer("index", (position[:, None] - position[None, :] + length - 1).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, dim) -> (N, L, dim)
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        rows = self.table[self.index] if self.lookup == "index" else F.embedding(self.index, self.table)
+        bias = rows.view(length, length, self.heads).permute(2, 0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("lookup", ["index", "embedding"])
+def test_a_per_head_attention_mask_moves_with_the_heads(lookup: str, capture: str) -> None:
+    """Found by the HF table (Swin with a nonzero relative position bias): sdpa's ``attn_mask``
+    head axis was not coupled with the heads, so a per-head bias stayed in place while the heads
+    were permuted (0.18 relative error here). The mask is now a broadcast operand of the scores:
+    its head axis is the heads' (a bias looked up with F.embedding keeps the heads free and is
+    permuted with them; one read by advanced indexing fixes them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _BiasAttention(lookup), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4, 8)
+    analysis = fxmerge.analyze(model, x, capture=capture)
+    heads = [g for g in analysis.groups if g.size == 2 and g.producers]
+    assert heads and all(g.fixed for g in heads) == (lookup == "index"), [(g.name, g.reason) for g in heads]
+    with torch.no_grad():
+        y = model(x)
+        for seed in range(3):  # 2 heads: some seeds leave them in place
+            twin = fxmerge.testing.random_permute(model, x, seed=seed, capture=capture)
+            assert relative_error(y, twin(x)) < 1e-5, seed

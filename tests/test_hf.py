@@ -253,3 +253,35 @@ def test_tuple_inputs_are_positional_arguments(capture: str) -> None:
     with torch.no_grad():
         assert relative_error(model(x, c), twin(x, c)) < 1e-5
         assert relative_error(model(x, c), result.module(x, c)) < 1e-4
+
+
+def test_a_module_the_user_exported_keeps_its_output_fixed_and_its_structure() -> None:
+    """Found by the HF table (Swin row): an ``ExportedProgram.module()`` handed to fxmerge was
+    fx-traced under "auto", which returned a plain dict, and the dict output left the logits
+    group free (random_permute permuted the logits: 0.93 relative error). Such a module is now
+    re-exported (its ModelOutput kept), and a graph returning a dict has its values fixed."""
+    model = tiny_bert(0, layers=1)
+    x = token_batches(1)[0]
+    exported = torch.export.export(model, (), x, strict=False).module()
+    analysis = fxmerge.analyze(exported, x)
+    assert analysis.graph_module.meta["fxmerge_capture"] == "export"
+    assert all(g.fixed for g in analysis.groups if g.name.startswith("classifier:out"))
+    twin = fxmerge.testing.random_permute(exported, x, seed=0)
+    with torch.no_grad():
+        out = twin(**x)
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    assert relative_error(logits(model, x), out.logits) < 1e-5
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.hidden(x)))}
+
+
+def test_a_dict_output_is_a_model_output() -> None:
+    analysis = fxmerge.analyze(DictOutput(), torch.randn(2, 4), capture="fx")
+    assert analysis.group("head:out").fixed and not analysis.group("hidden:out").fixed

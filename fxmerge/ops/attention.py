@@ -82,8 +82,6 @@ def sdpa(ctx: Any, node: Any, args: tuple, kwargs: dict) -> Any:
     enable_gqa)`` (also ATen's): q.k contracted, keys and values share their sequence axis."""
     q, k, v = (arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
     mask = arg(args, kwargs, 3, "attn_mask", None)
-    if ctx.is_tensor(mask):
-        ctx.fix_tensor(mask, f"attention mask at {node.name}")
     if kwargs.get("enable_gqa"):
         return ctx.fail_closed(node, "grouped-query attention")
     shape = ctx.meta_shape(node)
@@ -97,6 +95,14 @@ def sdpa(ctx: Any, node: Any, args: tuple, kwargs: dict) -> Any:
         for other in layouts[1:]:
             ctx.unify(layouts[0], other, node)
         dims.append(layouts[0] if layouts else opaque_layout(shape[d]))
+    if ctx.is_tensor(mask):
+        # the mask is added to the scores (*batch, L, S), broadcasting: a per-head bias (Swin,
+        # T5-style relative positions) moves with the heads, its positions with q's and k's
+        scores = [*dims, q.dims[-2], k.dims[-2]]
+        sizes = [*shape[:batch], q.shape[-2], k.shape[-2]]
+        for d in range(1, mask.ndim + 1):
+            if d <= len(scores) and mask.shape[-d] == sizes[-d] and sizes[-d] > 1:
+                ctx.unify(mask.dims[-d], scores[-d], node)
     dims += [q.dims[-2], v.dims[-1]]
     return ctx.tensor(shape, dims)
 

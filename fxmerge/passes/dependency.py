@@ -315,6 +315,8 @@ class _Analyzer(Interpreter):
             return self.env.get(arg)
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.value(a) for a in arg)
+        if isinstance(arg, dict):  # a graph returning {"logits": ...}: its values are outputs too
+            return {k: self.value(v) for k, v in arg.items()}
         return arg
 
     # -- main loop ------------------------------------------------------------------------------
