@@ -33,7 +33,7 @@ from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
 from fxmerge.passes.units import analysis_for_units, find_units
 from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
-from fxmerge.trace import trace
+from fxmerge.trace import capture_of, trace
 
 
 @dataclass(frozen=True, repr=False)
@@ -81,6 +81,7 @@ class MergeResult:
     ``DepthAlignment`` per shallower model (CKA matrix, segments, objective value), or None when
     all depths are equal. ``groups``: one ``GroupReport`` per group (widths, similarity, cluster
     labels). ``timings``: seconds per pass. ``matches``: per group name, the merge/unmerge matrices.
+    ``capture``: per model, how it became a graph ("fx" or "export", see ``fxmerge.trace``).
     """
 
     module: GraphModule
@@ -89,6 +90,25 @@ class MergeResult:
     config: MergeConfig
     alignment: Any = None
     matches: dict[str, GroupMatch] = field(default_factory=dict)
+    capture: tuple[str, ...] = ()
+    _rebuild: Callable[[tuple[float, ...]], GraphModule] | None = field(default=None, compare=False)
+
+    def interpolate(self, weights: Sequence[float]) -> GraphModule:
+        """The merged module with the same matches but the models weighted by ``weights`` (one
+        per model, normalised to sum 1) instead of equally; BatchNorm statistics recomputed.
+
+        ``interpolate((1 - t, t))`` for t in [0, 1] walks from model 0 to model 1 in model 0's
+        channel order (and depth): with ``method="permute"`` and equal widths, t = 0 and t = 1
+        compute models 0 and 1, and the loss along t is the loss barrier of the aligned pair
+        (``fxmerge.metrics``). For ``method="average"`` it is plain weight interpolation.
+        """
+        if self._rebuild is None:
+            raise ConfigError("this MergeResult was not made by fxmerge.merge in this process: it cannot be re-weighted")
+        config = replace(self.config, model_weights=tuple(weights))  # validates and normalises
+        count = len(self.groups[0].sizes) if self.groups else len(config.model_weights)
+        if len(config.model_weights) != count:
+            raise ConfigError(f"weights={tuple(weights)!r}: give one weight per model ({count})")
+        return self._rebuild(config.model_weights)
 
     def __repr__(self) -> str:
         free = [g for g in self.groups if not g.fixed]
@@ -99,7 +119,8 @@ class MergeResult:
         return (
             f"MergeResult({models} models, method={self.config.method!r}, {len(self.groups)} groups "
             f"({len(free)} free, {len(self.groups) - len(free)} fixed), {width_text}, "
-            f"depth aligned: {depth}, {sum(self.timings.values()):.2f} s)"
+            f"depth aligned: {depth}, captured by {'/'.join(dict.fromkeys(self.capture)) or '?'}, "
+            f"{sum(self.timings.values()):.2f} s)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,7 +282,7 @@ def trace_models(
 ) -> tuple[ModelState, ...]:
     """Stage "trace": every model traced on calibration batch 0 (``fxmerge.trace``)."""
     return tuple(
-        ModelState(k, name, model, trace(model, batches[0], config.leaf_modules), model)
+        ModelState(k, name, model, trace(model, batches[0], config.leaf_modules, config.capture), model)
         for k, (model, name) in enumerate(zip(models, names))
     )
 
@@ -351,11 +372,15 @@ def match_widths(
     )
 
 
-def rewrite(states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch]) -> GraphModule:
+def rewrite(
+    states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch], config: MergeConfig
+) -> GraphModule:
     """Stage "rewrite": a copy of the reference graph with the merged weights and widths."""
     reference = states[0]
     merged = copy.deepcopy(reference.graph)
-    state = merged_state([s.analysis for s in states], [s.state for s in states], matches, params=region.params)
+    state = merged_state(
+        [s.analysis for s in states], [s.state for s in states], matches, params=region.params, weights=config.model_weights
+    )
     load_state_resizing(merged, state)
     widths = merged_sizes(reference.analysis, matches)
     rewrite_shape_literals(
@@ -426,6 +451,8 @@ def merge(
     strict: bool = False,
     quiet: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
+    capture: str = "auto",
+    model_weights: Sequence[float] | None = None,
     process_group: Any = None,
 ) -> MergeResult:
     """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
@@ -435,8 +462,12 @@ def merge(
 
     Args:
         models: K >= 2 modules of one family (any widths); they are not modified.
-        calibration: iterable of input batches — tensors or (tensor, label) tuples; the first
-            ``calibration_batches`` are used for feature statistics and BatchNorm reset.
+        calibration: iterable of input batches — tensors, dicts of keyword tensors (HF
+            ``input_ids``/``attention_mask``/..., a ``BatchEncoding``; a ``"labels"`` key is
+            dropped), or (input, label) tuples whose input is a tensor, tuple or dict; integer
+            tensors are token ids. The first ``calibration_batches`` are used for feature
+            statistics and BatchNorm reset; every batch has the inputs and per-sample shapes of
+            batch 0.
         method: "average" (plain weight averaging), "permute" (Hungarian alignment to one
             model, then average), "zip" (ZipIt! greedy zipping, within and across models) or
             "mudsc" (zip on balance * weight similarity + (1 - balance) * activation similarity).
@@ -452,6 +483,12 @@ def merge(
         strict: raise on ops the analysis does not understand instead of keeping them fixed.
         quiet: no progress bars.
         leaf_modules: extra module classes or qualified module names kept as leaves in tracing.
+        capture: "auto" (torch.fx, else torch.export), "fx" or "export" (``fxmerge.trace``);
+            ``result.capture`` says which each model got. An exported merge is the exported
+            program's GraphModule: it takes the models' args/kwargs and returns their output
+            structure (an HF ``ModelOutput``).
+        model_weights: one weight per model (normalised to sum 1) for a weighted instead of a plain
+            average of the matched weights; ``result.interpolate`` re-weights without re-matching.
         process_group: None (one process), or a ``torch.distributed`` ProcessGroup (e.g.
             ``torch.distributed.group.WORLD``, gloo for CPU models): every process of the group
             calls ``merge`` with the same models and options and ITS OWN shard of the calibration
@@ -465,9 +502,11 @@ def merge(
     config = MergeConfig(
         method=method, depth=depth, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
-        leaf_modules=leaf_modules,
+        leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
     )
     models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
+    if config.model_weights is not None and len(config.model_weights) != len(models):
+        raise ConfigError(f"model_weights={config.model_weights!r}: give one weight per model ({len(models)})")
     timings: dict[str, float] = {}
     run = _stage_runner(timings)
     states = run("trace", trace_models, models, names, batches, config)
@@ -476,12 +515,18 @@ def merge(
     region = run("structure", check_structure, states, config)
     statistics = run("features", collect_statistics, states, region, batches, config, process_group)
     matches = run("width", match_widths, states, region, statistics, config)
-    merged = run("rewrite", rewrite, states, region, matches)
-    merged = run("rewrite", attach_tails, merged, states, region, matches, config)
-    merged = run("repair", repair, merged, batches, config, process_group)
+
+    def build(config: MergeConfig) -> GraphModule:
+        merged = run("rewrite", rewrite, states, region, matches, config)
+        merged = run("rewrite", attach_tails, merged, states, region, matches, config)
+        return run("repair", repair, merged, batches, config, process_group)
+
+    merged = build(config)
     reports = tuple(
         GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source, _labels(m)) for m in matches.values()
     )
     return MergeResult(
-        module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches
+        module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches,
+        capture=tuple(capture_of(s.graph) for s in states),
+        _rebuild=lambda weights: build(replace(config, model_weights=weights)),
     )

@@ -21,6 +21,7 @@ from fxmerge.errors import ConfigError
 METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
 OUTPUT_POLICIES = ("shared", "concat")
+CAPTURES = ("auto", "fx", "export")
 
 # Options that existed once: a config still naming them gets a ConfigError that says why.
 REMOVED_OPTIONS = {
@@ -84,6 +85,8 @@ def parse_leaf(text: Any) -> Any:
 def _parsed(name: str, value: Any, meta: Mapping[str, Any]) -> Any:
     """``value`` of option ``name`` with its strings parsed by the field's ``parse``."""
     parse = meta["parse"]
+    if meta["repeat"] and value is None:
+        return None
     if meta["repeat"]:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -151,11 +154,29 @@ class MergeConfig:
         (), "extra leaf modules for tracing: a qualified module name ('layer1.0') or a class "
         "'package.module:Class'", parse=parse_leaf, metavar="MODULE", repeat=True,
     )
+    capture: str = _option(
+        "auto", "how the models become graphs: 'fx' (torch.fx symbolic tracing), 'export' "
+        "(torch.export, e.g. HuggingFace transformers) or 'auto' (fx, else export)", choices=CAPTURES,
+    )
+    model_weights: tuple | None = _option(
+        None, "one weight per model (normalised to sum 1) for the merged weights: a weighted "
+        "average instead of the plain one (given once per model)", parse=float, metavar="W", repeat=True,
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("depth", self.depth, DEPTH_OBJECTIVES)
         _choice("output", self.output, OUTPUT_POLICIES)
+        _choice("capture", self.capture, CAPTURES)
+        if self.model_weights is not None:
+            weights = tuple(self.model_weights) if isinstance(self.model_weights, Iterable) else None
+            if (
+                not weights or not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights)
+                or sum(weights) <= 0
+            ):
+                raise ConfigError(f"model_weights={self.model_weights!r} must be a list of numbers >= 0, one per model, not all 0")
+            total = float(sum(weights))
+            object.__setattr__(self, "model_weights", tuple(float(w) / total for w in weights))
         for name in ("alpha", "beta"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -221,7 +242,7 @@ class MergeConfig:
             value = getattr(self, spec.name)
             if isinstance(value, Mapping):
                 value = dict(value)
-            elif spec.metadata["repeat"]:
+            elif spec.metadata["repeat"] and value is not None:
                 value = [_leaf_name(item) for item in value]
             out[spec.name] = value
         return out

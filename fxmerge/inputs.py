@@ -1,14 +1,21 @@
 """Validation of ``fxmerge.merge``'s inputs: the models, the calibration batches, their dtypes and
 devices, and a trial run of every model on the data — before anything is traced.
 
+A model input is a ``Batch``: positional and keyword tensors. A calibration item may be a tensor,
+an ``(input, label)`` tuple whose input is a tensor, a tuple of positional tensors or a dict, or
+a dict of keyword tensors (an HF ``BatchEncoding``; its ``"labels"`` entry is the label, as in
+HF's Trainer, and is not fed to the model). Integer tensors are token ids and are never cast.
+
 Every check raises an ``fxmerge.errors`` type whose message names the model index or batch index
-and the fix; nothing here modifies a model (training flags are restored after the trial run).
+(and the key) and the fix; nothing here modifies a model (training flags are restored after the
+trial run).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,16 +23,115 @@ from torch import nn
 
 from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
 
+LABEL_KEYS = ("labels", "label")
 
-def checked_inputs(
-    models: Any, calibration: Iterable[Any], limit: int
-) -> tuple[list[nn.Module], list[str], list[torch.Tensor]]:
+
+@dataclass(frozen=True, repr=False)
+class Batch:
+    """One input of a model: ``module(*args, **kwargs)``.
+
+    ``args``: positional tensors (an image batch ``(N, C, H, W)``); ``kwargs``: keyword tensors
+    (``input_ids`` / ``attention_mask`` / ``token_type_ids`` of shape ``(N, L)``, int64).
+    Every tensor has the batch dimension first.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Batch({', '.join(f'{key}={_describe_tensor(t)}' for key, t in self.items())})"
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(label, value) of every input: ``"args[i]"`` for positional ones, the key for keywords."""
+        return [(f"args[{i}]", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [value for _, value in self.items() if isinstance(value, torch.Tensor)]
+
+    @property
+    def size(self) -> int:
+        """The number of samples: the leading dimension of the first tensor."""
+        return int(self.tensors()[0].shape[0])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """The batch with ``fn`` applied to every tensor."""
+        convert = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Batch(tuple(convert(a) for a in self.args), {k: convert(v) for k, v in self.kwargs.items()})
+
+    def run(self, module: Callable[..., Any]) -> Any:
+        """``module(*args, **kwargs)``."""
+        return module(*self.args, **dict(self.kwargs))
+
+    def placeholders(self, gm: torch.fx.GraphModule) -> list[Any]:
+        """The values of ``gm``'s placeholder nodes, in graph order, for graph-level interpreters
+        (``ShapeProp``, ``fx.Interpreter``): a torch.export graph flattens the inputs with its
+        ``in_spec``; a torch.fx graph binds positional inputs in order and keywords by name."""
+        from torch.fx.graph import _PyTreeCodeGen
+
+        codegen = gm.graph._codegen
+        if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
+            import torch.utils._pytree as pytree
+
+            flat, spec = pytree.tree_flatten((tuple(self.args), dict(self.kwargs)))
+            expected = codegen.pytree_info.in_spec
+            if spec != expected:
+                # the graph was captured with its inputs in another structure (e.g. positionally)
+                flat, spec = pytree.tree_flatten(tuple(self.args))
+                if spec != expected:
+                    raise CalibrationError(
+                        f"the inputs {self!r} do not have the structure the graph was captured with ({expected})"
+                    )
+            return flat
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        values: list[Any] = []
+        for index, node in enumerate(nodes):
+            name = str(node.target).lstrip("*")
+            if index < len(self.args):
+                values.append(self.args[index])
+            elif name in self.kwargs:
+                values.append(self.kwargs[name])
+            elif node.args:
+                values.append(node.args[0])  # the forward's default
+            else:
+                raise CalibrationError(f"the inputs {self!r} give no value for the graph's input {name!r}")
+        return values
+
+
+def tensor_leaves(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, a tuple, a dict, an HF ``ModelOutput``), in
+    pytree order."""
+    import torch.utils._pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _describe_tensor(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return type(value).__name__
+
+
+def as_batch(value: Any) -> Batch:
+    """A model input as a ``Batch``: a tensor, a tuple/list of positional inputs, a dict of
+    keyword inputs, or a ``Batch``."""
+    if isinstance(value, Batch):
+        return value
+    if isinstance(value, torch.Tensor):
+        return Batch((value,), {})
+    if isinstance(value, Mapping):
+        return Batch((), {str(k): v for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return Batch(tuple(value), {})
+    raise CalibrationError(f"a model input must be a tensor, a tuple of tensors or a dict of tensors, got {type(value).__name__}")
+
+
+def checked_inputs(models: Any, calibration: Iterable[Any], limit: int) -> tuple[list[nn.Module], list[str], list[Batch]]:
     """(models as a list, their names for messages, the first ``limit`` calibration batches).
 
-    Runs every check of this module in order: at least two nn.Modules; batches that are tensors
-    or (tensor, label) tuples of one shape, dtype and device, finite; one dtype and device for
-    all models (floating batches cast to the models' dtype with a warning); every model runs on
-    batch 0. Names are ``"models[k] (ClassName)"``.
+    Runs every check of this module in order: at least two nn.Modules; batches (see the module
+    docstring) of one structure, per-sample shapes, dtypes and device, finite; one dtype and
+    device for all models (floating batches cast to the models' dtype with a warning); every
+    model runs on batch 0. Names are ``"models[k] (ClassName)"``.
     """
     models = _model_list(models)
     names = [f"models[{k}] ({type(m).__name__})" for k, m in enumerate(models)]
@@ -35,29 +141,86 @@ def checked_inputs(
     return models, names, batches
 
 
-def _input_of(item: Any, index: int) -> torch.Tensor:
+def _input_of(item: Any, index: int) -> Batch:
+    """The model input of calibration item ``index`` (its label, if any, dropped)."""
     if isinstance(item, torch.Tensor):
-        return item
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return item[0]
+        return Batch((item,), {})
+    if isinstance(item, Mapping):
+        inputs = {str(k): v for k, v in item.items() if k not in LABEL_KEYS}
+        if not inputs:
+            raise CalibrationError(f"calibration batch {index} is a dict with no input key besides the labels")
+        return Batch((), inputs)
+    if isinstance(item, (tuple, list)) and item:
+        first = item[0]
+        if isinstance(first, (torch.Tensor, Mapping)):
+            return _input_of(first, index)
+        if isinstance(first, (tuple, list)) and first and all(isinstance(t, torch.Tensor) for t in first):
+            return Batch(tuple(first), {})
     raise CalibrationError(
-        f"calibration batch {index} is of type {type(item).__name__}: calibration items must be tensors or "
-        "(tensor, label) tuples"
+        f"calibration batch {index} is of type {type(item).__name__}: calibration items must be tensors, dicts of "
+        "tensors (input_ids=..., attention_mask=...), or (input, label) tuples whose input is a tensor, a tuple "
+        "of tensors or a dict"
     )
 
 
-def calibration_inputs(calibration: Iterable[Any], limit: int) -> list[torch.Tensor]:
+def _check_batch(batch: Batch, index: int, first: Batch | None) -> None:
+    """Every input of ``batch`` is a non-empty, finite tensor with a batch dimension, of the same
+    structure, per-sample shape, dtype and device as in batch 0; raises naming batch and key."""
+    single = len(batch.items()) == 1 and not batch.kwargs
+
+    def where(key: str) -> str:
+        return f"calibration batch {index}" if single else f"calibration batch {index}: input {key!r}"
+
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            raise CalibrationError(f"{where(key)} is a {type(value).__name__}, not a tensor")
+        if value.dim() == 0 or value.shape[0] == 0:
+            raise CalibrationError(
+                f"{where(key)} has shape {tuple(value.shape)}: a batch needs a leading batch dimension with at "
+                "least one sample"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CalibrationError(f"{where(key)} contains NaN or Inf")
+    sizes = {int(t.shape[0]) for t in batch.tensors()}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{key} {tuple(v.shape)}" for key, v in batch.items())
+        raise CalibrationError(f"calibration batch {index}: its inputs have different batch sizes ({listing})")
+    if first is None:
+        return
+    keys, first_keys = [k for k, _ in batch.items()], [k for k, _ in first.items()]
+    if keys != first_keys:
+        missing = [k for k in first_keys if k not in keys]
+        extra = [k for k in keys if k not in first_keys]
+        what = "; ".join(p for p in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if p)
+        raise CalibrationError(
+            f"calibration batch {index} has inputs {keys}, batch 0 has {first_keys} ({what or 'another order'}): "
+            "every batch must have the same inputs"
+        )
+    for (key, value), (_, reference) in zip(batch.items(), first.items()):
+        if value.shape[1:] != reference.shape[1:]:
+            raise CalibrationError(
+                f"{where(key)} has shape {tuple(value.shape)}, batch 0 has {tuple(reference.shape)}"
+                + ("" if single else " (pad every batch to one length)")
+            )
+        if value.dtype != reference.dtype or value.device != reference.device:
+            raise CalibrationError(
+                f"{where(key)} is {value.dtype} on {value.device}, batch 0 is {reference.dtype} on {reference.device}"
+            )
+
+
+def calibration_inputs(calibration: Iterable[Any], limit: int) -> list[Batch]:
     """The first ``limit`` input batches of ``calibration``, checked to be finite and consistent.
 
-    Raises ``CalibrationError`` naming the batch index for: a single tensor or a non-iterable
-    instead of an iterable of batches, an item that is not a tensor / (tensor, label) tuple, a
-    0-d or empty batch, a batch whose per-sample shape or dtype differs from batch 0's, NaN/Inf.
-    No more than ``limit`` items are drawn from ``calibration``.
+    Raises ``CalibrationError`` naming the batch index (and the input's key) for: a single
+    tensor or a non-iterable instead of an iterable of batches, an item that is not one of the
+    accepted forms (module docstring), a 0-d or empty input, inputs of one batch with different
+    batch sizes, missing or extra keys, a per-sample shape or dtype that differs from batch 0's,
+    NaN/Inf. No more than ``limit`` items are drawn from ``calibration``.
     """
-    if isinstance(calibration, torch.Tensor):
+    if isinstance(calibration, (torch.Tensor, Mapping)):
         raise CalibrationError(
-            "calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-            "not a single tensor: wrap it as [tensor]"
+            "calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors or dicts), "
+            f"not a single {'tensor' if isinstance(calibration, torch.Tensor) else 'dict'}: wrap it as [batch]"
         )
     try:
         items = iter(calibration)
@@ -66,25 +229,10 @@ def calibration_inputs(calibration: Iterable[Any], limit: int) -> list[torch.Ten
             f"calibration must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
             f"got an object of type {type(calibration).__name__}"
         ) from None
-    batches: list[torch.Tensor] = []
+    batches: list[Batch] = []
     for index, item in enumerate(items):
         batch = _input_of(item, index)
-        if batch.dim() == 0 or batch.shape[0] == 0:
-            raise CalibrationError(
-                f"calibration batch {index} has shape {tuple(batch.shape)}: a batch needs a leading "
-                "batch dimension with at least one sample"
-            )
-        if batch.is_floating_point() and not torch.isfinite(batch).all():
-            raise CalibrationError(f"calibration batch {index} contains NaN or Inf")
-        if batches and batch.shape[1:] != batches[0].shape[1:]:
-            raise CalibrationError(
-                f"calibration batch {index} has shape {tuple(batch.shape)}, batch 0 has {tuple(batches[0].shape)}"
-            )
-        if batches and (batch.dtype != batches[0].dtype or batch.device != batches[0].device):
-            raise CalibrationError(
-                f"calibration batch {index} is {batch.dtype} on {batch.device}, batch 0 is "
-                f"{batches[0].dtype} on {batches[0].device}"
-            )
+        _check_batch(batch, index, batches[0] if batches else None)
         batches.append(batch)
         if len(batches) >= limit:
             break
@@ -126,8 +274,8 @@ def _describe(values: Sequence[Any]) -> str:
 
 
 def _check_dtypes_and_devices(
-    models: Sequence[nn.Module], names: Sequence[str], batches: list[torch.Tensor]
-) -> list[torch.Tensor]:
+    models: Sequence[nn.Module], names: Sequence[str], batches: list[Batch]
+) -> list[Batch]:
     """The models must share one floating dtype and one device; returns the batches in that dtype.
 
     Models of different dtypes or devices: IncompatibleModelsError naming each model's dtype /
@@ -151,22 +299,27 @@ def _check_dtypes_and_devices(
             )
     dtypes = next((kind[0] for kind in kinds if kind[0]), ())
     devices = next((kind[1] for kind in kinds if kind[1]), ())
-    if devices and batches[0].device != devices[0]:
+    first = batches[0].tensors()
+    if devices and any(t.device != devices[0] for t in first):
+        device = next(t.device for t in first if t.device != devices[0])
         raise CalibrationError(
-            f"calibration batch 0 is on {batches[0].device}, the models are on {devices[0]}: "
+            f"calibration batch 0 is on {device}, the models are on {devices[0]}: "
             "move the batches to the models' device"
         )
-    if len(dtypes) == 1 and batches[0].is_floating_point() and batches[0].dtype != dtypes[0]:
+    floating = [t for t in first if t.is_floating_point()]
+    if len(dtypes) == 1 and any(t.dtype != dtypes[0] for t in floating):
+        other = next(t.dtype for t in floating if t.dtype != dtypes[0])
         warnings.warn(
-            f"fxmerge.merge: calibration batches are {_describe([batches[0].dtype])}, the models "
-            f"{_describe(dtypes)}: casting the batches to {_describe(dtypes)}",
+            f"fxmerge.merge: calibration batches are {_describe([other])}, the models "
+            f"{_describe(dtypes)}: casting the batches to {_describe(dtypes)} (integer inputs are token ids and stay)",
             stacklevel=4,  # warn at the caller of merge(): _check_dtypes_and_devices < checked_inputs < merge
         )
-        batches = [batch.to(dtypes[0]) for batch in batches]
+        cast = lambda t: t.to(dtypes[0]) if t.is_floating_point() else t  # noqa: E731
+        batches = [batch.map(cast) for batch in batches]
     return batches
 
 
-def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: torch.Tensor) -> None:
+def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: Batch) -> None:
     """Run every model (in eval mode, no gradients) on calibration batch 0, before tracing.
 
     Some models fail, others not (e.g. a first conv that expects 3 channels, data with 1):
@@ -179,7 +332,7 @@ def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: tor
         try:
             model.eval()
             with torch.no_grad():
-                model(batch)
+                batch.run(model)
         except Exception as error:  # whatever torch raises (RuntimeError, ValueError, IndexError…)
             failures.append((name, error))
         finally:
@@ -190,7 +343,11 @@ def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: tor
     name, error = failures[0]
     lines = str(error).strip().splitlines()
     why = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    data = f"calibration batch 0 (shape {tuple(batch.shape)}, {_describe([batch.dtype])})"
+    only = batch.tensors()[0] if len(batch.items()) == 1 else None
+    data = (
+        f"calibration batch 0 (shape {tuple(only.shape)}, {_describe([only.dtype])})" if only is not None
+        else f"calibration batch 0 ({', '.join(f'{k} {_describe_tensor(v)}' for k, v in batch.items())})"
+    )
     if len(failures) == len(models):
         raise CalibrationError(f"no model accepts {data}; {name} fails with {why}") from error
     failing = ", ".join(n for n, _ in failures)

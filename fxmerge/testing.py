@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,23 +44,25 @@ def permute_model(model: nn.Module, analysis: Analysis, permutations: dict[int, 
 
 def random_permute(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: Any,
     seed: int = 0,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     return_permutations: bool = False,
+    capture: str = "auto",
 ) -> nn.Module | tuple[nn.Module, dict[str, torch.Tensor]]:
     """A new module computing the same function as ``model`` with every free group permuted.
 
     Attention heads get a head-order permutation shared by q, k, v and the output projection, a
     within-head order shared by q and k, and v's own within-head order mirrored into the output
-    projection. ``model`` is not modified.
+    projection. ``model`` is not modified. ``example_input`` and ``capture``: as for
+    ``fxmerge.trace`` (a tensor, tuple or dict of keyword tensors; "auto" | "fx" | "export").
 
     ``return_permutations=True``: returns ``(twin, permutations)`` with ``permutations[name]`` the
     LongTensor index applied to group ``name``: unit j of the twin is unit ``permutations[name][j]``
     of ``model`` (e.g. ``twin_weight = weight[perm]`` on a producer axis).
     """
-    analysis = analyze(model, example_input, strict=strict, leaf_modules=leaf_modules)
+    analysis = analyze(model, example_input, strict=strict, leaf_modules=leaf_modules, capture=capture)
     permutations = random_permutations(analysis, seed)
     twin = permute_model(model, analysis, permutations)
     if not return_permutations:

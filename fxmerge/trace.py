@@ -1,9 +1,14 @@
-"""Tracing a model into a torch.fx GraphModule with tensor shapes recorded on every node."""
+"""Capturing a model as a GraphModule (torch.fx symbolic tracing or torch.export) with tensor shapes
+recorded on every node."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import inspect
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +17,9 @@ from torch.fx import GraphModule, Tracer
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmerge import ops
-from fxmerge.errors import TraceError
+from fxmerge.config import CAPTURES
+from fxmerge.errors import ConfigError, TraceError
+from fxmerge.inputs import Batch, as_batch
 
 LeafSpec = type[nn.Module] | str
 
@@ -51,53 +58,87 @@ class _LeafTracer(Tracer):
             self.current_path.pop()
 
 
-def _as_tuple(example_input: Any) -> tuple:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 def trace(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Any,
     leaf_modules: Sequence[LeafSpec] = (),
+    capture: str = "auto",
 ) -> GraphModule:
-    """Trace ``model`` (a copy of it, in eval mode) and record shapes on every node.
+    """Capture ``model`` (a copy of it, in eval mode) as a GraphModule with shapes on every node.
 
     Args:
-        model: any module torch.fx can trace. It is not modified: a deep copy is traced, in eval
-            mode, because ``self.training`` is frozen into the graph at trace time.
-        example_input: one input tensor (e.g. ``(N, C, H, W)``) or a tuple of positional inputs;
-            used by ``ShapeProp`` to fill ``node.meta["tensor_meta"]``.
-        leaf_modules: extra module types or qualified module names to keep as single
-            ``call_module`` nodes instead of tracing through them.
+        model: the module to capture. It is not modified: a deep copy is captured, in eval mode,
+            because ``self.training`` is frozen into the graph.
+        example_inputs: one input tensor (e.g. ``(N, C, H, W)``), a tuple of positional inputs, a
+            dict of keyword inputs (``{"input_ids": (N, L) int64, "attention_mask": ...}``) or a
+            ``fxmerge.inputs.Batch``; the graph's nodes get ``meta["tensor_meta"]`` from it.
+        leaf_modules: extra module types or qualified module names kept as single ``call_module``
+            nodes (torch.fx only: torch.export has no leaves).
+        capture: "fx" (``torch.fx`` symbolic tracing), "export" (``torch.export.export``,
+            ``strict=False``, every input dim dynamic where the model allows it: the graph runs
+            at other batch sizes and sequence lengths; its module takes the same args/kwargs and
+            returns the same structure, e.g. an HF ``ModelOutput``) or "auto": fx, and export
+            when fx cannot trace the model (HuggingFace transformers 5.x).
 
     Returns:
-        A ``GraphModule`` (in eval mode) whose nodes carry ``meta["tensor_meta"]``.
+        A ``GraphModule`` (in eval mode) whose nodes carry ``meta["tensor_meta"]``;
+        ``gm.meta["fxmerge_capture"]`` says which capture made it ("fx" or "export").
 
     Raises:
-        TraceError: the model cannot be traced symbolically; the message names the module and
-            suggests ``leaf_modules=`` or ``concrete_args=``-style fixes.
+        TraceError: the model cannot be captured; the message names the module and the fix (with
+            "auto", the reasons of both captures).
+        ConfigError: an unknown ``capture``, or ``leaf_modules`` with ``capture="export"``.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture={capture!r}: choose one of {', '.join(map(repr, CAPTURES))}")
+    if capture == "export" and leaf_modules:
+        raise ConfigError(
+            "leaf_modules= needs capture='fx': torch.export traces through every module (drop leaf_modules, "
+            "or register the module's rule with fxmerge.ops.register)"
+        )
+    batch = as_batch(example_inputs)
+    if capture == "fx":
+        return _fx_capture(model, batch, leaf_modules)
+    if capture == "export":
+        return _export_capture(model, batch)
+    try:
+        return _fx_capture(model, batch, leaf_modules)
+    except TraceError as fx_error:
+        if leaf_modules:
+            raise TraceError(
+                f"{fx_error} (torch.export was not tried: it cannot keep the leaf_modules= opaque)"
+            ) from fx_error
+        try:
+            return _export_capture(model, batch)
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither capture can handle {type(model).__name__}. torch.fx: {fx_error} — torch.export: "
+                f"{export_error}"
+            ) from export_error
+
+
+def _fx_capture(model: nn.Module, batch: Batch, leaf_modules: Sequence[LeafSpec]) -> GraphModule:
     copied = copy.deepcopy(model).eval()
     tracer = _LeafTracer(leaf_modules)
     try:
-        graph = tracer.trace(copied)
+        graph = tracer.trace(copied, concrete_args=_unused_defaults(copied, batch))
     except Exception as error:  # torch.fx raises many types: TraceError, TypeError, RuntimeError…
         where = tracer.failed_path
         if where:
             fix = (
                 f"pass leaf_modules=['{where}'] (or its type, {type(copied.get_submodule(where)).__name__}) "
-                f"to keep that module opaque — its channels then stay fixed — or rewrite the "
-                f"data-dependent branch."
+                f"to keep that module opaque — its channels then stay fixed —, rewrite the "
+                f"data-dependent branch, or capture='export'."
             )
             place = f"inside module '{where}'"
         else:
-            fix = "move the data-dependent branch into a submodule passed as leaf_modules=, or rewrite it."
+            fix = "move the data-dependent branch into a submodule passed as leaf_modules=, rewrite it, or capture='export'."
             place = f"in the forward of {type(model).__name__} itself"
         raise TraceError(
             f"cannot trace {type(model).__name__}: failed {place} "
-            f"({type(error).__name__}: {error}). torch.fx needs control flow that does not "
+            f"({type(error).__name__}: {_first_line(error)}). torch.fx needs control flow that does not "
             f"depend on tensor values. Fix: {fix}"
         ) from error
     # torch.fx creates the node of a proxy attribute (``x.shape``) lazily, when it is first used.
@@ -107,16 +148,101 @@ def trace(
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target is getattr and not node.users:
             graph.erase_node(node)
+    gm = GraphModule(tracer.root, graph, type(model).__name__)
+    return _with_shapes(gm, batch, "fx", type(model).__name__)
+
+
+def _unused_defaults(model: nn.Module, batch: Batch) -> dict[str, Any] | None:
+    """For keyword inputs: the forward's other parameters, fixed at their defaults (an HF-style
+    forward has many optional inputs; traced as proxies, ``if mask is None`` would fail)."""
+    if not batch.kwargs:
+        return None
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    given = set(batch.kwargs) | {p.name for p in parameters[: len(batch.args)]}
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in given and p.default is not inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    } or None
+
+
+def _dynamic_shapes(model: nn.Module, batch: Batch) -> Any:
+    """Every dim of every tensor input dynamic (``Dim.AUTO``: export keeps static what the model
+    needs static, e.g. image channels), keyed by the forward's parameter names."""
+    from torch.export import Dim
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {axis: Dim.AUTO for axis in range(value.dim())}
+        if isinstance(value, Mapping):
+            return {k: spec(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(spec(v) for v in value)
+        return None
+
+    bound = inspect.signature(model.forward).bind(*batch.args, **dict(batch.kwargs))
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _export_capture(model: nn.Module, batch: Batch) -> GraphModule:
     name = type(model).__name__
-    gm = GraphModule(tracer.root, graph, name)
+    copied = copy.deepcopy(model).eval()
+    try:
+        dynamic = _dynamic_shapes(copied, batch)
+    except TypeError as error:
+        raise TraceError(f"cannot export {name}: its forward does not take the inputs {batch!r} ({error})") from error
+    try:
+        with warnings.catch_warnings(), _quiet_export_log():
+            warnings.simplefilter("ignore")  # torch.export's own deprecation chatter
+            program = torch.export.export(
+                copied, tuple(batch.args), dict(batch.kwargs), dynamic_shapes=dynamic, strict=False
+            )
+    except Exception as error:  # torch.export raises UserError, GuardOnDataDependentSymNode, …
+        raise TraceError(
+            f"cannot export {name} ({type(error).__name__}: {_first_line(error)}). torch.export needs a "
+            "forward without data-dependent Python control flow; fix: rewrite the branch with torch.cond, "
+            "or capture='fx' with leaf_modules=."
+        ) from error
+    exported = program.module()
+    # ExportedProgram.module() refuses .eval()/.train(); a plain GraphModule over the same graph
+    # and submodules keeps the input/output structure (the graph's pytree codegen) and the weights.
+    gm = GraphModule(exported, exported.graph, name)
+    return _with_shapes(gm, batch, "export", name)
+
+
+@contextlib.contextmanager
+def _quiet_export_log() -> Iterator[None]:
+    """torch.export logs a warning for every Dim.AUTO dim it specialises (image channels, a batch
+    of one); that is the intended outcome of "dynamic where the model allows it"."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _with_shapes(gm: GraphModule, batch: Batch, capture: str, name: str) -> GraphModule:
     gm.eval()
-    inputs = _as_tuple(example_input)
+    gm.meta["fxmerge_capture"] = capture
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*batch.placeholders(gm))
     except Exception as error:
-        raise TraceError(
-            f"{name} traced, but running it on the example input of shape "
-            f"{[tuple(getattr(t, 'shape', ())) for t in inputs]} failed: {error}"
-        ) from error
+        raise TraceError(f"{name} was captured ({capture}), but running it on {batch!r} failed: {error}") from error
     return gm
+
+
+def capture_of(gm: GraphModule) -> str:
+    """"fx" or "export": how ``gm`` was captured (``trace``)."""
+    return str(gm.meta.get("fxmerge_capture", "fx"))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

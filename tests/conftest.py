@@ -2,7 +2,8 @@
 
 ``relative_error`` is THE relative-error measure of the tests (max-abs by default, ``norm="l2"``
 for the Frobenius ratio); ``random_batches``, ``output_of``, ``same_state`` and the ``one_thread``
-fixture are shared by the merge tests.
+fixture are shared by the merge tests; ``tiny_bert``, ``tiny_vit`` and ``token_batches`` by the
+HuggingFace (torch.export) tests.
 
 The central check of the analysis / invariance tests is ``assert_invariant``: permute every free group of a model (with
 permutations that are never the identity), then require
@@ -120,6 +121,43 @@ def same_state(a: nn.Module, b: nn.Module) -> bool:
     """Whether two modules have the same state_dict keys with bit-identical tensors of one dtype."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4, intermediate: int = 64) -> nn.Module:
+    """A randomly initialised (then ``randomize_``d) HF ``BertForSequenceClassification``, 3 labels,
+    vocabulary 100, eval mode; nothing is downloaded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=64, num_labels=3,
+    )
+    return randomize_(BertForSequenceClassification(config), seed).eval()
+
+
+def tiny_vit(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4) -> nn.Module:
+    """A randomised HF ``ViTForImageClassification`` on 16x16 RGB images, patch 4, 3 labels."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+        image_size=16, patch_size=4, num_labels=3,
+    )
+    return randomize_(ViTForImageClassification(config), seed).eval()
+
+
+def token_batches(count: int = 4, size: int = 8, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """HF-style keyword batches: ``input_ids`` (size, length) in [0, 100) and an ``attention_mask``
+    with a padded tail in every other row."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[::2, length - 3 :] = 0
+        out.append({"input_ids": torch.randint(0, 100, (size, length), generator=generator), "attention_mask": mask})
+    return out
 
 
 @pytest.fixture(scope="module")

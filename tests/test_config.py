@@ -32,6 +32,8 @@ NON_DEFAULT = {
     "strict": (True, "true"),
     "quiet": (True, "true"),
     "leaf_modules": ((nn.ReLU, "stage1.0"), "['torch.nn:ReLU', stage1.0]"),
+    "capture": ("fx", "fx"),
+    "model_weights": ((0.25, 0.75), "[0.25, 0.75]"),
 }
 
 
@@ -108,6 +110,8 @@ def test_flags_parse_like_yaml_and_override_it(tmp_path) -> None:
             flags.append(flag)
         elif name == "leaf_modules":
             flags += [flag, "torch.nn:ReLU", flag, "stage1.0"]
+        elif name == "model_weights":
+            flags += [flag, "1", flag, "3"]  # normalised to (0.25, 0.75)
         else:
             flags += [flag, text]
     config = _settings(tmp_path, "{method: permute, strict: true}", *flags)

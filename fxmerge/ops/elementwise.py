@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxmerge.ops.registry import builtin, first_input
+from fxmerge.ops.registry import builtin, eval_identities, first_input, sums
 
 FAMILY = "elementwise"
 
@@ -76,3 +76,6 @@ builtin(
     "__radd__", "__rmul__",
     name="binary methods", family=FAMILY, rule=_binary_method_rule,
 )
+
+sums(operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__")
+eval_identities(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, F.dropout, "contiguous", "clone")

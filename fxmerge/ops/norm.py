@@ -165,7 +165,7 @@ builtin(
     nn.GroupNorm, name="GroupNorm", family=FAMILY, rule=_group_norm_module,
     resize=_resize_group_norm, identity=_affine_identity, resized_shape=resize_every_axis,
 )
-builtin(F.layer_norm, name="F.layer_norm", family=FAMILY, rule=functional_layer_norm)
+builtin(F.layer_norm, name="F.layer_norm", family=FAMILY, rule=functional_layer_norm, affine=((2, "weight"), (3, "bias")))
 builtin(F.group_norm, name="F.group_norm", family=FAMILY, rule=functional_group_norm)
 # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 builtin(

@@ -88,7 +88,9 @@ class OpEntry:
     ``name`` that makes the layer an identity (None: zeros); ``resized_shape(module, shape,
     resize)`` the shape of a parameter of an inserted unit at the shallow model's widths (None:
     unchanged); ``zero_params`` the parameter name prefixes to zero so that the layer outputs zero
-    (None: every floating parameter except running statistics).
+    (None: every floating parameter except running statistics); ``affine`` a normalisation's
+    (position, keyword) arguments of its elementwise weight and bias (weight 1 and bias 0 give the
+    normalised input), for the depth pass's identity post-norm units.
     """
 
     name: str
@@ -103,6 +105,7 @@ class OpEntry:
     identity: Callable[..., torch.Tensor | None] | None = None
     resized_shape: Callable[..., torch.Size] | None = None
     zero_params: tuple[str, ...] | None = None
+    affine: tuple[tuple[int, str], ...] | None = None
     user: bool = False
 
     def __repr__(self) -> str:
@@ -282,6 +285,57 @@ def consumes(node: Node, modules: dict[str, nn.Module]) -> bool:
     """Whether a statistics tap at this node's input is a layer's input (a consumed tap)."""
     entry = node_entry(node, modules)
     return entry is not None and entry.consumes
+
+
+_SUMS: set[Any] = set()  # functions, method names and ATen packets whose node adds its tensor operands
+
+
+def sums(*targets: Any) -> None:
+    """Declare ops that add their operands (``x + f(x)``: a residual join for the depth pass)."""
+    _SUMS.update(targets)
+
+
+def is_sum(node: Node) -> bool:
+    """Whether a node adds its operands (``operator.add``, ``Tensor.add``, ``aten.add.Tensor``)."""
+    return node.op != "call_module" and _in(node, _SUMS)
+
+
+_EVAL_IDENTITIES: set[Any] = set()  # ops that return their input in eval mode (dropout, clone)
+
+
+def eval_identities(*targets: Any) -> None:
+    """Declare ops that return their first input unchanged in eval mode (dropout, clone, alias)."""
+    _EVAL_IDENTITIES.update(targets)
+
+
+def _in(node: Node, table: set[Any], modules: dict[str, nn.Module] | None = None) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in table
+    if node.op == "call_module":
+        module = (modules or {}).get(str(node.target))
+        return module is not None and any(base in table for base in type(module).__mro__)
+    if node.op != "call_function":
+        return False
+    try:
+        if node.target in table:
+            return True
+    except TypeError:  # an unhashable target
+        return False
+    return getattr(node.target, "overloadpacket", None) in table
+
+
+def is_eval_identity(node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
+    """Whether a node returns its first input unchanged in eval mode (``aten.dropout``, ``nn.Dropout``)."""
+    return _in(node, _EVAL_IDENTITIES, modules)
+
+
+def affine_arguments(node: Node, modules: dict[str, nn.Module] | None = None) -> tuple[Any, ...] | None:
+    """A normalisation node's (weight, bias) arguments (get_attr nodes, or None where absent), or
+    None when the node is not a normalisation with an elementwise affine map."""
+    entry = node_entry(node, modules or {})
+    if entry is None or entry.affine is None or node.op == "call_module":
+        return None
+    return tuple(arg(node.args, node.kwargs, position, name) for position, name in entry.affine)
 
 
 def is_user_module(module: nn.Module) -> bool:

@@ -351,7 +351,8 @@ class _Analyzer(Interpreter):
         if isinstance(result, _Tensor):
             self.node_dims[node.name] = tuple(result.dims)
         for tensor_index, tensor in enumerate(_tensors_in(result)):
-            if tensor_index == 0 and isinstance(result, _Tensor):
+            # a parameter (get_attr) is not an activation: it has no samples to observe
+            if tensor_index == 0 and isinstance(result, _Tensor) and node.op != "get_attr":
                 for dim, layout in enumerate(tensor.dims):
                     if self.table.spaces_of(layout):
                         self.taps.append((node.name, dim, tuple(tensor.dims)))
@@ -416,8 +417,20 @@ class _Analyzer(Interpreter):
             return _opaque_like(self.meta_shape(node))
         entry = ops.function_entry(node.target)
         if entry is None or entry.rule is None:
+            if not self._carries_channels((args, kwargs)):
+                # no input has a free channel space (token ids, masks, position tables computed
+                # from shapes): no channel order can reach the result, whatever the op computes;
+                # whatever couples the result to channels pairs them with an opaque axis, which fixes them
+                return _opaque_like(self.meta_shape(node))
             return self.fail_closed(node, "no rule for this function")
         return entry.rule(self, node, args, kwargs)
+
+    def _carries_channels(self, value: Any) -> bool:
+        """Whether a tensor in ``value`` has a channel space that is not already fixed."""
+        return any(
+            self.table.fixed_reason(space) is None
+            for tensor in _tensors_in(value) for layout in tensor.dims for space in self.table.spaces_of(layout)
+        )
 
     # -- for the rules ------------------------------------------------------------------------------
     def module_of(self, node: Node) -> nn.Module:
@@ -1055,20 +1068,23 @@ def analyze_graph(gm: GraphModule, state_names: dict[str, str], strict: bool = F
 
 def analyze(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: Any,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
+    capture: str = "auto",
 ) -> Analysis:
-    """Trace ``model`` and find its channel spaces (groups). The model itself is not modified.
+    """Capture ``model`` and find its channel spaces (groups). The model itself is not modified.
 
     Args:
-        model: any torch.fx-traceable module.
-        example_input: an input batch, e.g. a (N, C, H, W) tensor, used to record shapes.
+        model: a module torch.fx or torch.export can capture (``fxmerge.trace``).
+        example_input: an input batch — a (N, C, H, W) tensor, a tuple of positional tensors or a
+            dict of keyword tensors (``input_ids=...``) —, used to record shapes.
         strict: raise ``UnsupportedOpError`` on an op without a rule instead of fixing its
             channels with a warning.
         leaf_modules: extra module types or paths to keep opaque (their channels become fixed).
+        capture: "auto" | "fx" | "export" (``fxmerge.trace``).
     """
     from fxmerge.trace import trace
 
-    gm = trace(model, example_input, leaf_modules)
+    gm = trace(model, example_input, leaf_modules, capture)
     return analyze_graph(gm, state_name_map(model), strict)

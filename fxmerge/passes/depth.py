@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError, IncompatibleModelsError, InvarianceError
+from fxmerge.inputs import as_batch, tensor_leaves
 from fxmerge.metrics import MIN_CKA_BATCH, CKAAccumulator
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import tap_extractor
@@ -116,10 +117,11 @@ def unit_cka(
     shards' batches (a process may have no usable batch as long as some process has one).
     """
     group = check_group(process_group)
-    usable = [batch for batch in batches if batch.shape[0] >= MIN_CKA_BATCH]
+    batches = [as_batch(batch) for batch in batches]
+    usable = [batch for batch in batches if batch.size >= MIN_CKA_BATCH]
     no_batch = CalibrationError(
         f"depth alignment needs calibration batches of at least {MIN_CKA_BATCH} samples for the unbiased "
-        f"CKA estimator; got batch sizes {sorted({int(b.shape[0]) for b in batches})}"
+        f"CKA estimator; got batch sizes {sorted({b.size for b in batches})}"
     )
     if not usable and group is None:
         raise no_batch
@@ -130,8 +132,8 @@ def unit_cka(
         shallow_taps = tap_extractor(shallow, [u.end for u in shallow_units])
         with torch.no_grad():
             for batch in progress(usable, total=len(usable), description="unit CKA", quiet=quiet):
-                rows = [v.reshape(v.shape[0], -1) for v in deep_taps(batch)]
-                cols = [v.reshape(v.shape[0], -1) for v in shallow_taps(batch)]
+                rows = [v.reshape(v.shape[0], -1) for v in batch.run(deep_taps)]
+                cols = [v.reshape(v.shape[0], -1) for v in batch.run(shallow_taps)]
                 accumulator.update(rows, cols)
     except collect_errors() as exc:
         if group is None:
@@ -208,12 +210,10 @@ def _get_tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
     return value  # type: ignore[return-value]
 
 
-def _residual_branch_end(gm: GraphModule, unit: Unit) -> str | None:
-    """The module or parameter whose output the residual add reads on the branch side.
-
-    Walks back from the residual add's non-shortcut input to the nearest node with parameters
-    (its last norm/linear): zeroing that layer's weights and biases zeroes the branch.
-    """
+def _residual_branch_end(gm: GraphModule, unit: Unit) -> set[str] | None:
+    """The targets (a module, or the get_attr tensors of a functional layer) whose zeroing zeroes
+    the residual branch: the nearest node with parameters (its last norm/linear) walking back from
+    the residual add's non-shortcut input. None when there is none."""
     nodes = {n.name: n for n in gm.graph.nodes}
     modules = dict(gm.named_modules())
     inside = set(unit.nodes)
@@ -225,7 +225,11 @@ def _residual_branch_end(gm: GraphModule, unit: Unit) -> str | None:
     current: Node | None = branch[0] if branch else None
     while current is not None and current.name in inside:
         if current.op == "call_module" and any(True for _ in modules[str(current.target)].parameters()):
-            return str(current.target)
+            return {str(current.target)}
+        params = [a for a in current.all_input_nodes if a.op == "get_attr"]
+        if params and current.op == "call_function" and ops.is_layer(current, modules):
+            # a functional linear/conv (torch.export graphs): zero weight and bias give zero
+            return {str(a.target) for a in params}
         tensors = [a for a in current.all_input_nodes if a.op != "get_attr" and a.name in inside | {unit.start}]
         if len(tensors) != 1:
             return None
@@ -233,12 +237,49 @@ def _residual_branch_end(gm: GraphModule, unit: Unit) -> str | None:
     return None
 
 
-def _is_residual_join(node: Node, inside: set[str], start: str) -> bool:
-    import operator
+def _norm_affine(node: Node, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """The (weight, bias) get_attr targets of a normalisation node with both, else None."""
+    arguments = ops.affine_arguments(node, modules)
+    if arguments is None or len(arguments) != 2 or not all(isinstance(a, Node) and a.op == "get_attr" for a in arguments):
+        return None
+    return str(arguments[0].target), str(arguments[1].target)
 
-    joins = {operator.add, operator.iadd, torch.add}
-    is_add = (node.op == "call_function" and node.target in joins) or (node.op == "call_method" and node.target in ("add", "add_"))
-    return is_add and any(a.name == start for a in node.all_input_nodes)
+
+def _move_norm_affine(gm: GraphModule, inserted: Sequence[Unit], state: dict[str, torch.Tensor]) -> None:
+    """Make inserted post-norm units (``x -> LayerNorm(x + f(x))``, f zeroed) identities.
+
+    LayerNorm(x) is not x, but it is when x is already normalised with weight 1 and bias 0. So
+    the norm that ends the unit before the run (weight g, bias b) gets 1 and 0, every inserted
+    unit's norm 1 and 0, and the last one g and b: the run's output is the original one (up to
+    the norms' eps, ~eps / variance). ``inserted``: one run of consecutive inserted units.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(gm.named_modules())
+    post_norms = [
+        _norm_affine(nodes[u.end], modules) for u in inserted
+        if u.kind == "residual" and _norm_affine(nodes[u.end], modules) is not None
+    ]
+    if not post_norms:
+        return
+    previous = nodes[inserted[0].start]
+    while ops.is_eval_identity(previous, modules) and previous.all_input_nodes:
+        previous = previous.all_input_nodes[0]
+    before = _norm_affine(previous, modules)
+    if before is None:
+        raise IncompatibleModelsError(
+            f"cannot make the post-norm unit ending at '{inserted[0].end}' an identity: the value entering it "
+            f"('{inserted[0].start}') does not come from a LayerNorm with weight and bias"
+        )
+    weight, bias = state[before[0]], state[before[1]]
+    state[before[0]], state[before[1]] = torch.ones_like(weight), torch.zeros_like(bias)
+    for k, (norm_weight, norm_bias) in enumerate(post_norms):
+        last = k == len(post_norms) - 1
+        state[norm_weight] = weight.clone() if last else torch.ones_like(weight)
+        state[norm_bias] = bias.clone() if last else torch.zeros_like(bias)
+
+
+def _is_residual_join(node: Node, inside: set[str], start: str) -> bool:
+    return ops.is_sum(node) and any(a.name == start for a in node.all_input_nodes)
 
 
 def _identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -296,7 +337,7 @@ def extend(
     shallow: GraphModule,
     deep: GraphModule,
     alignment: DepthAlignment,
-    example: torch.Tensor,
+    example: Any,
     *,
     analyses: tuple[Analysis, Analysis] | None = None,
 ) -> GraphModule:
@@ -350,13 +391,15 @@ def extend(
                     like = deep_state[key]
                     shape = _resized_shape(module, like.shape, resize)
                     # the registry says which parameters to zero for a zero output (attention: out_proj)
-                    zero_all = target == zeroed
+                    zero_all = zeroed is not None and target in zeroed
                     if zero_all and like.is_floating_point() and ops.zeroes_output(module, local):
                         state[key] = torch.zeros(shape, dtype=like.dtype)
                     elif module is not None:
                         state[key] = _identity_parameter(module, local, shape, like)
                     else:
                         state[key] = torch.zeros(shape, dtype=like.dtype)
+    for i, segment_units in enumerate(alignment.segments):
+        _move_norm_affine(deep, [deep_units[j] for j in segment_units[1:]], state)
     missing = [key for key in deep_state if key not in state]
     for key in missing:  # tensors outside every unit (rare): the shallow model's own, by name
         if key in shallow_tensors:
@@ -366,11 +409,12 @@ def extend(
     load_state_resizing(extended, state)
     _rewrite_literals_for_widths(deep_analysis, extended)
     extended.eval()
+    example = as_batch(example)
     with torch.no_grad():
-        ShapeProp(extended).propagate(example)  # the deep graph's shapes, at the shallow widths
-        expected, got = shallow(example), extended(example)
-    scale = expected.abs().max().clamp_min(1e-12)
-    error = ((expected - got).abs().max() / scale).item()
+        ShapeProp(extended).propagate(*example.placeholders(extended))  # the deep graph's shapes, at the shallow widths
+        expected, got = tensor_leaves(example.run(shallow)), tensor_leaves(example.run(extended))
+    scale = max(float(e.abs().max()) for e in expected) or 1e-12
+    error = max(float((e - g).abs().max()) for e, g in zip(expected, got)) / max(scale, 1e-12)
     if error > 1e-4:
         raise InvarianceError(
             f"the depth extension of model {alignment.model} changes its outputs (relative error {error:.2e}): "

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError
 from fxmerge.groups import ChannelSpace, Tap
+from fxmerge.inputs import as_batch
 from fxmerge.progress import progress
 
 # Samples are converted to float64 in chunks of at most this many bytes (rows x dim x 8).
@@ -189,6 +191,15 @@ def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4) -> list[Ta
     return chosen
 
 
+def _flat_output_codegen(codegen: CodeGen) -> CodeGen:
+    """The codegen of an extractor: ``gm``'s way of taking its inputs (a torch.export graph takes
+    the user's args/kwargs through its pytree ``in_spec``), with the outputs left flat."""
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        info = codegen.pytree_info
+        return _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
+    return CodeGen()
+
+
 def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
     """A copy of ``gm`` whose output is a tuple of clones of the named nodes' values.
 
@@ -197,6 +208,7 @@ def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
     graph = Graph()
     value_map: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, value_map)
+    graph._codegen = _flat_output_codegen(gm.graph._codegen)
     by_name = {old.name: new for old, new in value_map.items()}
     outputs = []
     for name in node_names:
@@ -290,7 +302,7 @@ def feature_statistics(
     try:
         with torch.no_grad():
             for batch in progress(batches, total=num_batches, description="feature statistics", quiet=quiet):
-                values = [dict(zip(unique_names, extractor(batch))) for extractor in extractors]
+                values = [dict(zip(unique_names, as_batch(batch).run(extractor))) for extractor in extractors]
                 for reference_group in reference:
                     for tap in tap_lists[reference_group.name]:
                         blocks = [_samples(v[tap.node], tap.dim) for v in values]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.utils._pytree import tree_flatten
 
 from fxmerge.errors import InvarianceError
+from fxmerge.inputs import as_batch, tensor_leaves
 from fxmerge.passes.dependency import analyze_graph, state_name_map
 from fxmerge.passes.repair import reset_batchnorm
 
@@ -33,11 +33,10 @@ def _outputs(graph_module: GraphModule, example: torch.Tensor) -> list[torch.Ten
     flags = [(module, module.training) for module in graph_module.modules()]
     try:
         with torch.no_grad():
-            leaves, _ = tree_flatten(graph_module.eval()(example))
+            return tensor_leaves(as_batch(example).run(graph_module.eval()))
     finally:
         for module, training in flags:
             module.training = training
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 class _FunctionPreserving(PassBase):

@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import UnsupportedOpError
+from fxmerge.inputs import as_batch
 from fxmerge.ops.registry import BatchNormSchema
 from fxmerge.progress import progress
 
@@ -262,7 +263,7 @@ def reset_batchnorm(
     try:
         with torch.no_grad():
             for batch in progress(batches, total=len(batches), description="batchnorm reset", quiet=quiet):
-                module(batch)
+                as_batch(batch).run(module)
     except collect_errors() as exc:
         if group is None:
             raise

@@ -76,12 +76,18 @@ class Unit:
         return self.in_shape[1:], self.out_shape[1:]
 
 
-def _graph(gm: GraphModule) -> nx.DiGraph:
+def _graph(gm: GraphModule, analysis: Analysis | None = None) -> nx.DiGraph:
     """The data-flow graph of the tensors that depend on the inputs.
 
     Parameters (get_attr) and shape arithmetic (``x.shape[0]``) are not data paths: a class token
     expanded to the batch size must not look like a second path around the patch embedding.
+    With an ``analysis``, neither is a side input without channels into an op that has a channel
+    input: an attention mask built from the inputs reaches every layer's attention, and would
+    otherwise bypass all the layers before it.
     """
+    channels = None if analysis is None else {
+        n.name for n in gm.graph.nodes if n.op != "get_attr" and channel_dims(analysis, n.name)
+    }
     graph = nx.DiGraph()
     root = "__root__"
     graph.add_node(root)
@@ -91,9 +97,13 @@ def _graph(gm: GraphModule) -> nx.DiGraph:
         if node.op == "placeholder":
             graph.add_edge(root, node.name)
             continue
-        for source in node.all_input_nodes:
-            if source.op != "get_attr" and (source.op == "placeholder" or _is_tensor(source)):
-                graph.add_edge(source.name, node.name)
+        sources = [
+            s for s in node.all_input_nodes if s.op != "get_attr" and (s.op == "placeholder" or _is_tensor(s))
+        ]
+        if channels is not None and any(s.name in channels for s in sources):
+            sources = [s for s in sources if s.name in channels]
+        for source in sources:
+            graph.add_edge(source.name, node.name)
     reachable = nx.descendants(graph, root) | {root}
     return graph.subgraph(reachable).copy()
 
@@ -103,9 +113,10 @@ def _is_tensor(node: Node) -> bool:
     return meta is not None and not isinstance(meta, dict)
 
 
-def spine(gm: GraphModule) -> list[str]:
-    """Names of the spine nodes in topological order (the placeholder first, the output last)."""
-    graph = _graph(gm)
+def spine(gm: GraphModule, analysis: Analysis | None = None) -> list[str]:
+    """Names of the spine nodes in topological order (the placeholder first, the output last).
+    ``analysis``: the graph's dependency analysis, to tell side inputs without channels apart."""
+    graph = _graph(gm, analysis)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     dominators = nx.immediate_dominators(graph, "__root__")
     chain = []
@@ -193,7 +204,7 @@ def find_units(gm: GraphModule, analysis: Analysis | None = None) -> list[Unit]:
     nodes = list(gm.graph.nodes)
     order = {n.name: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
-    chain = [name for name in spine(gm) if by_name[name].op != "output"]
+    chain = [name for name in spine(gm, analysis) if by_name[name].op != "output"]
     steps: list[tuple[str, str, list[str]]] = []
     for a, b in zip(chain, chain[1:]):
         between = [n.name for n in nodes[order[a] + 1 : order[b] + 1] if n.op not in ("get_attr",)]
@@ -229,6 +240,14 @@ def find_units(gm: GraphModule, analysis: Analysis | None = None) -> list[Unit]:
                 kinds.append("other")
         else:
             units[-1].append(step)
+    # A norm between two layer units belongs to the unit before it: a post-norm transformer
+    # (BERT: x -> LayerNorm(x + f(x))) is cut into its sub-blocks, each ending with its norm.
+    # A norm that ends the network's blocks (pre-norm's final LayerNorm) keeps its own unit.
+    for index in range(len(units) - 2, 0, -1):
+        shape_preserving = all(layout(a) == layout(b) for a, b, _ in units[index])
+        if kinds[index] == "other" and kinds[index - 1] == "layer" and kinds[index + 1] == "layer" and shape_preserving:
+            units[index - 1].extend(units.pop(index))
+            kinds.pop(index)
     result: list[Unit] = []
     for index, group in enumerate(units):
         start, end = group[0][0], group[-1][1]

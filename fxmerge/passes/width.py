@@ -738,11 +738,16 @@ def merged_sizes(analysis: Analysis, matches: Mapping[str, GroupMatch]) -> dict[
     return sizes
 
 
+def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    return tensor if scale == 1.0 else tensor * scale
+
+
 def merged_state(
     analyses: Sequence[Analysis],
     states: Sequence[Mapping[str, torch.Tensor]],
     matches: Mapping[str, GroupMatch],
     params: set[str] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged model's state dict (keys and names of ``analyses[0]``'s model).
 
@@ -752,9 +757,13 @@ def merged_state(
     the total weight the M_k give it (sum_k M_k 1, which is 1 for one matched factor per axis): a
     product of separately matched factors on one axis (groups x channels per group) must still
     average the models once. ``params``: only these canonical names are merged (partial zipping);
-    the others keep the reference model's values.
+    the others keep the reference model's values. ``weights``: one weight per model, summing to 1:
+    every merged entry is the ``weights``-weighted average of what the models give it instead of
+    the plain average (a merge "interpolated" between the models; (1, 0): model 0, (0, 1): model
+    1 in model 0's channel order).
     """
     count = len(analyses)
+    scales = [1.0] * count if weights is None else [float(w) * count for w in weights]
     reference = analyses[0]
     per_model = [_transforms_for(a, matches, k) for k, a in enumerate(analyses)]
     merged: dict[str, torch.Tensor] = {}
@@ -768,7 +777,7 @@ def merged_state(
             continue
         if canonical not in reference.param_layouts:
             if value.is_floating_point():
-                merged[key] = sum(s[key].to(torch.float64) for s in states).div(count).to(value.dtype)
+                merged[key] = sum(_scaled(s[key].to(torch.float64), c) for s, c in zip(states, scales)).div(count).to(value.dtype)
             else:
                 merged[key] = value.clone()
             continue
@@ -792,6 +801,7 @@ def merged_state(
             ones = transform_tensor(
                 torch.ones(ones_shape, dtype=torch.float64), layouts, roles, out_t, {}, analysis.space_sizes
             )
+            term, ones = _scaled(term, scales[k]), _scaled(ones, scales[k])
             total = term if total is None else total + term
             weight = ones if weight is None else weight + ones
         total = total / torch.where(weight > 0, weight, torch.ones_like(weight))  # type: ignore[operator]
