@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import relative_error
 
 import fxmerge
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.xfail(strict=True, reason="an exported HF module's pytree output is not seen as the model output")
