@@ -3,7 +3,7 @@ coverage, torch.compile, save/load.
 
 Usage:
     python benchmarks/hf_models.py [--out benchmarks/results] [--models bert vit ...]
-                                   [--batches 4] [--batch-size 8] [--fresh]
+                                   [--batches 4] [--batch-size 8] [--fresh] [--table-only]
 
 Every model is a ``*ForSequenceClassification`` / ``*ForImageClassification`` from a TINY config
 (hidden 32, 2 layers, 4 heads, intermediate 64, 3 labels; the vision ones on 32x32 images), random
@@ -66,6 +66,7 @@ import fxmerge  # noqa: E402
 import fxmerge.errors  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
 from homogeneous import machine_info, source_info  # noqa: E402
+from timm_models import write_keeping_notes  # noqa: E402
 
 VOCAB, LENGTH, IMAGE = 100, 12, 32
 TEXT = dict(
@@ -261,7 +262,7 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
         # statistics; set them to the calibration data's (as timm.md; the merge's reset is then exact).
         row["batchnorms_reset"] = reset_batchnorm(m, batches, quiet=True)
         x = batches[0]
-        row["input"] = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in x.items())
+        row["input"] = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in x.items()) + f"; {batches_count} batches"
         y = _run(m, x)
     except Exception as error:  # noqa: BLE001 - the config does not build or run
         row["build"] = _error(error)
@@ -353,7 +354,7 @@ def table(rows: list[dict]) -> str:
             r["model"], r.get("class", ""), r["families"], _cell(r.get("input")), _cell(r.get("params_k"), ".1f"),
             capture, groups, f"{r['coverage']:.1%}" if "coverage" in r else "-", _kind_cell(r),
             _cell(r.get("invariance")), _cell(r.get("permute")), _cell(r.get("zip")), compiled,
-            _cell(r.get("save_load")), _cell(r.get("warnings")), _cell(r.get("seconds"), ".0f"), _cell(r.get("commit")),
+            _cell(r.get("save_load")).split(" (SaveError")[0], _cell(r.get("warnings")), _cell(r.get("seconds"), ".0f"), _cell(r.get("commit")),
         ]
         if r.get("build"):
             cells[5] = f"build fails: {_cell(r['build'])}"
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="drop the rows of an earlier hf.json in --out")
+    parser.add_argument("--table-only", action="store_true", help="measure nothing: rewrite hf.md from hf.json")
     args = parser.parse_args(argv)
     unknown = set(args.models or ()) - set(MODELS)
     if unknown:
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {} if args.fresh or not path.exists() else {r["model"]: r for r in json.loads(path.read_text())["rows"]}
     commit = _commit()
     for name in MODELS:
-        if args.models and name not in args.models:
+        if args.table_only or (args.models and name not in args.models):
             continue
         row = measure(name, args.batches, args.batch_size)
         row["commit"] = commit
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "a parameter left unpermuted is invisible while constant), BatchNorm statistics (MobileViT's) set to the "
         "calibration data's first (with the initial ones its activations underflow to 0), nothing downloaded; "
         "transformers "
-        f"{hf.__version__}. Calibration: {args.batches} dict batches of {args.batch_size} (text: "
+        f"{hf.__version__}. Calibration: {parser.get_default('batches')} dict batches of "
+        f"{parser.get_default('batch_size')} unless the input column says more (text: "
         f"`input_ids` {LENGTH} tokens of a {VOCAB}-token vocabulary, `attention_mask` padding the last 3 "
         f"tokens of every other row; vision: `pixel_values` 3x{IMAGE}x{IMAGE} from N(0, 1)). Errors are "
         "relative (max-abs over max-abs of the logits). `capture`: what `fxmerge.trace(m, x, "
@@ -422,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine_info()}.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hf.md").write_text(header + text + "\n")
+    write_keeping_notes(args.out / "hf.md", header + text + "\n")
     meta = {
         "machine": machine_info(), "source": source_info(), "transformers": hf.__version__,
-        "batches": args.batches, "batch_size": args.batch_size,
+        "batches": parser.get_default("batches"), "batch_size": parser.get_default("batch_size"),
+        "note": "calibration of rows whose input says more batches: see the row",
     }
     path.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1) + "\n")
     return 0

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/timm_models.py [--out benchmarks/results] [--models efficientnet_b0 ...]
-                                     [--image-size 64] [--batches 4] [--batch-size 8] [--fresh]
+                                     [--image-size 64] [--batches 4] [--batch-size 8] [--fresh] [--table-only]
 
 For each model (random init, ``pretrained=False``, 10 classes, eval mode; a classifier timm
 initialises to zeros, the MLP-mixers', drawn from N(0, 0.02) instead so the logits are not all 0;
@@ -251,6 +251,13 @@ def _previous_rows(path: Path) -> dict[str, dict]:
     return {r["model"]: {"commit": before, **r} for r in data.get("rows", [])}
 
 
+def write_keeping_notes(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, keeping the hand-written ``## Notes`` section of the file already there."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
+    path.write_text(text + notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fresh", action="store_true", help="drop the rows of an earlier timm.json in --out")
+    parser.add_argument("--table-only", action="store_true", help="measure nothing: rewrite timm.md from timm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     unknown = set(args.models or ()) - set(MODELS)
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {} if args.fresh else _previous_rows(args.out / "timm.json")
     commit = _commit()
     for name, (_, size, _) in MODELS.items():
-        if args.models and name not in args.models:
+        if args.table_only or (args.models and name not in args.models):
             continue
         row = measure(name, size or args.image_size, args.batches, args.batch_size)
         row["commit"] = commit
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine_info()}; timm {timm.__version__}.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "timm.md").write_text(header + text + "\n")
+    write_keeping_notes(args.out / "timm.md", header + text + "\n")
     meta = {
         "machine": machine_info(), "source": source_info(), "timm": timm.__version__,
         "image_size": args.image_size, "batches": args.batches, "batch_size": args.batch_size,
