@@ -2,10 +2,11 @@
 
 Usage:
     python benchmarks/timm_models.py [--out benchmarks/results] [--models efficientnet_b0 ...]
-                                     [--image-size 64] [--batches 4] [--batch-size 8]
+                                     [--image-size 64] [--batches 4] [--batch-size 8] [--fresh] [--table-only]
 
-For each model (random init, ``pretrained=False``, 10 classes, eval mode; inputs ``--batch-size``
-images of ``--image-size`` pixels unless the model needs its own size) and ``--batches``
+For each model (random init, ``pretrained=False``, 10 classes, eval mode; a classifier timm
+initialises to zeros, the MLP-mixers', drawn from N(0, 0.02) instead so the logits are not all 0;
+inputs ``--batch-size`` images of ``--image-size`` pixels unless the model needs its own size) and ``--batches``
 calibration batches drawn from N(0, 1):
 
 * ``fresh``: the model with timm's initial BatchNorm statistics (0 / 1); ``m``: a copy whose
@@ -19,9 +20,11 @@ calibration batches drawn from N(0, 1):
   only equals ``m`` if the reset recomputes every batch norm, including the functional
   ``F.batch_norm`` nodes fx leaves when it traces into timm's ``BatchNormAct2d`` (before the
   repair covered them, this error was 1.0-1.8 for BatchNormAct models);
+* compile: the permute result under ``torch.compile(module, backend="aot_eager")`` against the
+  same module uncompiled (relative error, goal < 1e-5) and the seconds compiling it took;
 * save/load: the permute result saved with ``MergeResult.save`` and read with ``fxmerge.load``:
   ``ok`` when outputs and state dict are bit-identical;
-* seconds: wall clock of the whole row (analysis, three merges, save/load) on this machine.
+* seconds: wall clock of the whole row (analysis, three merges, compile, save/load) on this machine.
 
 A step that raises records the exception in its cell (``Err: message``) and the row goes on. The
 table goes to ``timm.md`` and ``timm.json`` in ``--out``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,30 +55,41 @@ import fxmerge  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
 from homogeneous import machine_info, source_info  # noqa: E402
 
-# name -> (families, input size or None for --image-size)
-MODELS: dict[str, tuple[str, int | None]] = {
-    "efficientnet_b0": ("BatchNormAct, SE, depthwise", None),
-    "mobilenetv3_small_100": ("BatchNormAct, SE, depthwise, hard-swish", None),
-    "regnety_002": ("BatchNormAct, SE, grouped", None),
-    "densenet121": ("BatchNormAct, concat", None),
-    "cspresnet50": ("BatchNormAct, cross-stage split/concat", None),
-    "resnet18": ("BatchNorm modules, residual", None),
-    "resnet26d": ("deep stem, avg-pool shortcut", None),
-    "seresnet18": ("SE", None),
-    "ecaresnet26t": ("ECA (conv1d over channels)", None),
-    "mixnet_s": ("BatchNormAct, mixed depthwise split/concat, SE", None),
-    "ghostnet_050": ("ghost modules (concat, slice), SE", None),
-    "dla34": ("concat aggregation trees", None),
-    "dpn68": ("grouped, dual-path split/concat", None),
-    "res2net50_14w_8s": ("split/concat hierarchy", None),
-    "hrnet_w18_small": ("multi-resolution branches, upsample", None),
-    "rexnet_100": ("BatchNormAct, SE, channel-padding residual", None),
-    "lcnet_050": ("BatchNormAct, depthwise, SE", None),
-    "efficientnet_lite0": ("BatchNormAct, depthwise", None),
-    "tinynet_e": ("BatchNormAct, SE, depthwise", None),
-    "levit_128s": ("attention, conv stem (BatchNorm in linear layers)", 224),
-    "coat_lite_tiny": ("attention, conv position encoding", 224),
-    "efficientformer_l1": ("attention, meta-blocks", 224),
+# name -> (families, input size or None for --image-size, create_model kwargs)
+MODELS: dict[str, tuple[str, int | None, dict]] = {
+    "efficientnet_b0": ("BatchNormAct, SE, depthwise", None, {}),
+    "mobilenetv3_small_100": ("BatchNormAct, SE, depthwise, hard-swish", None, {}),
+    "regnety_002": ("BatchNormAct, SE, grouped", None, {}),
+    "densenet121": ("BatchNormAct, concat", None, {}),
+    "cspresnet50": ("BatchNormAct, cross-stage split/concat", None, {}),
+    "resnet18": ("BatchNorm modules, residual", None, {}),
+    "resnet26d": ("deep stem, avg-pool shortcut", None, {}),
+    "seresnet18": ("SE", None, {}),
+    "ecaresnet26t": ("ECA (conv1d over channels)", None, {}),
+    "mixnet_s": ("BatchNormAct, mixed depthwise split/concat, SE", None, {}),
+    "ghostnet_050": ("ghost modules (concat, slice), SE", None, {}),
+    "dla34": ("concat aggregation trees", None, {}),
+    "dpn68": ("grouped, dual-path split/concat", None, {}),
+    "res2net50_14w_8s": ("split/concat hierarchy", None, {}),
+    "hrnet_w18_small": ("multi-resolution branches, upsample", None, {}),
+    "rexnet_100": ("BatchNormAct, SE, channel-padding residual", None, {}),
+    "lcnet_050": ("BatchNormAct, depthwise, SE", None, {}),
+    "efficientnet_lite0": ("BatchNormAct, depthwise", None, {}),
+    "tinynet_e": ("BatchNormAct, SE, depthwise", None, {}),
+    "resnext26ts": ("grouped (ResNeXt), SiLU", None, {}),
+    "convnext_atto": ("depthwise, LayerNorm2d, layer scale", None, {}),
+    "levit_128s": ("attention, conv stem (BatchNorm in linear layers)", 224, {}),
+    "coat_lite_tiny": ("attention, conv position encoding", 224, {}),
+    "efficientformer_l1": ("attention, meta-blocks", 224, {}),
+    # Token models built for 64x64 inputs (timm's img_size kwarg: 16 patches of 16x16) to keep rows small.
+    "vit_tiny_patch16_224": ("attention (ViT: cls token, position embedding)", None, {"img_size": 64}),
+    "deit_tiny_distilled_patch16_224": ("attention (cls + distillation tokens, two heads)", None, {"img_size": 64}),
+    "swin_tiny_patch4_window7_224": (
+        "attention (shifted windows, patch merging)", None, {"img_size": 64, "window_size": 4}
+    ),
+    "mixer_s16_224": ("MLP-mixer (token-mixing MLP)", None, {"img_size": 64}),
+    "resmlp_12_224": ("MLP-mixer (ResMLP: affine norms, layer scale)", None, {"img_size": 64}),
+    "gmlp_ti16_224": ("MLP-mixer (gMLP: spatial gating split)", None, {"img_size": 64}),
 }
 
 
@@ -103,6 +118,8 @@ def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
 
 def measure(name: str, size: int, batches_count: int, batch_size: int) -> dict:
     row: dict = {"model": name, "families": MODELS[name][0], "input": f"{batch_size}x3x{size}x{size}"}
+    if MODELS[name][2]:
+        row["kwargs"] = MODELS[name][2]
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -117,7 +134,11 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
     """Fill ``row``; a failing build or analysis ends it early."""
     try:
         torch.manual_seed(0)
-        fresh = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        fresh = timm.create_model(name, pretrained=False, num_classes=10, **MODELS[name][2]).eval()
+        head = fresh.get_classifier()
+        if isinstance(head, nn.Linear) and not head.weight.any():  # timm zero-inits mixer heads: logits all 0
+            nn.init.normal_(head.weight, std=0.02)
+            row["head"] = "re-initialised N(0, 0.02)"
         row["params_m"] = sum(p.numel() for p in fresh.parameters()) / 1e6
         generator = torch.Generator().manual_seed(0)
         batches = [torch.randn(batch_size, 3, size, size, generator=generator) for _ in range(batches_count)]
@@ -154,6 +175,7 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
     except Exception as error:  # noqa: BLE001
         row["bn_repair"] = _error(error)
     if result is not None:
+        _compile(row, result.module, x)
         try:
             with tempfile.TemporaryDirectory() as directory:
                 result.save(directory)
@@ -161,6 +183,18 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
                 row["save_load"] = "ok" if _same(result.module, loaded, x) else "differs"
         except Exception as error:  # noqa: BLE001
             row["save_load"] = _error(error)
+
+
+def _compile(row: dict, module: nn.Module, x: torch.Tensor) -> None:
+    """``compile``: ``torch.compile(module, backend="aot_eager")`` against ``module`` (relative error)."""
+    start = time.perf_counter()
+    try:
+        torch._dynamo.reset()  # each row compiles from scratch: no cache from an earlier model
+        compiled = torch.compile(module, backend="aot_eager")
+        row["compile"] = relative_error(_run(module, x), _run(compiled, x))
+    except Exception as error:  # noqa: BLE001
+        row["compile"] = _error(error)
+    row["compile_seconds"] = time.perf_counter() - start
 
 
 def _cell(value: object, fmt: str = ".1e") -> str:
@@ -174,8 +208,8 @@ def _cell(value: object, fmt: str = ".1e") -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | families | input | params (M) | free / groups | coverage | invariance | permute | zip | BN repair "
-        "(fresh stats: before) | save/load | warnings | s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "(fresh stats: before) | compile (s) | save/load | warnings | s | commit |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         failure = r.get("build") or r.get("analysis")
@@ -184,16 +218,44 @@ def table(rows: list[dict]) -> str:
         repair = _cell(r.get("bn_repair"))
         if "fresh_vs_m" in r:
             repair += f" ({r['fresh_vs_m']:.1e})"
+        compiled = _cell(r.get("compile"))
+        if "compile_seconds" in r:
+            compiled += f" ({r['compile_seconds']:.0f})"
         cells = [
             r["model"], r["families"], r["input"], _cell(r.get("params_m"), ".1f"), groups, coverage,
-            _cell(r.get("invariance")), _cell(r.get("permute")), _cell(r.get("zip")), repair,
+            _cell(r.get("invariance")), _cell(r.get("permute")), _cell(r.get("zip")), repair, compiled,
             _cell(r.get("save_load")), _cell(r.get("warnings")), _cell(r.get("seconds"), ".0f"),
+            _cell(r.get("commit")),
         ]
         if failure:
             stage = "build" if r.get("build") else "analyze"
             cells[6] = f"{stage} fails: {_cell(failure)}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _commit() -> str:
+    """The last commit that changed fxmerge/ (the code measured), ``+modified`` when fxmerge/ differs from it."""
+    last = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", "fxmerge"], cwd=HERE.parent, capture_output=True, text=True
+    ).stdout.strip()
+    return (last or "?") + ("+modified" if source_info()["modified"] else "")
+
+
+def _previous_rows(path: Path) -> dict[str, dict]:
+    """Rows of an earlier ``timm.json`` by model (a ``--models`` run replaces only its own rows)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    before = "before " + data.get("meta", {}).get("source", {}).get("commit", "?")[:7]
+    return {r["model"]: {"commit": before, **r} for r in data.get("rows", [])}
+
+
+def write_keeping_notes(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, keeping the hand-written ``## Notes`` section of the file already there."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
+    path.write_text(text + notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,41 +265,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fresh", action="store_true", help="drop the rows of an earlier timm.json in --out")
+    parser.add_argument("--table-only", action="store_true", help="measure nothing: rewrite timm.md from timm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    rows = []
-    for name, (_, size) in MODELS.items():
-        if args.models and name not in args.models:
+    unknown = set(args.models or ()) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
+    rows = {} if args.fresh else _previous_rows(args.out / "timm.json")
+    commit = _commit()
+    for name, (_, size, _) in MODELS.items():
+        if args.table_only or (args.models and name not in args.models):
             continue
         row = measure(name, size or args.image_size, args.batches, args.batch_size)
-        rows.append(row)
+        row["commit"] = commit
+        rows[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "warning_first"}), file=sys.stderr, flush=True)
-    text = table(rows)
+    ordered = [rows[name] for name in MODELS if name in rows]
+    text = table(ordered)
     print(text)
     header = (
         "# timm models merged with their permuted twin\n\n"
-        "Generated by `python benchmarks/timm_models.py` (see its docstring for the exact protocol). "
-        "Random init (`pretrained=False`, 10 classes); calibration: "
+        "Generated by `python benchmarks/timm_models.py` (see its docstring for the exact protocol), "
+        "run model by model (`--models NAME`, which replaces only that row of `timm.json`); the `commit` "
+        "column names the last commit that changed `fxmerge/` in the checkout that measured the row. "
+        "Random init (`pretrained=False`, 10 classes; the classifiers timm initialises to zeros, the "
+        "MLP-mixers', drawn from N(0, 0.02) so the logits are not all 0); calibration: "
         f"{args.batches} batches of {args.batch_size} N(0, 1) images at {args.image_size}x{args.image_size} "
-        "(the attention models at their native 224x224). Errors are relative (max-abs over max-abs of the "
-        "output). `invariance`: the analysis's permuted twin against the model; `permute` / `zip`: "
-        "`merge([m, twin])` against m (m's BatchNorm statistics set to the calibration data's first); "
-        "`BN repair`: the same permute merge of the model with timm's initial statistics, against m "
-        "(in parentheses: how far the initial-statistics model itself is from m, i.e. what a merge that "
-        "skipped the reset would be off by); `save/load`: the permute result through `MergeResult.save` "
-        "and `fxmerge.load`, `ok` = bit-identical outputs and state dict. Goal: every error < 1e-4; "
+        "(levit, coat and efficientformer at their native 224x224; the ViT/DeiT/Swin/mixer rows are built "
+        "for 64x64 through timm's `img_size` kwarg, Swin with `window_size=4`). Errors are relative (max-abs "
+        "over max-abs of the output). `invariance`: the analysis's permuted twin against the model; "
+        "`permute` / `zip`: `merge([m, twin])` against m (m's BatchNorm statistics set to the calibration "
+        "data's first); `BN repair`: the same permute merge of the model with timm's initial statistics, "
+        "against m (in parentheses: how far the initial-statistics model itself is from m, i.e. what a "
+        "merge that skipped the reset would be off by); `compile`: the permute result under "
+        "`torch.compile(module, backend=\"aot_eager\")` against the same module uncompiled (in parentheses: "
+        "seconds to compile and run it once); `save/load`: the permute result through `MergeResult.save` "
+        "and `fxmerge.load`, `ok` = bit-identical outputs and state dict. Goal: every error < 1e-4 "
+        "(invariance and compile < 1e-5); "
         "0.0e+00 means bit-identical outputs (the twin's permutation is recovered exactly, the average of "
         "two equal weights is exact, and the statistics are recomputed on the same activations). "
         "Seconds: the whole row, wall clock, on a shared machine (indicative only).\n\n"
         f"Machine: {machine_info()}; timm {timm.__version__}.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "timm.md").write_text(header + text + "\n")
+    write_keeping_notes(args.out / "timm.md", header + text + "\n")
     meta = {
         "machine": machine_info(), "source": source_info(), "timm": timm.__version__,
         "image_size": args.image_size, "batches": args.batches, "batch_size": args.batch_size,
     }
-    (args.out / "timm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / "timm.json").write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1) + "\n")
     return 0
 
 
