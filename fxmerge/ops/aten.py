@@ -179,3 +179,24 @@ builtin(aten.hardtanh_, aten.leaky_relu_, aten.elu_, aten.sigmoid_, aten.tanh_, 
         name="aten in-place unary", family=FAMILY, rule=preserve_rule)
 sums(aten.add, aten.add_)
 eval_identities(aten.dropout, aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.clone, aten.contiguous, aten.alias)
+
+
+def _index(ctx: Any, node: Any, args: tuple, kwargs: dict) -> Any:
+    """``index(x, [None, ..., idx])``: one tensor index at dim d, a lookup like an embedding's
+    (Swin's and BEiT's relative position bias tables: ``table[index]``). The looked-up axis is
+    never a channel axis (its spaces are fixed); the other axes keep their channels."""
+    tensor, indices = args[0], list(arg(args, kwargs, 1, "indices", ()))
+    tensors = [i for i, index in enumerate(indices) if index is not None]
+    shape = ctx.meta_shape(node)
+    if not ctx.is_tensor(tensor) or len(tensors) != 1 or not ctx.is_tensor(indices[tensors[0]]):
+        return ctx.fail_closed(node, "advanced indexing with several index tensors")
+    d, lookup = tensors[0], indices[tensors[0]]
+    # out[..., p, ...] = x[..., idx[p], ...]: the index's own axes carry over
+    dims = list(tensor.dims[:d]) + list(lookup.dims) + list(tensor.dims[d + 1 :])
+    if tuple(shape) != tuple(tensor.shape[:d]) + tuple(lookup.shape) + tuple(tensor.shape[d + 1 :]):
+        return ctx.fail_closed(node, "advanced indexing of an unexpected shape")
+    ctx.make_opaque(tensor, d, f"rows looked up at {node.name}")
+    return ctx.tensor(shape, dims)
+
+
+builtin(aten.index, name="aten.index", family=FAMILY, rule=_index)
