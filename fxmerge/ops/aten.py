@@ -189,6 +189,8 @@ def _index(ctx: Any, node: Any, args: tuple, kwargs: dict) -> Any:
     tensors = [i for i, index in enumerate(indices) if index is not None]
     shape = ctx.meta_shape(node)
     if not ctx.is_tensor(tensor) or len(tensors) != 1 or not ctx.is_tensor(indices[tensors[0]]):
+        if not ctx.carries_channels((args, kwargs)):  # masks and positions (BERT's attention mask)
+            return ctx.opaque_like(shape)
         return ctx.fail_closed(node, "advanced indexing with several index tensors")
     d, lookup = tensors[0], indices[tensors[0]]
     # out[..., p, ...] = x[..., idx[p], ...]: the index's own axes carry over

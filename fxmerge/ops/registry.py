@@ -46,7 +46,8 @@ from torch.fx import Node
 #   ``ctx.module_of(node)``, ``ctx.set_role(name, axis, "in")`` (an axis that reads channels),
 #   ``ctx.make_opaque(v, axis, why)`` (an axis that is never a channel axis);
 # * coupling: ``ctx.unify(layout_a, layout_b, node)``, ``ctx.layer_axis(layout)`` (a layer's
-#   channel axis, for coverage), ``ctx.fix_tensor(v, why)``, ``ctx.fail_closed(node, why)``;
+#   channel axis, for coverage), ``ctx.fix_tensor(v, why)``, ``ctx.fail_closed(node, why)``,
+#   ``ctx.carries_channels(value)`` (whether a tensor in it has a free channel space);
 # * generic rules: ``preserve``, ``broadcast``, ``getitem``, ``cat``, ``stack``, ``reshape``,
 #   ``permute_dims``, ``split``, ``reduce``, ``max_min``, ``spatial``, ``pad``, ``roll``,
 #   ``expand``, ``matmul``, ``head_spaces`` / ``tie_heads`` (attention heads).

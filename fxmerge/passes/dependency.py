@@ -419,7 +419,7 @@ class _Analyzer(Interpreter):
             return _opaque_like(self.meta_shape(node))
         entry = ops.function_entry(node.target)
         if entry is None or entry.rule is None:
-            if not self._carries_channels((args, kwargs)):
+            if not self.carries_channels((args, kwargs)):
                 # no input has a free channel space (token ids, masks, position tables computed
                 # from shapes): no channel order can reach the result, whatever the op computes;
                 # whatever couples the result to channels pairs them with an opaque axis, which fixes them
@@ -427,7 +427,7 @@ class _Analyzer(Interpreter):
             return self.fail_closed(node, "no rule for this function")
         return entry.rule(self, node, args, kwargs)
 
-    def _carries_channels(self, value: Any) -> bool:
+    def carries_channels(self, value: Any) -> bool:
         """Whether a tensor in ``value`` has a channel space that is not already fixed."""
         return any(
             self.table.fixed_reason(space) is None
