@@ -226,6 +226,14 @@ def _constant_units(moments: RunningMoments) -> torch.Tensor:
     return variance <= 1e-12 * variance.max().clamp_min(1e-30)
 
 
+def _input_independent(moments: RunningMoments) -> bool:
+    """Whether every unit's standard deviation is below float32 rounding (1e-6) of the largest
+    mean magnitude: the tap's values do not depend on the input."""
+    variance = torch.diagonal(moments.scatter) / max(moments.count - 1, 1)
+    scale = moments.mean.abs().max()
+    return bool(scale > 0) and bool(variance.max() <= (1e-6 * scale) ** 2)
+
+
 def _correlation_(cov: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
     """``fxmerge.metrics.correlation(cov)`` computed in place in ``cov`` (the same values, bit for
     bit), with temporaries of ``block_rows`` rows instead of several (d, d) matrices."""
@@ -335,6 +343,20 @@ def feature_statistics(
         if not taps:
             continue
         keys = [(reference_group.name, t.node) for t in taps]
+        # a tap where every unit is constant up to float32 rounding (a layer whose output does not
+        # depend on the input: MobileViT's last stage at 1x1 resolution, random init) has
+        # correlations of rounding noise: it informs nothing
+        informative = [key for key in keys if not _input_independent(moments[key])]
+        if not informative:  # unobserved, in effect: the group is matched on its weights
+            for key in keys:
+                moments.pop(key)
+            continue
+        if len(informative) < len(keys):
+            for key in keys:
+                if key not in informative:
+                    moments.pop(key)
+            keys = informative
+            taps = [t for t in taps if (reference_group.name, t.node) in keys]
         samples = max(moments[key].count for key in keys)  # a tap with enough samples informs the average
         constant = torch.stack([_constant_units(moments[key]) for key in keys]).all(0).cpu().numpy()
         corr = _similarity_(moments.pop(keys[0]))
