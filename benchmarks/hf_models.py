@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ import transformers as hf  # noqa: E402
 import fxmerge  # noqa: E402
 import fxmerge.errors  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, source_info  # noqa: E402
+from homogeneous import machine_info, measured_commit, source_info  # noqa: E402
 from timm_models import write_keeping_notes  # noqa: E402
 
 VOCAB, LENGTH, IMAGE = 100, 12, 32
@@ -362,14 +361,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    """The last commit that changed fxmerge/ (the code measured), ``+modified`` when fxmerge/ differs from it."""
-    last = subprocess.run(
-        ["git", "log", "-1", "--format=%h", "--", "fxmerge"], cwd=HERE.parent, capture_output=True, text=True
-    ).stdout.strip()
-    return (last or "?") + ("+modified" if source_info()["modified"] else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -385,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     path = args.out / "hf.json"
     rows = {} if args.fresh or not path.exists() else {r["model"]: r for r in json.loads(path.read_text())["rows"]}
-    commit = _commit()
+    commit = measured_commit()
     for name in MODELS:
         if args.table_only or (args.models and name not in args.models):
             continue

@@ -128,6 +128,18 @@ def markdown(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace,
     return "\n".join(lines) + "\n"
 
 
+def measured_commit() -> str:
+    """The last commit that changed fxmerge/ (the code a row measures), ``+modified`` when fxmerge/
+    differs from it (the per-row ``commit`` column of the model tables)."""
+    import subprocess
+
+    last = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", "fxmerge"], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True,
+    ).stdout.strip()
+    return (last or "?") + ("+modified" if source_info()["modified"] else "")
+
+
 def source_info() -> dict:
     """The git commit of the checkout and the files of the package that differ from it."""
     root = Path(__file__).resolve().parents[1]

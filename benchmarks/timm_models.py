@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ import timm  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, source_info  # noqa: E402
+from homogeneous import machine_info, measured_commit, source_info  # noqa: E402
 
 # name -> (families, input size or None for --image-size, create_model kwargs)
 MODELS: dict[str, tuple[str, int | None, dict]] = {
@@ -234,14 +233,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    """The last commit that changed fxmerge/ (the code measured), ``+modified`` when fxmerge/ differs from it."""
-    last = subprocess.run(
-        ["git", "log", "-1", "--format=%h", "--", "fxmerge"], cwd=HERE.parent, capture_output=True, text=True
-    ).stdout.strip()
-    return (last or "?") + ("+modified" if source_info()["modified"] else "")
-
-
 def _previous_rows(path: Path) -> dict[str, dict]:
     """Rows of an earlier ``timm.json`` by model (a ``--models`` run replaces only its own rows)."""
     if not path.exists():
@@ -273,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
     rows = {} if args.fresh else _previous_rows(args.out / "timm.json")
-    commit = _commit()
+    commit = measured_commit()
     for name, (_, size, _) in MODELS.items():
         if args.table_only or (args.models and name not in args.models):
             continue
