@@ -255,10 +255,8 @@ def _move_norm_affine(gm: GraphModule, inserted: Sequence[Unit], state: dict[str
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     modules = dict(gm.named_modules())
-    post_norms = [
-        _norm_affine(nodes[u.end], modules) for u in inserted
-        if u.kind == "residual" and _norm_affine(nodes[u.end], modules) is not None
-    ]
+    affines = [_norm_affine(nodes[u.end], modules) for u in inserted if u.kind == "residual"]
+    post_norms = [affine for affine in affines if affine is not None]
     if not post_norms:
         return
     previous = nodes[inserted[0].start]

@@ -346,28 +346,22 @@ def feature_statistics(
         # a tap where every unit is constant up to float32 rounding (a layer whose output does not
         # depend on the input: MobileViT's last stage at 1x1 resolution, random init) has
         # correlations of rounding noise: it informs nothing
-        informative = [key for key in keys if not _input_independent(moments[key])]
-        if not informative:  # unobserved, in effect: the group is matched on its weights
-            for key in keys:
-                moments.pop(key)
+        for key in [key for key in keys if _input_independent(moments[key])]:
+            moments.pop(key)
+            keys.remove(key)
+        if not keys:  # unobserved, in effect: the group is matched on its weights
             continue
-        if len(informative) < len(keys):
-            for key in keys:
-                if key not in informative:
-                    moments.pop(key)
-            keys = informative
-            taps = [t for t in taps if (reference_group.name, t.node) in keys]
         samples = max(moments[key].count for key in keys)  # a tap with enough samples informs the average
         constant = torch.stack([_constant_units(moments[key]) for key in keys]).all(0).cpu().numpy()
         corr = _similarity_(moments.pop(keys[0]))
         for key in keys[1:]:
             corr.add_(_similarity_(moments.pop(key)))
-        corr.div_(len(taps))
+        corr.div_(len(keys))
         result[reference_group.name] = GroupStatistics(
             name=reference_group.name,
             sizes=sizes[reference_group.name],
             correlation=corr.cpu().numpy(),
-            taps=tuple(t.node for t in taps),
+            taps=tuple(node for _, node in keys),
             samples=samples,
             constant=constant,
         )
