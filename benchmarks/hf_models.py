@@ -64,8 +64,7 @@ import transformers as hf  # noqa: E402
 import fxmerge  # noqa: E402
 import fxmerge.errors  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, measured_commit, source_info  # noqa: E402
-from timm_models import write_keeping_notes  # noqa: E402
+from homogeneous import machine_info, measure_rows, source_info, write_keeping_notes  # noqa: E402
 
 VOCAB, LENGTH, IMAGE = 100, 12, 32
 TEXT = dict(
@@ -375,16 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     path = args.out / "hf.json"
-    rows = {} if args.fresh or not path.exists() else {r["model"]: r for r in json.loads(path.read_text())["rows"]}
-    commit = measured_commit()
-    for name in MODELS:
-        if args.table_only or (args.models and name not in args.models):
-            continue
-        row = measure(name, args.batches, args.batch_size)
-        row["commit"] = commit
-        rows[name] = row
-        print(json.dumps({k: v for k, v in row.items() if k != "warning_first"}), file=sys.stderr, flush=True)
-    ordered = [rows[name] for name in MODELS if name in rows]
+    ordered = measure_rows(
+        path, list(MODELS), () if args.table_only else (args.models or list(MODELS)),
+        lambda name: measure(name, args.batches, args.batch_size), fresh=args.fresh,
+    )
     text = table(ordered)
     print(text)
     header = (

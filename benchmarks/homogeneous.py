@@ -128,11 +128,44 @@ def markdown(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace,
     return "\n".join(lines) + "\n"
 
 
+def previous_rows(path: Path) -> dict[str, dict]:
+    """Rows of an earlier table's JSON by model (a ``--models`` run replaces only its own rows); a
+    row without a ``commit`` gets "before <the file's commit>"."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    before = "before " + data.get("meta", {}).get("source", {}).get("commit", "?")[:7]
+    return {r["model"]: {"commit": before, **r} for r in data.get("rows", [])}
+
+
+def measure_rows(
+    path: Path, names: list[str], selected, measure, *, fresh: bool = False
+) -> list[dict]:
+    """The rows of a model table in ``names`` order: ``measure(name)`` (a dict, tagged with
+    ``measured_commit()`` and echoed to stderr as JSON) for every name in ``selected``, the rows of
+    ``path`` (an earlier run's JSON; none when ``fresh``) for the others."""
+    rows = {} if fresh else previous_rows(path)
+    commit = measured_commit()
+    for name in names:
+        if name not in selected:
+            continue
+        row = measure(name)
+        row["commit"] = commit
+        rows[name] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "warning_first"}), file=sys.stderr, flush=True)
+    return [rows[name] for name in names if name in rows]
+
+
+def write_keeping_notes(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, keeping the hand-written ``## Notes`` section of the file already there."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
+    path.write_text(text + notes)
+
+
 def measured_commit() -> str:
     """The last commit that changed fxmerge/ (the code a row measures), ``+modified`` when fxmerge/
     differs from it (the per-row ``commit`` column of the model tables)."""
-    import subprocess
-
     last = subprocess.run(
         ["git", "log", "-1", "--format=%h", "--", "fxmerge"], cwd=Path(__file__).resolve().parents[1],
         capture_output=True, text=True,

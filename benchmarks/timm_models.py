@@ -52,7 +52,7 @@ import timm  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, measured_commit, source_info  # noqa: E402
+from homogeneous import machine_info, measure_rows, source_info, write_keeping_notes  # noqa: E402
 
 # name -> (families, input size or None for --image-size, create_model kwargs)
 MODELS: dict[str, tuple[str, int | None, dict]] = {
@@ -233,22 +233,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _previous_rows(path: Path) -> dict[str, dict]:
-    """Rows of an earlier ``timm.json`` by model (a ``--models`` run replaces only its own rows)."""
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    before = "before " + data.get("meta", {}).get("source", {}).get("commit", "?")[:7]
-    return {r["model"]: {"commit": before, **r} for r in data.get("rows", [])}
-
-
-def write_keeping_notes(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``, keeping the hand-written ``## Notes`` section of the file already there."""
-    old = path.read_text() if path.exists() else ""
-    notes = old[old.index("\n## Notes"):] if "\n## Notes" in old else ""
-    path.write_text(text + notes)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -263,16 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.models or ()) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
-    rows = {} if args.fresh else _previous_rows(args.out / "timm.json")
-    commit = measured_commit()
-    for name, (_, size, _) in MODELS.items():
-        if args.table_only or (args.models and name not in args.models):
-            continue
-        row = measure(name, size or args.image_size, args.batches, args.batch_size)
-        row["commit"] = commit
-        rows[name] = row
-        print(json.dumps({k: v for k, v in row.items() if k != "warning_first"}), file=sys.stderr, flush=True)
-    ordered = [rows[name] for name in MODELS if name in rows]
+    ordered = measure_rows(
+        args.out / "timm.json", list(MODELS), () if args.table_only else (args.models or list(MODELS)),
+        lambda name: measure(name, MODELS[name][1] or args.image_size, args.batches, args.batch_size),
+        fresh=args.fresh,
+    )
     text = table(ordered)
     print(text)
     header = (
