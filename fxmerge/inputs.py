@@ -75,12 +75,9 @@ class Batch:
             flat, spec = pytree.tree_flatten((tuple(self.args), dict(self.kwargs)))
             expected = codegen.pytree_info.in_spec
             if spec != expected:
-                # the graph was captured with its inputs in another structure (e.g. positionally)
-                flat, spec = pytree.tree_flatten(tuple(self.args))
-                if spec != expected:
-                    raise CalibrationError(
-                        f"the inputs {self!r} do not have the structure the graph was captured with ({expected})"
-                    )
+                raise CalibrationError(
+                    f"the inputs {self!r} do not have the structure the graph was captured with ({expected})"
+                )
             return flat
         nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
         values: list[Any] = []
