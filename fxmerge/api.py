@@ -398,11 +398,11 @@ def attach_tails(
     then the graph is linted and recompiled."""
     if region.stop is not None:
         reference = states[0].analysis
-        dtype = next(iter(states[0].state.values())).dtype
+        first = next(iter(states[0].state.values()))
         maps = [
             unmerge_matrices(
                 reference.node_layouts.get(region.stop, ()), unmerge_transforms(reference, matches, s.index),
-                merged_sizes(reference, matches), dtype,
+                merged_sizes(reference, matches), first.dtype, first.device,
             )
             for s in states
         ]

@@ -13,6 +13,8 @@ trial run).
 
 from __future__ import annotations
 
+import itertools
+
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,13 @@ from torch import nn
 from fxmerge.errors import CalibrationError, ConfigError, IncompatibleModelsError
 
 LABEL_KEYS = ("labels", "label")
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer, or None when it has neither."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
 
 
 @dataclass(frozen=True, repr=False)
@@ -58,14 +67,26 @@ class Batch:
         convert = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return Batch(tuple(convert(a) for a in self.args), {k: convert(v) for k, v in self.kwargs.items()})
 
+    def on(self, device: torch.device | None) -> "Batch":
+        """The batch with every tensor on ``device`` (None, or already there: this batch)."""
+        if device is None or all(t.device == device for t in self.tensors()):
+            return self
+        return self.map(lambda t: t.to(device))
+
     def run(self, module: Callable[..., Any]) -> Any:
-        """``module(*args, **kwargs)``."""
-        return module(*self.args, **dict(self.kwargs))
+        """``module(*args, **kwargs)``, the tensors moved to the module's device first
+        (``module_device``): calibration data on the CPU feeds models on a GPU batch by batch."""
+        moved = self.on(module_device(module)) if isinstance(module, nn.Module) else self
+        return module(*moved.args, **dict(moved.kwargs))
 
     def placeholders(self, gm: torch.fx.GraphModule) -> list[Any]:
         """The values of ``gm``'s placeholder nodes, in graph order, for graph-level interpreters
         (``ShapeProp``, ``fx.Interpreter``): a torch.export graph flattens the inputs with its
-        ``in_spec``; a torch.fx graph binds positional inputs in order and keywords by name."""
+        ``in_spec``; a torch.fx graph binds positional inputs in order and keywords by name. The
+        tensors are moved to ``gm``'s device."""
+        moved = self.on(module_device(gm))
+        if moved is not self:
+            return moved.placeholders(gm)
         from torch.fx.graph import _PyTreeCodeGen
 
         codegen = gm.graph._codegen
@@ -276,7 +297,8 @@ def _check_dtypes_and_devices(
     """The models must share one floating dtype and one device; returns the batches in that dtype.
 
     Models of different dtypes or devices: IncompatibleModelsError naming each model's dtype /
-    device. Batches on another device than the models: CalibrationError. Floating batches of
+    device. Batches on another device than the models (CPU data, CUDA models) are moved to the
+    models' device one batch at a time when they are run (``Batch.run``). Floating batches of
     another dtype than the models (float64 data, float32 models) are cast to the models' dtype
     with a warning; integer batches (token ids) are passed as they are.
     """
@@ -295,14 +317,7 @@ def _check_dtypes_and_devices(
                 f"the models must have one {label}: {listing}; convert them first (e.g. {fix})"
             )
     dtypes = next((kind[0] for kind in kinds if kind[0]), ())
-    devices = next((kind[1] for kind in kinds if kind[1]), ())
     first = batches[0].tensors()
-    if devices and any(t.device != devices[0] for t in first):
-        device = next(t.device for t in first if t.device != devices[0])
-        raise CalibrationError(
-            f"calibration batch 0 is on {device}, the models are on {devices[0]}: "
-            "move the batches to the models' device"
-        )
     floating = [t for t in first if t.is_floating_point()]
     if len(dtypes) == 1 and any(t.dtype != dtypes[0] for t in floating):
         other = next(t.dtype for t in floating if t.dtype != dtypes[0])

@@ -33,7 +33,7 @@ from torch import nn
 import fxmerge
 from fxmerge import zoo
 from fxmerge.errors import CalibrationError, ConfigError, FxMergeError, IncompatibleModelsError
-from fxmerge.inputs import calibration_inputs
+from fxmerge.inputs import as_batch, calibration_inputs
 from fxmerge.testing import random_permute
 from conftest import output_of, random_batches, relative_error, same_state
 
@@ -261,11 +261,15 @@ def test_model_spread_over_two_devices() -> None:
     _expect(IncompatibleModelsError, [_resnet(0), split], BATCHES, "models[1] (_ResNet)", "several devices", "cpu/meta")
 
 
-def test_calibration_on_another_device_than_the_models() -> None:
-    _expect(
-        CalibrationError, [_resnet(0).to("meta"), _resnet(1).to("meta")], BATCHES,
-        "batch 0 is on cpu", "models are on meta",
-    )
+def test_calibration_on_another_device_is_moved_batch_by_batch() -> None:
+    # "meta" stands in for a GPU: a device other than the batches' cpu, with no data to compute
+    model = nn.Linear(4, 3).to("meta")
+    batch = as_batch(torch.randn(2, 4))
+    out = batch.run(model)
+    assert (out.device.type, tuple(out.shape)) == ("meta", (2, 3))
+    gm = torch.fx.symbolic_trace(model)
+    assert [value.device.type for value in batch.placeholders(gm)] == ["meta"]
+    assert batch.tensors()[0].device.type == "cpu"  # the caller's batch itself stays where it is
 
 
 # -------------------------------------------------------------------------------------- options

@@ -74,10 +74,18 @@ class BatchNormSchema:
         return bound
 
     @staticmethod
-    def normalise(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    def normalise(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the op computes in train mode: ``x`` (N, C, ...) normalised with its own batch
-        statistics per channel, then the affine map."""
-        return torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+        statistics per channel, then the affine map; with those statistics, (mean, unbiased
+        variance) (C,), as the batch-norm kernel computes them for a module's running
+        statistics (momentum 1), so that both forms are reset to the same bits."""
+        like = weight if weight is not None else x
+        mean = torch.zeros(x.shape[1], dtype=like.dtype, device=x.device)
+        var = torch.ones(x.shape[1], dtype=like.dtype, device=x.device)
+        out = torch.nn.functional.batch_norm(x, mean, var, weight, bias, training=True, momentum=1.0, eps=eps)
+        return out, mean, var
 
 
 @dataclass(frozen=True, repr=False)

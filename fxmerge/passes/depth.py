@@ -391,11 +391,11 @@ def extend(
                     # the registry says which parameters to zero for a zero output (attention: out_proj)
                     zero_all = zeroed is not None and target in zeroed
                     if zero_all and like.is_floating_point() and ops.zeroes_output(module, local):
-                        state[key] = torch.zeros(shape, dtype=like.dtype)
+                        state[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
                     elif module is not None:
                         state[key] = _identity_parameter(module, local, shape, like)
                     else:
-                        state[key] = torch.zeros(shape, dtype=like.dtype)
+                        state[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
     for i, segment_units in enumerate(alignment.segments):
         _move_norm_affine(deep, [deep_units[j] for j in segment_units[1:]], state)
     missing = [key for key in deep_state if key not in state]

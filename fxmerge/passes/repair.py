@@ -57,6 +57,7 @@ class _BatchStatistics:
         self.mean_sum = torch.zeros(self.num_features, dtype=torch.float64)
         self.var_sum = torch.zeros(self.num_features, dtype=torch.float64)
         self.count = 0
+        self._tracked: int | None = None  # the module's counter before its current call
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch ``x`` of shape (N, C, *spatial)."""
@@ -67,8 +68,25 @@ class _BatchStatistics:
         self.var_sum += var.cpu()
         self.count += 1
 
-    def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.add(args[0])
+    def add_statistics(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Accumulate one batch's mean and unbiased variance (C,), computed by someone else."""
+        self.mean_sum += mean.detach().to(device="cpu", dtype=torch.float64)
+        self.var_sum += var.detach().to(device="cpu", dtype=torch.float64)
+        self.count += 1
+
+    def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._tracked = int(module.num_batches_tracked) if module.num_batches_tracked is not None else None
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """After a call in train mode with momentum 1: the module's running statistics ARE this
+        batch's (mean, unbiased variance), computed by its own kernel — reading them costs
+        nothing, where recomputing them from the input costs as much as the norm itself. A
+        module that did not update them (its counter did not move) is measured on its input."""
+        tracked = self._tracked
+        if tracked is not None and int(module.num_batches_tracked) == tracked + 1:
+            self.add_statistics(module.running_mean, module.running_var)
+        else:
+            self.add(args[0])
 
     def write(self) -> None:
         if self.count == 0:  # never called on these inputs: left as they are
@@ -102,8 +120,8 @@ class _Recalibration(Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         bound = site.op.bind(args, kwargs)
         x, eps = bound["input"], bound["eps"]
-        site.statistics.add(x)
-        out = site.op.normalise(x, bound["weight"], bound["bias"], eps)
+        out, batch_mean, batch_var = site.op.normalise(x, bound["weight"], bound["bias"], eps)
+        site.statistics.add_statistics(batch_mean, batch_var)
         if not site.op.returns_tuple:
             return out
         dims = [0, *range(2, x.dim())]
@@ -250,14 +268,15 @@ def reset_batchnorm(
         return 0
     _eval(module)
     saved_momentum = [m.momentum for m in norms]
-    hooks = [norm.register_forward_pre_hook(keyed[id(norm.running_mean)].hook) for norm in norms]
+    hooks = [norm.register_forward_pre_hook(keyed[id(norm.running_mean)].before) for norm in norms]
+    hooks += [norm.register_forward_hook(keyed[id(norm.running_mean)].after) for norm in norms]
     saved_forward = []
     for gm, interpreter in interpreted:
         saved_forward.append(gm.__dict__.get("forward"))
         gm.forward = _forward_through(interpreter, gm)
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None
+        norm.momentum = 1.0  # after each call, the running statistics are that batch's
         norm.train()
     error: BaseException | None = None
     try:

@@ -14,30 +14,71 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from fxmerge.groups import Layout, Opaque
 
-Transform = torch.Tensor  # (n,) long index, or (r, n) floating matrix
+@dataclass(frozen=True, repr=False)
+class ClusterMap:
+    """A transform (r, n) with at most one nonzero entry per column, as index arrays: what the
+    merge (M_k) and unmerge (U_k^T) matrices of a clustering are. ``new[c] = sum over the units j
+    with rows[j] == c of weights[j] * old[j]``; applied with one gather and one ``index_add_``
+    (O(tensor) work) instead of a dense (r, n) product over the whole tensor.
+
+    ``columns``, ``rows`` (m,) int64 and ``weights`` (m,) float64: the nonzero entries; ``order``
+    (r,) int64 when the map is a permutation-like selection (every row has exactly one entry,
+    of weight 1): then ``new = old.index_select(order)``.
+    """
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    weights: torch.Tensor
+    width: int
+    order: torch.Tensor | None
+
+    @staticmethod
+    def of(matrix: torch.Tensor) -> "ClusterMap | torch.Tensor":
+        """The ClusterMap of a dense (r, n) matrix, or the matrix itself when a column has two
+        or more nonzero entries."""
+        nonzero = matrix != 0
+        if bool((nonzero.sum(dim=0) > 1).any()):
+            return matrix
+        rows, columns = nonzero.nonzero(as_tuple=True)
+        weights = matrix[rows, columns].to(torch.float64)
+        order = None
+        if len(rows) == matrix.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()) \
+                and bool((weights == 1).all()):
+            order = columns
+        return ClusterMap(rows, columns, weights, int(matrix.shape[0]), order)
+
+    def __repr__(self) -> str:
+        kind = "selection" if self.order is not None else "clusters"
+        return f"ClusterMap({kind}, {len(self.columns)} entries -> {self.width})"
+
+
+Transform = torch.Tensor | ClusterMap  # (n,) long index, (r, n) floating matrix, or a ClusterMap
 
 
 def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torch.Tensor:
-    if transform.dim() == 1:
-        return segment.index_select(dim, transform.to(segment.device))
-    nonzero = transform != 0
-    if bool((nonzero.sum(dim=0) <= 1).all()):
-        # merge/unmerge matrices of clusters have one entry per input unit: a weighted scatter-add
-        # replaces a dense (r, n) matmul over the whole tensor
-        rows, columns = nonzero.nonzero(as_tuple=True)
-        weights = transform[rows, columns].to(segment.dtype)
-        picked = segment.index_select(dim, columns.to(segment.device))
+    if isinstance(transform, torch.Tensor) and transform.dim() == 2:
+        # a dense matrix given by a caller: its ClusterMap when it is one (callers that apply one
+        # transform many times pass the ClusterMap, made once)
+        transform = ClusterMap.of(transform)
+    if isinstance(transform, ClusterMap):
+        device = segment.device
+        if transform.order is not None:
+            return segment.index_select(dim, transform.order.to(device))
+        picked = segment.index_select(dim, transform.columns.to(device))
         shape = [1] * segment.dim()
         shape[dim] = -1
-        picked = picked * weights.reshape(shape)
+        picked = picked * transform.weights.to(device=device, dtype=segment.dtype).reshape(shape)
         out_shape = list(segment.shape)
-        out_shape[dim] = transform.shape[0]
-        return segment.new_zeros(out_shape).index_add_(dim, rows.to(segment.device), picked)
+        out_shape[dim] = transform.width
+        return segment.new_zeros(out_shape).index_add_(dim, transform.rows.to(device), picked)
+    if transform.dim() == 1:
+        return segment.index_select(dim, transform.to(segment.device))
     moved = segment.movedim(dim, -1)
     result = moved @ transform.to(device=segment.device, dtype=segment.dtype).T
     return result.movedim(-1, dim)

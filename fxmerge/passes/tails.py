@@ -40,7 +40,8 @@ class ChannelMap(nn.Module):
 
 
 def unmerge_matrices(
-    layouts: Sequence[Layout | None], unmerge: Mapping, merged_sizes: Mapping[int, int], dtype: torch.dtype
+    layouts: Sequence[Layout | None], unmerge: Mapping, merged_sizes: Mapping[int, int], dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> dict[int, torch.Tensor]:
     """dim -> full (n_k, n_merged) matrix taking the merged value at the stop node to model k's basis.
 
@@ -61,7 +62,7 @@ def unmerge_matrices(
             for f in piece:
                 size *= f.size if not isinstance(f, int) else merged_sizes[f]
             extent += size
-        identity = torch.eye(extent, dtype=torch.float64)
+        identity = torch.eye(extent, dtype=torch.float64, device=device)
         result[dim] = transform_axis(identity, 0, layout, unmerge, merged_sizes).to(dtype)
     return result
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from fxmerge.match import match
 from fxmerge.match.groups import mean_matched_similarity
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics
-from fxmerge.passes.rewrite import transform_axis, transform_tensor
+from fxmerge.passes.rewrite import ClusterMap, Transform, transform_axis, transform_tensor
 
 WidthSpec = str | int | float | Mapping[str, int]
 
@@ -51,6 +52,14 @@ class GroupMatch:
     merge: tuple[torch.Tensor, ...] | None
     unmerge: tuple[torch.Tensor, ...] | None
     factors: tuple[str, ...] = ()
+
+    @cached_property
+    def maps(self) -> tuple[tuple[Transform, Transform], ...]:
+        """Per model, (M_k, U_k^T) as the rewrite applies them: ``ClusterMap``s (index arrays)
+        for the matrices of a clustering, made once however many parameters they transform."""
+        if self.merge is None or self.unmerge is None:
+            return ()
+        return tuple((ClusterMap.of(m), ClusterMap.of(u.T)) for m, u in zip(self.merge, self.unmerge))
 
 
 def resolve_width(spec: WidthSpec, name: str, sizes: Sequence[int]) -> int:
@@ -109,7 +118,10 @@ def unit_weight_features(
                 continue
             if not _others_ready(layouts, axis, key, free, matched):
                 continue
-            tensor = state[pname].detach().to(torch.float64)
+            # float32 is enough for a similarity whose decisions are made at 1e-3 (tie-breaks) or
+            # mixed half and half with activations (MuDSC): half the cost of float64
+            tensor = state[pname].detach()
+            tensor = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
             roles = analysis.param_roles[pname]
             for other, other_layout in enumerate(layouts):
                 if other_layout is None:
@@ -174,27 +186,38 @@ def _others_ready(layouts, axis: int, key: tuple[int, ...], free: set[int], matc
     return True
 
 
-def similarity_of(features: Sequence[torch.Tensor]) -> np.ndarray | None:
-    """Pearson correlation (N, N) between the rows of per-model feature matrices (units, F)."""
+def similarity_of(features: Sequence[torch.Tensor], rows: np.ndarray | None = None) -> np.ndarray | None:
+    """Pearson correlation between the rows of per-model feature matrices (units, F).
+
+    (N, N) over all models' units, or (len(rows), N) for the units ``rows`` (global indices)
+    against every unit: a tie-break needs only the rows of the tied units.
+    """
     if len({f.shape[1] for f in features}) != 1:
         return None
     stacked = torch.cat(list(features), dim=0)
     centred = stacked - stacked.mean(dim=1, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (unit @ unit.T).clamp(-1, 1).numpy()
+    if rows is None:
+        full = (unit @ unit.T).to(torch.float64)
+        # float32 products: (a @ b.T)[i, j] and [j, i] may differ in the last bits
+        return ((full + full.T) / 2).clamp(-1, 1).cpu().numpy()
+    picked = unit[torch.as_tensor(rows, device=unit.device)]
+    return (picked @ unit.T).clamp(-1, 1).to(torch.float64).cpu().numpy()
 
 
 def weight_similarity(
-    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"]
+    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"],
+    rows: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """MuDSC's weight-space similarity of one group's units over all models, or None."""
+    """MuDSC's weight-space similarity of one group's units over all models (``similarity_of``:
+    all units, or the rows ``rows`` against all), or None."""
     features = []
     for k, (analysis, state) in enumerate(zip(analyses, states)):
         block = unit_weight_features(analysis, state, (analysis.space_ids[name],), done, k)
         if block is None:
             return None
         features.append(block)
-    return similarity_of(features)
+    return similarity_of(features, rows)
 
 
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
@@ -209,8 +232,11 @@ def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set
     return keys
 
 
-def _transforms_for(analysis: Analysis, done: Mapping[str, "GroupMatch"], model: int) -> tuple[dict, dict]:
-    """Key -> M_k (for "out" axes) and key -> U_k^T (for "in" axes) of the matched free groups.
+def _transforms_for(
+    analysis: Analysis, done: Mapping[str, "GroupMatch"], model: int, *, dense: bool = False
+) -> tuple[dict, dict]:
+    """Key -> M_k (for "out" axes) and key -> U_k^T (for "in" axes) of the matched free groups,
+    as ``GroupMatch.maps`` (``dense``: the float64 matrices).
 
     A key is a space id, or a tuple of ids for a composite matched as a whole.
     """
@@ -224,21 +250,28 @@ def _transforms_for(analysis: Analysis, done: Mapping[str, "GroupMatch"], model:
             continue
         ids = tuple(analysis.space_ids[f] for f in factors)
         key = ids if len(ids) > 1 else ids[0]
-        out_t[key] = result.merge[model]
-        in_t[key] = result.unmerge[model].T  # type: ignore[index]
+        if dense:
+            out_t[key], in_t[key] = result.merge[model], result.unmerge[model].T  # type: ignore[index]
+        else:
+            out_t[key], in_t[key] = result.maps[model]
     return out_t, in_t
 
 
 def _mean_merged_similarity(similarity: np.ndarray, unmerge: Sequence[np.ndarray]) -> float | None:
-    """Mean pairwise similarity inside the clusters that merged two or more units."""
-    assignment = np.concatenate([u.argmax(axis=1) for u in unmerge])
-    values = []
-    for cluster in np.unique(assignment):
-        members = np.flatnonzero(assignment == cluster)
-        if len(members) > 1:
-            block = similarity[np.ix_(members, members)]
-            values.append(block[np.triu_indices(len(members), 1)].mean())
-    return float(np.mean(values)) if values else None
+    """Mean pairwise similarity inside the clusters that merged two or more units (each
+    cluster's mean over its pairs, averaged over the clusters in label order)."""
+    assignment = np.concatenate([np.asarray(u).argmax(axis=1) for u in unmerge])
+    order = np.argsort(assignment, kind="stable")  # by cluster, members ascending
+    starts = np.flatnonzero(np.diff(assignment[order], prepend=-1))
+    counts = np.diff(np.append(starts, len(order)))
+    values = np.full(len(starts), np.nan)
+    pairs = counts == 2  # most merged clusters: one pair, read at once
+    values[pairs] = similarity[order[starts[pairs]], order[starts[pairs] + 1]]
+    for cluster in np.flatnonzero(counts > 2):
+        members = order[starts[cluster] : starts[cluster] + counts[cluster]]
+        values[cluster] = similarity[np.ix_(members, members)][np.triu_indices(len(members), 1)].mean()
+    merged = values[counts > 1]
+    return float(np.mean(merged)) if len(merged) else None
 
 
 @dataclass(frozen=True)
@@ -340,12 +373,12 @@ def _match_structure(
     sources: dict[str, str] = {}
     for inner in structure.inners:
 
-        def weights(inner: str = inner) -> np.ndarray | None:
+        def weights(rows: np.ndarray | None, inner: str = inner) -> np.ndarray | None:
             features = []
             for k, (analysis, state) in enumerate(zip(analyses, states)):
                 key = (analysis.space_ids[structure.outer], analysis.space_ids[inner])
                 features.append(unit_weight_features(analysis, state, key, done, k))
-            return None if any(f is None for f in features) else similarity_of(features)  # type: ignore[arg-type]
+            return None if any(f is None for f in features) else similarity_of(features, rows)  # type: ignore[arg-type]
 
         activation = product_statistics((structure.outer, inner), analyses, statistics, done)
         similarities[inner], sources[inner] = unit_similarity(activation, weights, method=method, balance=balance)
@@ -431,7 +464,7 @@ def _match_structure(
 
 def unit_similarity(
     activation: GroupStatistics | None,
-    weights: Callable[[], np.ndarray | None],
+    weights: Callable[[np.ndarray | None], np.ndarray | None],
     *,
     method: str,
     balance: float,
@@ -439,25 +472,42 @@ def unit_similarity(
     """The similarity a group's units are matched on, and where it came from.
 
     Activations (correlation of features on the calibration data) when the group was observed;
-    MuDSC adds ``balance`` times the weight similarity; units that activations cannot tell apart
-    (dead, collinear, or too few samples for the width: ``_indistinct``) get the weight
-    similarity as a small tie-break. ``weights`` is called only when the weights are needed.
+    MuDSC adds ``balance`` times the weight similarity. Units that activations cannot tell apart
+    (``tied_units``: dead, or collinear with another unit of their model) get the weight
+    similarity as a tie-break on their rows and columns only. ``weights(rows)`` gives the weight
+    similarity of the units ``rows`` against all units ((N, N) for None) and is called only when
+    weights are needed: for MuDSC, for an unobserved group, and for the tied units' rows.
     """
-    if method == "mudsc" or activation is None or _indistinct(activation):
-        weight_similarity_ = weights()
-    else:
-        weight_similarity_ = None
-    if activation is not None and weight_similarity_ is not None and method == "mudsc":
-        return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
-    if activation is not None and weight_similarity_ is not None and _indistinct(activation):
-        # units constant on the calibration data (dead), or collinear (dead units after a
-        # LayerNorm), all look alike: their weights decide
-        return activation.correlation + _TIE_BREAK * weight_similarity_, "activations (+weights for ties)"
-    if activation is not None:
-        return activation.correlation, "activations"
-    if weight_similarity_ is not None:
-        return weight_similarity_, "weights"
-    return None, "none"
+    if method == "mudsc" or activation is None:
+        weight_similarity_ = weights(None)
+        if activation is None:
+            return (weight_similarity_, "weights") if weight_similarity_ is not None else (None, "none")
+        if weight_similarity_ is not None:
+            return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
+    tied = np.flatnonzero(tied_units(activation))
+    if method != "mudsc" and len(tied):
+        tie_break = weights(tied)
+        if tie_break is not None:
+            return _broken_ties(activation.correlation, tied, tie_break), "activations (+weights for ties)"
+    return activation.correlation, "activations"
+
+
+def _broken_ties(correlation: np.ndarray, tied: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``correlation`` (N, N) with the rows and columns of the ``tied`` units lowered by
+    ``_TIE_BREAK * (1 - weight similarity)`` (``weights``: (len(tied), N)).
+
+    Only lowered: a tied pair then never outranks a pair that activations tell is at least as
+    similar (a dead unit with a dead unit of the other model, both at correlation 1, would
+    otherwise be merged before a live unit and its exact twin), and among tied pairs the order
+    is that of their weights.
+    """
+    broken = np.array(correlation, dtype=np.float64, copy=True)
+    lowered = broken[tied] + _TIE_BREAK * (weights - 1.0)
+    broken[tied] = lowered
+    broken[:, tied] = lowered.T
+    among = np.ix_(tied, tied)  # computed twice, as (i, j) and (j, i): make it exactly symmetric
+    broken[among] = (lowered[:, tied] + lowered[:, tied].T) / 2
+    return broken
 
 
 def _match_plain(
@@ -490,8 +540,8 @@ def _warn_too_few_samples(starved: Sequence[GroupStatistics]) -> None:
     more = f" and {len(starved) - 8} more" if len(starved) > 8 else ""
     warnings.warn(
         f"{len(starved)} group(s) had no more calibration samples at their taps than units per model: "
-        f"{shown}{more}. Their covariance is rank-deficient, so activations cannot tell every unit apart; "
-        "weight similarity breaks the ties and the merge may not be exact. Pass more calibration data "
+        f"{shown}{more}. Their covariance is rank-deficient, so activations may not tell every unit apart "
+        "and the merge may not be exact. Pass more calibration data "
         "(more batches, or larger inputs: conv features count every position as a sample).",
         stacklevel=3,
     )
@@ -503,20 +553,19 @@ def too_few_samples(activation: GroupStatistics) -> bool:
     return activation.samples <= max(activation.sizes)
 
 
-def _indistinct(activation: GroupStatistics) -> bool:
-    """Whether activations cannot tell some units of one model apart: a unit is constant on the
-    calibration data, two units are collinear (|correlation| = 1; e.g. channels that are dead
-    before a LayerNorm, which maps each of them to an affine function of the same statistics),
-    or there are too few samples for the width (``too_few_samples``)."""
-    if activation.constant.any() or too_few_samples(activation):
-        return True
+def tied_units(activation: GroupStatistics) -> np.ndarray:
+    """(N,) bool: the units that activations cannot tell apart from another unit of their model:
+    constant on the calibration data (dead), or collinear with another unit (|correlation| = 1;
+    e.g. channels that are dead before a LayerNorm, which maps each of them to an affine function
+    of the same statistics)."""
+    tied = np.array(activation.constant, dtype=bool, copy=True)
     offset = 0
     for size in activation.sizes:
         block = np.abs(activation.correlation[offset : offset + size, offset : offset + size])
+        np.fill_diagonal(block, 0.0)
+        tied[offset : offset + size] |= (block >= _COLLINEAR).any(axis=1)
         offset += size
-        if (block[~np.eye(size, dtype=bool)] >= _COLLINEAR).any():
-            return True
-    return False
+    return tied
 
 
 def _labels_of(key: tuple[str, ...], analysis: Analysis, done: Mapping[str, GroupMatch], model: int) -> np.ndarray | None:
@@ -670,7 +719,7 @@ def match_groups(
         keys = [tuple(name.split("*")) for name in names]
         found = [product_statistics(key, analyses, statistics) for key in keys]
         if all(stats is not None for stats in found):
-            return 1 if any(_indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
+            return 1 if any(tied_units(stats).any() for stats in found) else 0  # type: ignore[arg-type]
         # observed inside a product whose other factors must be matched first
         inside = any(set(key) <= set(factors) for key in keys for factors in analyses[0].composite_taps)
         return 2 if inside else 3
@@ -694,7 +743,7 @@ def match_groups(
             )
         similarity, source = unit_similarity(
             product_statistics((group.name,), analyses, statistics, done),
-            lambda: weight_similarity(group.name, analyses, states, done),
+            lambda rows: weight_similarity(group.name, analyses, states, done, rows),
             method=method,
             balance=balance,
         )
@@ -703,25 +752,58 @@ def match_groups(
 
     order = sorted(items, key=tier)
     matched: dict[str, list[GroupMatch]] = {}
+    inputs: dict[str, tuple] = {}
     for group in order:
+        inputs[group.name] = _neighbour_matches(analyses[0], group.name, structures, results)
         matched[group.name] = match_item(group, results)
         results.update((result.name, result) for result in matched[group.name])
     _warn_too_few_samples([s for s in statistics.values() if too_few_samples(s)])
     # A group matched on weights (alone, or to break ties) saw only the neighbours matched before
     # it: match it once more with every other group in the merged basis (one step of Git
-    # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper.
+    # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper. A group whose
+    # neighbours' matches are the very ones it saw would be matched again on the same input.
     for group in order:
         if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
             continue
         own = {m.name for m in matched[group.name]}
-        matched[group.name] = match_item(group, {k: v for k, v in results.items() if k not in own})
+        done = {k: v for k, v in results.items() if k not in own}
+        now = _neighbour_matches(analyses[0], group.name, structures, done)
+        if len(now) == len(inputs[group.name]) and all(a == b and c is d for (a, c), (b, d) in zip(now, inputs[group.name])):
+            continue
+        matched[group.name] = match_item(group, done)
         results.update((result.name, result) for result in matched[group.name])
     return {result.name: result for group in items for result in matched[group.name]}
 
 
+def _neighbour_matches(
+    analysis: Analysis, name: str, structures: Mapping[str, Structure], done: Mapping[str, GroupMatch]
+) -> tuple[tuple[str, GroupMatch | None], ...]:
+    """What matching the item ``name`` (a group, or a structure's outer group) reads of the other
+    groups' matches: (name, match or None) of every group that shares a parameter or an observed
+    product with its spaces — the weight features (``unit_weight_features``), the statistics read
+    off a product (``product_statistics``) and an attention layer's embedding width depend on
+    nothing else in ``done``."""
+    own = {name, *(structures[name].inners if name in structures else ())}
+    ids = {analysis.space_ids[n] for n in own}
+    spaces: set[int] = set()
+    for layouts in analysis.param_layouts.values():
+        found = {f for layout in layouts if layout for piece in layout for f in piece if not isinstance(f, Opaque)}
+        if found & ids:
+            spaces |= found
+    names = {n for n, i in analysis.space_ids.items() if i in spaces}
+    for factors in analysis.composite_taps:
+        if own & set(factors):
+            names |= set(factors)
+    names -= own
+    related = sorted(
+        k for k, m in done.items() if k in names or (m.factors and set(m.factors) & names and not set(m.factors) & own)
+    )
+    return tuple((k, done.get(k)) for k in sorted(names | set(related)))
+
+
 def unmerge_transforms(analysis: Analysis, matches: Mapping[str, GroupMatch], model: int) -> dict:
     """Key -> U_k (n_k, r) of every matched free group (keys as in ``_transforms_for``)."""
-    _, in_t = _transforms_for(analysis, matches, model)
+    _, in_t = _transforms_for(analysis, matches, model, dense=True)
     return {key: matrix.T for key, matrix in in_t.items()}
 
 
@@ -799,7 +881,7 @@ def merged_state(
                 for size, layout, role in zip(tensor.shape, layouts, roles)
             ]
             ones = transform_tensor(
-                torch.ones(ones_shape, dtype=torch.float64), layouts, roles, out_t, {}, analysis.space_sizes
+                torch.ones(ones_shape, dtype=torch.float64, device=tensor.device), layouts, roles, out_t, {}, analysis.space_sizes
             )
             term, ones = _scaled(term, scales[k]), _scaled(ones, scales[k])
             total = term if total is None else total + term

@@ -1,0 +1,256 @@
+"""What a merge costs against the forward passes it needs (issue 12): ratio, seconds per stage, peak memory.
+
+Usage:
+    python benchmarks/speed.py [--cases resnet18 vit-tiny resnet50 vit-b16] [--repeats 3]
+                               [--batches 8] [--batch-size 16] [--threads 1] [--device cpu]
+                               [--methods zip mudsc] [--zipit-model] [--out benchmarks/results]
+
+A merge needs at least one forward pass of every model over the calibration data (feature
+statistics) and one of the merged model (BatchNorm reset): K + 1 passes. For every case (a pair of
+random-init models, seeds 0 and 1, eval mode; ``--batches`` batches of ``--batch-size`` x 3 x 64 x
+64 N(0, 1) images, seed 1) and method, one fresh process measures, ``--repeats`` times and
+interleaved (forward passes, merge, forward passes, merge, ...):
+
+* ``forward``: the K models over every batch, plus model 0 again in the merged model's place (at
+  ``width="max"`` the merged model has model 0's architecture and widths), under ``no_grad``;
+* ``merge``: ``fxmerge.merge(models, batches, method=..., quiet=True)``, and its stages
+  (``result.timings``).
+
+The table gives medians over the repeats; ratio = merge / forward (the goal: <= 2.0 for zip,
+<= 2.5 for mudsc on resnet18 and vit-tiny). Peak memory is the process's peak resident set
+(``ru_maxrss``) and, before the first merge, its resident set with models, data and torch loaded;
+on CUDA, ``torch.cuda.max_memory_allocated``.
+
+``--zipit-model``: the same merge with ZipIt!'s matcher in place of fxmerge's. The ZipIt! code
+(github.com/gstoica27/ZipIt) hand-writes a graph per architecture, so only its matcher can be
+compared like for like on these models: every zip matching the merge makes is timed again with
+``fxmerge.match.reference.naive_zip_matching`` — the direct O(N^3) transcription of ZipIt!'s
+``match_tensors_zipit`` loop (one full-matrix argmax per merge), which makes the same merges —
+and the column gives merge - fxmerge's matcher seconds + the reference's (one run, not a median).
+
+Cases: ``resnet18`` / ``resnet50`` (torchvision, 10 classes), ``vit-tiny`` (``fxmerge.zoo.vit``:
+6 layers, width 192, 3 heads, MLP 768, patch 8), ``vit-b16`` (12 layers, width 768, 12 heads, MLP
+3072, patch 16; torchvision's VisionTransformer at 64 x 64).
+
+Writes ``speed.md`` and ``speed.json`` (every number, the machine, the versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CASES = ("resnet18", "vit-tiny", "resnet50", "vit-b16")
+STAGES = ("trace", "depth", "dependency", "structure", "features", "width", "rewrite", "repair")
+MiB = 2**20
+
+
+def build(case: str, seed: int) -> Any:
+    import torch
+    import torchvision
+
+    from fxmerge import zoo
+
+    torch.manual_seed(seed)
+    if case == "resnet18":
+        return torchvision.models.resnet18(num_classes=10).eval()
+    if case == "resnet50":
+        return torchvision.models.resnet50(num_classes=10).eval()
+    if case == "vit-tiny":
+        return zoo.vit(patch_size=8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768, image_size=64).eval()
+    if case == "vit-b16":
+        return zoo.vit(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072, image_size=64).eval()
+    raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One case and method, measured in this (fresh) process."""
+    import torch
+
+    import fxmerge.match.zip as zip_module
+    from fxmerge import merge
+    from memory import _rss_mib  # the resident set size, as the memory benchmark reads it
+
+    torch.set_num_threads(args.threads)
+    device = args.device
+    models = [build(args.case, seed).to(device) for seed in (0, 1)]
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(args.batch_size, 3, 64, 64, generator=generator).to(device) for _ in range(args.batches)]
+
+    def forward_passes() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for model in (*models, models[0]):  # K models, and the merged model's architecture
+                for batch in batches:
+                    model(batch)
+        _sync(device)
+        return time.perf_counter() - start
+
+    forward_passes()  # warm-up: first-call allocations and kernel choices are not the merge's
+    rss_before = _rss_mib()
+    forwards, merges, stages = [], [], []
+    matcher_calls: list[tuple[Any, ...]] = []
+    matcher_seconds = [0.0]
+    original = zip_module.zip_matching
+
+    def timed_zip_matching(similarity, sizes, target_width, alpha, beta):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        result = original(similarity, sizes, target_width, alpha, beta)
+        matcher_seconds[0] += time.perf_counter() - start
+        if args.zipit_model and recording[0]:
+            matcher_calls.append((similarity.copy(), list(sizes), target_width, alpha, beta))
+        return result
+
+    recording = [True]
+    zip_module.zip_matching = timed_zip_matching
+    matcher_per_merge = []
+    for repeat in range(args.repeats):
+        forwards.append(forward_passes())
+        matcher_seconds[0] = 0.0
+        _sync(device)
+        start = time.perf_counter()
+        result = merge(models, batches, method=args.method, quiet=True)
+        _sync(device)
+        merges.append(time.perf_counter() - start)
+        stages.append(dict(result.timings))
+        matcher_per_merge.append(matcher_seconds[0])
+        recording[0] = False
+    zip_module.zip_matching = original
+    row: dict[str, Any] = {
+        "case": args.case,
+        "method": args.method,
+        "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
+        "forward_s": forwards,
+        "merge_s": merges,
+        "stages_s": stages,
+        "matcher_s": matcher_per_merge,
+        "ratio": statistics.median(merges) / statistics.median(forwards),
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB,
+        "params_m": sum(p.numel() for p in models[0].parameters()) / 1e6,
+    }
+    if device.startswith("cuda"):
+        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / MiB
+    if args.zipit_model:
+        from fxmerge.match.reference import naive_zip_matching
+
+        start = time.perf_counter()
+        for similarity, sizes, target, alpha, beta in matcher_calls:
+            naive_zip_matching(similarity, sizes, target, alpha, beta)
+        row["zipit_matcher_s"] = time.perf_counter() - start
+        row["zipit_model_merge_s"] = statistics.median(merges) - statistics.median(matcher_per_merge) + row["zipit_matcher_s"]
+        row["zipit_matcher_calls"] = len(matcher_calls)
+        row["largest_matching"] = max((sum(c[1]) for c in matcher_calls), default=0)
+    return row
+
+
+def _median_stages(row: dict[str, Any]) -> dict[str, float]:
+    return {stage: statistics.median(s.get(stage, 0.0) for s in row["stages_s"]) for stage in STAGES}
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    from homogeneous import machine_info, source_info
+
+    machine = machine_info()
+    lines = [
+        "# Speed: a merge against the forward passes it needs",
+        "",
+        f"Produced by `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "`.",
+        "",
+        f"{args.batches} calibration batches of {args.batch_size}x3x64x64, random-init pairs (seeds 0, 1), "
+        f"{args.threads} torch thread(s), device {rows[0]['device'] if rows else args.device}; medians of "
+        f"{args.repeats} interleaved repeats in one fresh process per row. forward = the K = 2 models and the "
+        "merged model's architecture over every batch (K + 1 passes, what a merge needs at least); "
+        "ratio = merge / forward (goal: <= 2.0 for zip, <= 2.5 for mudsc, on resnet18 and vit-tiny). "
+        "Peak RSS = the process's peak (models, data, torch and the merge); before = resident size before "
+        "the first merge (MiB).",
+        "",
+        f"Machine: {machine}. Source: {source_info()}.",
+        "",
+        "| pair | method | params (M) | forward (s) | merge (s) | **ratio** | "
+        + " | ".join(STAGES)
+        + " | matcher (s) | peak RSS (MiB) | before (MiB) | ZipIt! matcher model (s) |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        stages = _median_stages(row)
+        zipit = (
+            f"{row['zipit_model_merge_s']:.1f} ({row['zipit_matcher_s']:.1f} in {row['zipit_matcher_calls']} "
+            f"matchings, up to {row['largest_matching']} units)"
+            if "zipit_model_merge_s" in row else "-"
+        )
+        peak = f"{row['peak_rss_mib']:.0f}" + (f" (CUDA {row['peak_cuda_mib']:.0f})" if "peak_cuda_mib" in row else "")
+        lines.append(
+            f"| {row['case']} | {row['method']} | {row['params_m']:.1f} | {statistics.median(row['forward_s']):.2f} | "
+            f"{statistics.median(row['merge_s']):.2f} | **{row['ratio']:.2f}** | "
+            + " | ".join(f"{stages[s]:.2f}" for s in STAGES)
+            + f" | {statistics.median(row['matcher_s']):.2f} | {peak} | {row['rss_before_mib']:.0f} | {zipit} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES[:2]), choices=CASES)
+    parser.add_argument("--methods", nargs="+", default=["zip", "mudsc"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--zipit-model", action="store_true", help="also time ZipIt!'s matcher on the same matchings")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    rows = []
+    for case in args.cases:
+        for method in args.methods:
+            command = [
+                sys.executable, __file__, "--child", "--case", case, "--method", method,
+                "--repeats", str(args.repeats), "--batches", str(args.batches), "--batch-size", str(args.batch_size),
+                "--threads", str(args.threads), "--device", args.device,
+            ] + (["--zipit-model"] if args.zipit_model and method == "zip" else [])
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{case} {method}: the measuring process failed (exit {done.returncode})")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps({k: rows[-1][k] for k in ("case", "method", "ratio")}), file=sys.stderr, flush=True)
+    text = table(rows, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.md").write_text(text)
+    from homogeneous import machine_info, source_info
+
+    (args.out / "speed.json").write_text(
+        json.dumps({"machine": machine_info(), "source": source_info(), "rows": rows}, indent=2) + "\n"
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
