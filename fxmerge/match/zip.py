@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxmerge.errors import ConfigError
-from fxmerge.match.clusters import labels_by_smallest_member, unit_models
+from fxmerge.match.clusters import ROW_BLOCK_ENTRIES, index_blocks, labels_by_smallest_member, unit_models
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,6 @@ def unreachable_width_error(target_width: int, clusters_left: int, budgets_left:
 
 # After a run's first tier (its best score and the pairs tied at it), tiers grow from this size by 4x.
 _NEXT_TIER_SIZE = 8
-# Whole-matrix passes work on row blocks of about this many entries: no (N, N) temporaries.
-_BLOCK_ENTRIES = 1 << 18
 
 
 def _best_entries(values: np.ndarray, count: int) -> tuple[np.ndarray, float]:
@@ -221,18 +219,16 @@ class _CandidateRun:
 def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
     """Unit i's run of pairs (i, j > i) for every unit that has one, first tiers found block by block.
 
-    scores: (N, N) initial scores (-inf diagonal and forbidden pairs).  Row blocks of ~_BLOCK_ENTRIES
-    entries keep the temporaries small; the (N, N) matrix is only read.
+    scores: (N, N) initial scores (-inf diagonal and forbidden pairs); only read, by row blocks, so
+    the temporaries stay small.
     """
     n_units = scores.shape[0]
-    block = max(1, min(n_units, _BLOCK_ENTRIES // n_units))
-    on_or_below_diagonal = np.tril(np.ones((block, block), dtype=bool))
     runs: list[_CandidateRun] = []
-    for first in range(0, n_units, block):
-        size = min(block, n_units - first)
-        rows = scores[first : first + size, first:]  # pairs (i, j >= first) of the block's units i
+    for block in index_blocks(n_units, ROW_BLOCK_ENTRIES // n_units):
+        first, size = block.start, block.stop - block.start
+        rows = scores[block, first:]  # pairs (i, j >= first) of the block's units i
         leading = rows[:, :size].copy()
-        leading[on_or_below_diagonal[:size, :size]] = -np.inf  # pair (i, j <= i) is not i's
+        leading[np.tril_indices(size)] = -np.inf  # pair (i, j <= i) is not i's
         best = leading.max(axis=1)
         if rows.shape[1] > size:
             np.maximum(best, rows[:, size:].max(axis=1), out=best)
@@ -265,7 +261,7 @@ def zip_matching(
     Raises ConfigError when no allowed merge is left before target_width.
 
     Memory: one (N, N) float64 score matrix (none with overwrite_similarity), O(N) per live cluster
-    and O(_BLOCK_ENTRIES) temporaries.
+    and row-block temporaries (ROW_BLOCK_ENTRIES).
     """
     n_units = int(sum(sizes))
     scores = _scores_in_place(similarity) if overwrite_similarity else None
