@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxmerge.errors import ConfigError
-from fxmerge.match import match
+from fxmerge.match import _checked_similarity, match
 from fxmerge.match.clusters import labels_by_smallest_member, merge_matrices, unit_offsets
 from fxmerge.match.groups import mean_matched_similarity, pair_blocks
 from fxmerge.match.reference import naive_zip_matching
@@ -72,7 +72,7 @@ def assert_valid_matrices(matrices, sizes, target_width) -> None:
         assert merge.dtype == np.float64 and unmerge.dtype == np.float64
         assert set(np.unique(unmerge)) <= {0.0, 1.0}
         np.testing.assert_array_equal(unmerge.sum(axis=1), np.ones(n_k))
-        np.testing.assert_allclose(merge, unmerge.T / cluster_sizes[:, None])
+        np.testing.assert_array_equal(merge, unmerge.T / cluster_sizes[:, None])
         identity += merge @ unmerge
     np.testing.assert_allclose(identity, np.eye(target_width), atol=1e-12)
 
@@ -405,3 +405,70 @@ def test_bad_similarity_raises_config_error():
     nearly = good.copy()
     nearly[0, 1] += 1e-15
     assert len(match(nearly, [3, 3], 3, method="zip")) == 2
+
+
+def perturbed_symmetric(seed: int, n_units: int) -> np.ndarray:
+    """A symmetric matrix plus asymmetric noise straddling match's symmetry tolerance (rtol 1e-6, atol 1e-9)."""
+    rng = np.random.default_rng(seed)
+    similarity = random_symmetric(rng, n_units) * 10.0 ** rng.integers(-4, 3)
+    scale = rng.choice([0.0, 1e-10, 1e-9, 2e-9, 1e-7, 1e-6, 1e-5]) * (1.0 + np.abs(similarity))
+    return similarity + scale * rng.uniform(-1.0, 1.0, size=(n_units, n_units))
+
+
+@pytest.mark.parametrize("n_units", [5, 128, 300])
+def test_symmetry_check_agrees_with_allclose_and_averages_exactly(n_units):
+    # 300 units: several tiles of the blockwise check, the last one partial.
+    outcomes = set()
+    for seed in range(12):
+        similarity = perturbed_symmetric(seed, n_units)
+        symmetric_enough = np.allclose(similarity, similarity.T, rtol=1e-6, atol=1e-9)
+        outcomes.add(symmetric_enough)
+        try:
+            checked = _checked_similarity(similarity, n_units)
+        except ConfigError as error:
+            assert not symmetric_enough and "symmetric" in str(error), seed
+            continue
+        assert symmetric_enough, seed
+        np.testing.assert_array_equal(checked, (similarity + similarity.T) / 2.0)
+        assert checked.flags.c_contiguous and checked is not similarity
+        for other_layout in (np.asfortranarray(similarity), similarity.astype(np.float32)):
+            converted = np.asarray(other_layout, dtype=np.float64)
+            np.testing.assert_array_equal(_checked_similarity(other_layout, n_units), (converted + converted.T) / 2.0)
+    assert outcomes == {True, False}  # the seeds cover both sides of the tolerance
+
+
+def test_symmetry_check_tolerance_is_relative_to_both_entries():
+    # allclose(S, S.T) bounds |a - b| by atol + rtol * |b| at (i, j) and by atol + rtol * |a| at (j, i):
+    # a difference between the two bounds passes one order only and must be rejected.
+    similarity = np.eye(300)
+    a = 1000.0
+    for difference, accepted in [(1e-9 + 1e-6 * a - 0.5e-9, True), (1e-9 + 1e-6 * a + 0.5e-9, False)]:
+        similarity[10, 250], similarity[250, 10] = a, a + difference
+        assert np.allclose(similarity, similarity.T, rtol=1e-6, atol=1e-9) == accepted
+        assert np.allclose(similarity[10, 250], similarity[250, 10], rtol=1e-6, atol=1e-9)  # one order passes
+        if accepted:
+            assert _checked_similarity(similarity, 300)[250, 10] == (a + (a + difference)) / 2
+        else:
+            with pytest.raises(ConfigError, match=r"symmetric; entries \((10, 250|250, 10)\)"):
+                _checked_similarity(similarity, 300)
+
+
+def test_non_finite_similarity_is_reported_before_asymmetry():
+    similarity = random_symmetric(np.random.default_rng(11), 300)
+    similarity[3, 5] += 1.0  # asymmetric in the first tile
+    similarity[290, 7] = np.inf  # not finite, in a later tile
+    with pytest.raises(ConfigError, match=r"finite; entry \(290, 7\) is inf"):
+        match(similarity, [150, 150], 150, method="zip")
+    similarity[290, 7] = similarity[7, 290] = np.nan
+    with pytest.raises(ConfigError, match=r"finite; entry \(7, 290\) is nan"):
+        match(similarity, [150, 150], 150, method="zip")
+
+
+def test_match_leaves_the_callers_similarity_alone():
+    # match hands zip its own symmetrised copy to overwrite, never the caller's array.
+    similarity = random_symmetric(np.random.default_rng(3), 40)
+    similarity[0, 1] += 1e-15
+    before = similarity.copy()
+    for groups in (None, 2):
+        match(similarity, [20, 20], 16, method="zip", groups=groups)
+        np.testing.assert_array_equal(similarity, before)

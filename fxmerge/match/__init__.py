@@ -16,7 +16,7 @@ import numpy as np
 
 from fxmerge.errors import ConfigError
 from fxmerge.match.average import average_labels
-from fxmerge.match.clusters import merge_matrices
+from fxmerge.match.clusters import index_blocks, merge_matrices
 from fxmerge.match.groups import grouped_labels
 from fxmerge.match.permute import check_permute_width, permute_labels, permute_reference_model
 from fxmerge.match.zip import zip_labels
@@ -29,6 +29,8 @@ METHODS = ("average", "permute", "zip")
 # anything beyond that is a caller bug worth reporting.
 _SYMMETRY_RTOL = 1e-6
 _SYMMETRY_ATOL = 1e-9
+# Side of the square tiles the symmetry check works on: a tile and its mirror (2 x 128 KiB) stay in cache.
+_SYMMETRY_TILE = 128
 
 
 def match(
@@ -89,7 +91,8 @@ def match(
             return zip_labels(block_similarity, block_sizes, block_width, alpha, beta)
 
         if groups is None or groups == 1:
-            labels = zip_block(similarity, sizes, target_width)
+            # similarity is _checked_similarity's new array: zip may use it as its score matrix.
+            labels = zip_labels(similarity, sizes, target_width, alpha, beta, overwrite_similarity=True)
         else:
             labels = grouped_labels(similarity, sizes, target_width, groups, 0, zip_block)
     return merge_matrices(labels, sizes, target_width)
@@ -109,6 +112,13 @@ def _checked_sizes(sizes: Sequence[int]) -> list[int]:
 
 
 def _checked_similarity(similarity: np.ndarray, n_units: int) -> np.ndarray:
+    """similarity as a new exactly symmetric (N, N) float64 array, (S + S.T) / 2; ConfigError if bad.
+
+    One pass over square tiles checks finiteness and np.allclose(S, S.T) and writes the average: the
+    only (N, N) allocation is the result, and a tile and its mirror are both in cache (a transposed
+    row block would be read with a stride of one row per entry).  A tile whose entries differ from
+    their mirror by at most atol passes without the relative test (NaN and inf never do).
+    """
     try:
         array = np.asarray(similarity, dtype=np.float64)
     except (TypeError, ValueError):
@@ -117,17 +127,45 @@ def _checked_similarity(similarity: np.ndarray, n_units: int) -> np.ndarray:
         raise ConfigError(
             f"similarity has shape {array.shape}; expected ({n_units}, {n_units}) for the sizes' total of {n_units} units"
         )
-    if not np.all(np.isfinite(array)):
+    symmetric = np.empty((n_units, n_units), dtype=np.float64)
+    tiles = index_blocks(n_units, _SYMMETRY_TILE)
+    for tile_index, rows in enumerate(tiles):
+        for columns in tiles[tile_index:]:
+            upper, lower = array[rows, columns], array[columns, rows].T
+            difference = np.abs(upper - lower)  # NaN or inf when an entry is not finite
+            if not difference.max() <= _SYMMETRY_ATOL and not _allclose_both_ways(upper, lower, difference):
+                raise _asymmetric_error(array)
+            # Exact symmetry is what makes zip's tie-breaking well defined; average away last-bit
+            # differences ((a + b) / 2 == (b + a) / 2 exactly, so the mirror tile is the transpose).
+            average = symmetric[rows, columns]
+            np.add(upper, lower, out=average)
+            average /= 2.0
+            symmetric[columns, rows] = average.T
+    return symmetric
+
+
+def _allclose_both_ways(upper: np.ndarray, lower: np.ndarray, difference: np.ndarray) -> bool:
+    """np.allclose(upper, lower) and np.allclose(lower, upper) for finite tiles; difference = |upper - lower|.
+
+    allclose asks |a - b| <= atol + rtol * |b|; rounding is monotone, so both orders hold iff it holds
+    for min(|a|, |b|).  False when an entry is not finite.
+    """
+    tolerance = np.minimum(np.abs(upper), np.abs(lower))
+    tolerance *= _SYMMETRY_RTOL
+    tolerance += _SYMMETRY_ATOL
+    return bool((difference <= tolerance).all())
+
+
+def _asymmetric_error(array: np.ndarray) -> ConfigError:
+    """The error for a similarity that failed the symmetry check: non-finite entries are reported first."""
+    if not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0]
-        raise ConfigError(f"similarity must be finite; entry {tuple(int(i) for i in bad)} is {array[tuple(bad)]}")
-    if not np.allclose(array, array.T, rtol=_SYMMETRY_RTOL, atol=_SYMMETRY_ATOL):
-        worst = np.unravel_index(np.argmax(np.abs(array - array.T)), array.shape)
-        raise ConfigError(
-            f"similarity must be symmetric; entries {tuple(int(i) for i in worst)} and its transpose differ "
-            f"({array[worst]} vs {array[worst[::-1]]})"
-        )
-    # Exact symmetry is what makes zip's tie-breaking well defined; average away last-bit differences.
-    return (array + array.T) / 2.0
+        return ConfigError(f"similarity must be finite; entry {tuple(int(i) for i in bad)} is {array[tuple(bad)]}")
+    worst = np.unravel_index(np.argmax(np.abs(array - array.T)), array.shape)
+    return ConfigError(
+        f"similarity must be symmetric; entries {tuple(int(i) for i in worst)} and its transpose differ "
+        f"({array[worst]} vs {array[worst[::-1]]})"
+    )
 
 
 def _checked_target_width(target_width: int, n_units: int) -> int:

@@ -15,6 +15,17 @@ import numpy as np
 from fxmerge.errors import ConfigError
 
 
+# Whole-matrix passes over (N, N) similarities work on row blocks of about this many entries, so
+# that their temporaries stay small (no (N, N) temporaries; 2 MiB of float64 per block).
+ROW_BLOCK_ENTRIES = 1 << 18
+
+
+def index_blocks(length: int, block_size: int) -> list[slice]:
+    """Consecutive slices of at most block_size (>= 1) indices covering 0 .. length."""
+    block_size = max(1, block_size)
+    return [slice(first, min(first + block_size, length)) for first in range(0, length, block_size)]
+
+
 def unit_offsets(sizes: Sequence[int]) -> np.ndarray:
     """Start of each model's units in the concatenation.
 
@@ -64,8 +75,11 @@ def merge_matrices(
     matrices: list[tuple[np.ndarray, np.ndarray]] = []
     for k, n_k in enumerate(sizes):
         model_labels = labels[offsets[k] : offsets[k + 1]]
+        units = np.arange(n_k)
         unmerge = np.zeros((n_k, target_width), dtype=np.float64)
-        unmerge[np.arange(n_k), model_labels] = 1.0
-        merge = unmerge.T / cluster_sizes[:, None]
-        matrices.append((np.ascontiguousarray(merge), unmerge))
+        unmerge[units, model_labels] = 1.0
+        # Written directly rather than as unmerge.T / sizes: no strided transpose copy, same values.
+        merge = np.zeros((target_width, n_k), dtype=np.float64)
+        merge[model_labels, units] = 1.0 / cluster_sizes[model_labels]
+        matrices.append((merge, unmerge))
     return matrices

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxmerge.errors import ConfigError
-from fxmerge.match.clusters import labels_by_smallest_member, unit_models
+from fxmerge.match.clusters import ROW_BLOCK_ENTRIES, index_blocks, labels_by_smallest_member, unit_models
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def zip_budgets(sizes: Sequence[int], target_width: int, beta: float) -> list[in
 
 def initial_scores(similarity: np.ndarray) -> np.ndarray:
     """The (N, N) score matrix before any merge: the similarity with a -inf diagonal (no self-merge)."""
-    scores = np.array(similarity, dtype=np.float64, copy=True)
+    scores = np.array(similarity, dtype=np.float64, order="C", copy=True)
     np.fill_diagonal(scores, -np.inf)
     return scores
 
@@ -93,8 +93,7 @@ def decayed_merged_scores(scores: np.ndarray, kept: int, absorbed: int, alpha: f
     """
     decay = 1.0 if scores[kept, absorbed] >= IDENTICAL else alpha
     merged = np.minimum(scores[kept], scores[absorbed])
-    finite = np.isfinite(merged)
-    merged[finite] = decay * merged[finite]
+    np.multiply(merged, decay, out=merged, where=np.isfinite(merged))
     merged[kept] = -np.inf
     merged[absorbed] = -np.inf
     return merged
@@ -116,64 +115,88 @@ def unreachable_width_error(target_width: int, clusters_left: int, budgets_left:
     )
 
 
-_FIRST_TIER_SIZE = 8
+# After a run's first tier (its best score and the pairs tied at it), tiers grow from this size by 4x.
+_NEXT_TIER_SIZE = 8
+
+
+def _best_entries(values: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """The ``count`` largest entries of values (n,) and every entry tied with the last of them.
+
+    -inf entries are not candidates.  Returns (their indices ordered by (-value, index), threshold):
+    threshold is the smallest value taken, or -inf when every candidate was taken.  A bound from
+    chunk maxima (the count-th largest of ~2 * count chunk maxima is <= the count-th largest entry)
+    keeps the selection to one pass over values plus a partition of a few entries.
+    """
+    n_values = len(values)
+    bound = -np.inf
+    if n_values > 4 * count:
+        chunk_maxima = np.maximum.reduceat(values, np.arange(0, n_values, n_values // (2 * count)))
+        bound = np.partition(chunk_maxima, len(chunk_maxima) - count)[len(chunk_maxima) - count]
+    chosen = np.flatnonzero(values >= bound) if bound > -np.inf else np.flatnonzero(values > -np.inf)
+    chosen_values = values[chosen]
+    if bound == -np.inf and len(chosen) <= count:
+        threshold = -np.inf
+    else:
+        threshold = np.partition(chosen_values, len(chosen) - count)[len(chosen) - count]
+        taken = chosen_values >= threshold
+        chosen, chosen_values = chosen[taken], chosen_values[taken]
+    order = np.argsort(-chosen_values, kind="stable")
+    return chosen[order], float(threshold)
 
 
 class _CandidateRun:
-    """The pairs (owner, x) with their scores when the run was made, yielded best first.
+    """The pairs (owner, x), x >= ``start``, whose score was last written with the owner's, best first.
 
-    ``neg_scores`` (N,) holds -score of the pair (owner, x) at index x, +inf where there is no candidate
-    (x dead, forbidden, x == owner, or, for a unit's initial run, x < owner, which the run of x holds).
+    The run keeps no copy of the owner's scores: it reads the current row ``scores[owner]``.  An entry
+    x whose score is still the one written when the run was made has kept its value; one that changed
+    since (x merged as the kept cluster, died, or the pair was forbidden) is either -inf/dead, which
+    excludes it, or carries x's newer score, which x's newer run also yields, so yielding it here too
+    is a harmless duplicate of the same key.  ``start`` is owner + 1 for a unit's initial run (the
+    pairs (x < owner, owner) belong to x's run) and 0 for a merged cluster's run.
+
     The key is (-score, min(owner, x), max(owner, x)); for x ascending the pairs are in
     (rep_lo, rep_hi) order (every x < owner gives (x, owner), before every (owner, x') with
     x' > owner), so a stable sort of -score over ascending x gives the full key order.
 
     Sorting happens a tier at a time: the best ``tier_size`` pairs not yet sorted, and every pair tied
-    with the last of them, so that the pairs left unsorted (-score > ``sorted_through``) are strictly
-    worse than the tier and ties keep their order across tiers.
+    with the last of them, so that the pairs left unsorted (score < ``sorted_below``) are strictly
+    worse than the tier and ties keep their order across tiers.  The first tier is the best score and
+    its ties (most runs die after yielding one pair).
     """
 
-    __slots__ = ("owner", "neg_scores", "sorted_through", "tier_neg_scores", "tier_others", "position", "tier_size")
+    __slots__ = ("owner", "start", "sorted_below", "tier_scores", "tier_others", "position", "tier_size")
 
-    def __init__(
-        self,
-        owner: int,
-        neg_scores: np.ndarray,
-        first_tier_others: np.ndarray | None = None,
-        sorted_through: float = -np.inf,
-    ) -> None:
-        """first_tier_others: an already sorted first tier covering every -score <= sorted_through."""
+    def __init__(self, owner: int, start: int, best_others: np.ndarray, best_score: float) -> None:
+        """best_others: ascending, every x >= start with the current best score ``best_score`` > -inf."""
         self.owner = owner
-        self.neg_scores = neg_scores
-        self.sorted_through = sorted_through
-        if first_tier_others is None:
-            first_tier_others = np.empty(0, dtype=np.int64)
-        self.tier_others = first_tier_others
-        self.tier_neg_scores = neg_scores[first_tier_others]
+        self.start = start
+        self.sorted_below = best_score
+        self.tier_others = best_others
+        self.tier_scores = np.full(len(best_others), best_score)
         self.position = 0
-        self.tier_size = _FIRST_TIER_SIZE * 4 if len(first_tier_others) else _FIRST_TIER_SIZE
+        self.tier_size = _NEXT_TIER_SIZE
 
-    def _sort_next_tier(self) -> bool:
+    def head(self) -> tuple[float, int, int]:
+        """The key of the pair at the current position (of a tier just sorted: current)."""
+        other = int(self.tier_others[self.position])
+        return (-float(self.tier_scores[self.position]), min(self.owner, other), max(self.owner, other))
+
+    def _sort_next_tier(self, scores: np.ndarray, alive: np.ndarray) -> bool:
         """Sort the next tier; False when every pair has been sorted already."""
-        unsorted = np.flatnonzero((self.neg_scores > self.sorted_through) & (self.neg_scores != np.inf))
-        if len(unsorted) == 0:
+        if self.sorted_below == -np.inf:
             return False
-        unsorted_neg_scores = self.neg_scores[unsorted]
-        if len(unsorted) > self.tier_size:
-            threshold = np.partition(unsorted_neg_scores, self.tier_size - 1)[self.tier_size - 1]
-            in_tier = unsorted_neg_scores <= threshold
-            unsorted, unsorted_neg_scores = unsorted[in_tier], unsorted_neg_scores[in_tier]
-            self.sorted_through = float(threshold)
-        else:
-            self.sorted_through = np.inf
-        order = np.argsort(unsorted_neg_scores, kind="stable")
-        self.tier_others = unsorted[order]
-        self.tier_neg_scores = unsorted_neg_scores[order]
+        row = scores[self.owner, self.start :]
+        candidates = (row < self.sorted_below) & (row > -np.inf) & alive[self.start :]
+        others, self.sorted_below = _best_entries(np.where(candidates, row, -np.inf), self.tier_size)
+        if len(others) == 0:
+            return False
+        self.tier_scores = row[others]
+        self.tier_others = others + self.start
         self.position = 0
         self.tier_size *= 4
         return True
 
-    def next_current(self, scores: np.ndarray) -> tuple[float, int, int] | None:
+    def next_current(self, scores: np.ndarray, alive: np.ndarray) -> tuple[float, int, int] | None:
         """Advance to the first pair whose score is still current; its key, or None when none is left.
 
         Stale pairs are found a chunk at a time with numpy; the chunk grows while whole chunks are stale.
@@ -181,59 +204,69 @@ class _CandidateRun:
         chunk = 8
         owner_scores = scores[self.owner]
         while True:
-            if self.position == len(self.tier_others) and not self._sort_next_tier():
+            if self.position == len(self.tier_others) and not self._sort_next_tier(scores, alive):
                 return None
             end = min(self.position + chunk, len(self.tier_others))
-            current = np.flatnonzero(
-                owner_scores[self.tier_others[self.position : end]] == -self.tier_neg_scores[self.position : end]
-            )
+            others = self.tier_others[self.position : end]
+            current = np.flatnonzero(alive[others] & (owner_scores[others] == self.tier_scores[self.position : end]))
             if len(current):
                 self.position += int(current[0])
-                other = int(self.tier_others[self.position])
-                return (float(self.tier_neg_scores[self.position]), min(self.owner, other), max(self.owner, other))
+                return self.head()
             self.position = end
             chunk *= 4
 
 
 def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
-    """Unit i's run of pairs (i, j > i) for every unit, first tiers sorted for all units at once.
+    """Unit i's run of pairs (i, j > i) for every unit that has one, first tiers found block by block.
 
-    scores: (N, N) initial scores (-inf diagonal and forbidden pairs).  Returns N runs (the last one
-    empty).  Doing the first tiers with whole-matrix numpy calls avoids N small calls per unit.
+    scores: (N, N) initial scores (-inf diagonal and forbidden pairs); only read, by row blocks, so
+    the temporaries stay small.
     """
     n_units = scores.shape[0]
-    upper_triangle = np.triu(np.ones((n_units, n_units), dtype=bool), k=1)
-    neg_scores = np.where(upper_triangle, -scores, np.inf)  # pair (i, j < i) belongs to unit j's run
-    tier_size = min(_FIRST_TIER_SIZE, n_units)
-    thresholds = np.partition(neg_scores, tier_size - 1, axis=1)[:, tier_size - 1]
-    in_first_tier = (neg_scores <= thresholds[:, None]) & (neg_scores != np.inf)
-    owners, others = np.nonzero(in_first_tier)  # row-major: others ascending within each owner
-    # Stable lexsort: by owner, then -score, then (from the nonzero order) other ascending.
-    order = np.lexsort((neg_scores[owners, others], owners))
-    owners, others = owners[order], others[order]
-    tier_starts = np.searchsorted(owners, np.arange(n_units + 1))
-    return [
-        _CandidateRun(
-            owner,
-            neg_scores[owner],
-            others[tier_starts[owner] : tier_starts[owner + 1]],
-            # A row with fewer finite pairs than the tier size was sorted completely.
-            float(thresholds[owner]) if np.isfinite(thresholds[owner]) else np.inf,
-        )
-        for owner in range(n_units)
-    ]
+    runs: list[_CandidateRun] = []
+    for block in index_blocks(n_units, ROW_BLOCK_ENTRIES // n_units):
+        first, size = block.start, block.stop - block.start
+        rows = scores[block, first:]  # pairs (i, j >= first) of the block's units i
+        leading = rows[:, :size].copy()
+        leading[np.tril_indices(size)] = -np.inf  # pair (i, j <= i) is not i's
+        best = leading.max(axis=1)
+        if rows.shape[1] > size:
+            np.maximum(best, rows[:, size:].max(axis=1), out=best)
+        ties = np.empty(rows.shape, dtype=bool)
+        np.equal(leading, best[:, None], out=ties[:, :size])
+        np.equal(rows[:, size:], best[:, None], out=ties[:, size:])
+        ties[best == -np.inf] = False
+        owners, others = np.nonzero(ties)  # row-major: others ascending within each owner
+        bounds = np.searchsorted(owners, np.arange(size + 1))
+        for row in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            owner = first + row
+            runs.append(_CandidateRun(owner, owner + 1, others[bounds[row] : bounds[row + 1]] + first, best[row]))
+    return runs
 
 
 def zip_matching(
-    similarity: np.ndarray, sizes: Sequence[int], target_width: int, alpha: float, beta: float
+    similarity: np.ndarray,
+    sizes: Sequence[int],
+    target_width: int,
+    alpha: float,
+    beta: float,
+    *,
+    overwrite_similarity: bool = False,
 ) -> ZipMatching:
     """Greedy zip matching of the units of len(sizes) models down to target_width clusters.
 
     similarity: (N, N) finite symmetric float64, N = sum(sizes); arguments are assumed validated
-    (see fxmerge.match.match).  Raises ConfigError when no allowed merge is left before target_width.
+    (see fxmerge.match.match).  overwrite_similarity: the caller's array is scratch and, when it is a
+    writeable C-ordered float64 array, becomes the score matrix (saves an (N, N) copy).
+    Raises ConfigError when no allowed merge is left before target_width.
+
+    Memory: one (N, N) float64 score matrix (none with overwrite_similarity), O(N) per live cluster
+    and row-block temporaries (ROW_BLOCK_ENTRIES).
     """
     n_units = int(sum(sizes))
-    scores = initial_scores(similarity)
+    scores = _scores_in_place(similarity) if overwrite_similarity else None
+    if scores is None:
+        scores = initial_scores(similarity)
     origins = unit_models(sizes)
     alive = np.ones(n_units, dtype=bool)
     budgets = zip_budgets(sizes, target_width, beta)
@@ -245,23 +278,18 @@ def zip_matching(
     merges: list[tuple[int, int, float]] = []
     run_of_cluster: dict[int, _CandidateRun] = {}
     # Each run's head as (-score, rep_lo, rep_hi, run serial, run).  Two runs can hold the same pair
-    # with the same score (a rewrite that happens to reproduce it); the serial keeps the tuples
-    # comparable without comparing runs, and either copy leads to the same merge.
+    # with the same score (see _CandidateRun); the serial keeps the tuples comparable without
+    # comparing runs, and either copy leads to the same merge.
     heap: list[tuple[float, int, int, int, _CandidateRun]] = []
     run_serials = itertools.count()
 
-    def push_head(run: _CandidateRun) -> None:
-        head = run.next_current(scores)
-        if head is not None:
-            heapq.heappush(heap, (*head, next(run_serials), run))
-
-    def start_run(run: _CandidateRun) -> None:
-        run_of_cluster[run.owner] = run
-        push_head(run)
-
     for run in _initial_runs(scores):
-        start_run(run)
+        run_of_cluster[run.owner] = run
+        heap.append((*run.head(), next(run_serials), run))
+    heapq.heapify(heap)
 
+    # Rows and columns of dead clusters are left as they were (nothing reads a dead row; ``alive``
+    # masks dead columns), which saves a strided column write per merge.
     clusters_left = n_units
     while clusters_left > target_width:
         if not heap:
@@ -269,16 +297,15 @@ def zip_matching(
         neg_score, kept, absorbed, _, run = heapq.heappop(heap)
         if run_of_cluster.get(run.owner) is not run:
             continue  # the run's owner merged since: all its pairs were rewritten or erased
-        if scores[kept, absorbed] == -neg_score:
+        if alive[kept] and alive[absorbed] and scores[kept, absorbed] == -neg_score:
+            merges.append((kept, absorbed, float(scores[kept, absorbed])))
             merged_scores = decayed_merged_scores(scores, kept, absorbed, alpha)
-            scores[absorbed, :] = -np.inf
-            scores[:, absorbed] = -np.inf
+            alive[absorbed] = False
+            merged_scores[~alive] = -np.inf
             scores[kept, :] = merged_scores
             scores[:, kept] = merged_scores
-            alive[absorbed] = False
             members[kept].extend(members[absorbed])
             members[absorbed] = []
-            merges.append((kept, absorbed, -neg_score))
             clusters_left -= 1
             origin = int(origins[kept])
             if origin == origins[absorbed]:
@@ -288,10 +315,17 @@ def zip_matching(
             run_of_cluster.pop(absorbed, None)
             run_of_cluster.pop(kept, None)
             if clusters_left > target_width:
-                start_run(_CandidateRun(kept, -scores[kept]))
+                kept_scores = scores[kept]
+                best_score = float(kept_scores.max())
+                if best_score > -np.inf:
+                    new_run = _CandidateRun(kept, 0, np.flatnonzero(kept_scores == best_score), best_score)
+                    run_of_cluster[kept] = new_run
+                    heapq.heappush(heap, (*new_run.head(), next(run_serials), new_run))
             continue  # the popped run belonged to kept or absorbed, so it is gone
         # A stale head: the run continues at its next current pair.
-        push_head(run)
+        head = run.next_current(scores, alive)
+        if head is not None:
+            heapq.heappush(heap, (*head, next(run_serials), run))
 
     labels = np.empty(n_units, dtype=np.int64)
     for rep in np.flatnonzero(alive):
@@ -299,9 +333,30 @@ def zip_matching(
     return ZipMatching(labels=labels_by_smallest_member(labels), merges=tuple(merges))
 
 
+def _scores_in_place(similarity: np.ndarray) -> np.ndarray | None:
+    """similarity itself as the initial scores (diagonal set to -inf), or None when it cannot be."""
+    if not (
+        isinstance(similarity, np.ndarray)
+        and similarity.dtype == np.float64
+        and similarity.flags.c_contiguous
+        and similarity.flags.writeable
+    ):
+        return None
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity
+
+
 def zip_labels(
-    similarity: np.ndarray, sizes: Sequence[int], target_width: int, alpha: float, beta: float
+    similarity: np.ndarray,
+    sizes: Sequence[int],
+    target_width: int,
+    alpha: float,
+    beta: float,
+    *,
+    overwrite_similarity: bool = False,
 ) -> np.ndarray:
     """Cluster labels (N,) of zip_matching, clusters ordered by their smallest global unit index."""
-    return zip_matching(similarity, sizes, target_width, alpha, beta).labels
+    return zip_matching(
+        similarity, sizes, target_width, alpha, beta, overwrite_similarity=overwrite_similarity
+    ).labels
 
