@@ -8,7 +8,8 @@
   ``process_group=WORLD``, give the single-process merge on all batches: the same depth
   alignment and matching decisions (identical M/U matrices), feature correlations and CKA equal
   to float64 rounding, state_dicts (BatchNorm running statistics included) equal to float32
-  rounding, and the same bits on both ranks.
+  rounding, and the same bits on both ranks; feature statistics within a memory budget (several
+  passes, each summed over the processes) equal the one-pass ones bit for bit.
 
 The workers are this file run as a script (``python test_distributed.py --worker ...``).
 """
@@ -31,7 +32,10 @@ from fxmerge import zoo
 from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.metrics import correlation
 from fxmerge.passes.dependency import analyze_graph, state_name_map
-from fxmerge.passes.features import NonFiniteSamples, RunningMoments, _correlation_, feature_statistics
+from fxmerge.passes.features import (
+    NonFiniteSamples, RunningMoments, _correlation_, feature_statistics, plan_passes, smallest_max_memory,
+    statistics_footprint,
+)
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.trace import trace
 
@@ -70,6 +74,13 @@ def _equal_depth_statistics(batches: list[torch.Tensor], process_group=None) -> 
     names = [g.name for g in analyses[0].groups if not g.fixed]
     free = [[a.group(name) for name in names] for a in analyses]
     statistics = feature_statistics(graphs, free, batches, quiet=True, process_group=process_group)
+    # within a memory budget (several passes, each summed over the processes): the same bits
+    keys, footprint = statistics_footprint(graphs, free, batches)
+    budget = smallest_max_memory(keys, footprint)
+    assert len(plan_passes(keys, footprint, budget)) >= 2
+    bounded = feature_statistics(graphs, free, batches, quiet=True, process_group=process_group, max_memory=budget)
+    assert bounded.keys() == statistics.keys()
+    assert all(np.array_equal(bounded[name].correlation, s.correlation) for name, s in statistics.items())
     return {name: s.correlation for name, s in statistics.items()} | {
         f"{name}/samples": np.array(s.samples) for name, s in statistics.items()
     }

@@ -9,9 +9,10 @@ is the correlation matrix over all models' units, averaged over the group's taps
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,14 +123,17 @@ class RunningMoments:
         return self._scatter
 
     @staticmethod
-    def nbytes(dim: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, exact: bool = False) -> tuple[int, int]:
-        """(what the moments of ``dim`` units hold, the most an update adds) in bytes: the float64
-        scatter and mean; the chunk buffers (float32 samples, ``exact`` False: at most
-        ``FLOAT32_ROWS`` rows of float64 width) with the widest panel product and a few vectors."""
+    def nbytes(
+        dim: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, exact: bool = False, samples: int | None = None
+    ) -> tuple[int, int]:
+        """(what the moments of ``dim`` units hold, the most an update of ``samples`` samples adds —
+        None: any number) in bytes: the float64 scatter and mean; the chunk buffers (float32
+        samples, ``exact`` False: at most ``FLOAT32_ROWS`` rows), the widest panel product and a
+        few vectors."""
         width = _panels(max(dim, 1))[0][1]
         rows = max(64, chunk_bytes // (8 * max(dim, 1)))
-        buffers = 8 * dim * (rows if exact else min(rows, FLOAT32_ROWS))
-        return 8 * dim * (dim + 1), buffers + 12 * width * dim + 64 * dim
+        rows = min(rows if exact else min(rows, FLOAT32_ROWS), samples if samples is not None else rows)
+        return 8 * dim * (dim + 1), 8 * dim * rows + 12 * width * dim + 64 * dim
 
     def chunk_rows(self) -> int:
         """Rows per chunk: ``chunk_bytes`` worth of float64 rows, at least 64 (float32 samples:
@@ -398,59 +402,101 @@ def _on_device(batch: Any, device: torch.device | None) -> Batch:
 Key = tuple[str, str]  # (group name, tap node)
 
 
-def plan_passes(
-    keys: Sequence[Key], dims: Mapping[str, int], max_memory: int | None, *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, exact: bool = False, results_on_device: bool = True,
-) -> list[list[Key]]:
+@dataclass(frozen=True)
+class Footprint:
+    """The memory the statistics of each (group, tap) take (``RunningMoments.nbytes``).
+
+    ``dims``: the joint width of each group; ``samples``: the most samples a batch gives at each
+    (group, tap) (a key not listed: any number, the chunk size bounds the buffers); ``exact``:
+    float64 samples; ``results_on_device``: the statistics are on the CPU, in the memory where
+    the finished groups' correlations (which ``feature_statistics`` returns) stay too.
+    """
+
+    dims: Mapping[str, int]
+    samples: Mapping[Key, int] = field(default_factory=dict)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    exact: bool = False
+    results_on_device: bool = True
+
+    def __repr__(self) -> str:
+        return f"Footprint({len(self.dims)} groups, widest {max(self.dims.values(), default=0)})"
+
+    def need(self, keys: Sequence[Key], first: int, stop: int) -> int:
+        """Bytes held during a pass over ``keys[first:stop]`` (an empty one: what the passes
+        before ``first`` keep): its moments, the largest update's buffers and the correlation of
+        every group begun before it (a group's correlation is computed in place in its first
+        tap's scatter and kept until its last tap is folded in; with ``results_on_device``, until
+        the end)."""
+        last = {name: index for index, (name, _) in enumerate(keys)}
+        begun = {name for name, _ in keys[:first]}
+        kept = sum(8 * self.dims[name] ** 2 for name in begun if self.results_on_device or last[name] >= first)
+        sizes = [
+            RunningMoments.nbytes(self.dims[key[0]], self.chunk_bytes, exact=self.exact, samples=self.samples.get(key))
+            for key in keys[first:stop]
+        ]
+        return kept + sum(held for held, _ in sizes) + max((update for _, update in sizes), default=0)
+
+
+def plan_passes(keys: Sequence[Key], footprint: Footprint, max_memory: int | None) -> list[list[Key]]:
     """Split the (group, tap) statistics, in order, into passes that each fit ``max_memory``.
 
-    ``dims``: the joint width of each group. A pass holds the ``RunningMoments`` of its keys and
-    one update's buffers (``RunningMoments.nbytes``; ``exact``: float64 samples), and, from the earlier passes, the
-    correlation of every group begun so far (a group's correlation is computed in place in its
-    first tap's scatter and kept until the group's last tap is folded in; when
-    ``results_on_device`` — the statistics are on the CPU — the finished groups' correlations,
-    which ``feature_statistics`` returns, stay in the same memory too). Passes are filled
-    greedily in the given order, so the moments are folded in the same order as in one pass.
-    None: one pass. A key that does not fit even alone raises ``ConfigError`` naming it.
+    Passes are filled greedily in the given order (``Footprint.need`` bytes each), so the
+    moments are folded in the same order as in one pass. None: one pass. A key that does not fit
+    even in a pass of its own raises ``ConfigError`` naming it, the bytes it needs and
+    ``smallest_max_memory``.
     """
     if max_memory is None or not keys:
         return [list(keys)] if keys else []
-    held_bytes = {name: 8 * dims[name] ** 2 for name in dims}
-    last = {name: index for index, (name, _) in enumerate(keys)}
     passes: list[list[Key]] = []
-    current: list[Key] = []
-
-    def held(before: int) -> int:
-        """Bytes kept from the passes that end before key index ``before``."""
-        begun = {name for name, _ in keys[:before]}
-        return sum(held_bytes[name] for name in begun if results_on_device or last[name] >= before)
-
-    def need(pass_keys: list[Key], first: int) -> int:
-        sizes = [RunningMoments.nbytes(dims[name], chunk_bytes, exact=exact) for name, _ in pass_keys]
-        return held(first) + sum(s for s, _ in sizes) + max(u for _, u in sizes)
-
     first = 0
     for index, key in enumerate(keys):
-        if need([*current, key], first) <= max_memory:
-            current.append(key)
-            continue
-        if current:
-            passes.append(current)
-            current, first = [], index
-        required = need([key], first)
-        if required > max_memory:
+        if index > first and footprint.need(keys, first, index + 1) <= max_memory:
+            continue  # joins the current pass
+        if index > first:
+            passes.append(list(keys[first:index]))
+            first = index
+        if footprint.need(keys, index, index + 1) > max_memory:
             name, node = key
-            kept = held(first)
-            why = f", of which {_mib(kept)} hold the correlations of the groups before it" if kept else ""
+            dim, kept, smallest = footprint.dims[name], footprint.need(keys, index, index), smallest_max_memory(keys, footprint)
+            why = f", {_mib(kept)} of them the correlations of the groups before it" if kept else ""
             raise ConfigError(
                 f"max_memory={max_memory} bytes ({_mib(max_memory)}) is too small for the feature statistics of "
-                f"group {name!r} at node {node!r}: {dims[name]} units over all models need "
-                f"{_mib(required)} ({dims[name]} x {dims[name]} float64 plus the update buffers{why}); "
-                f"give max_memory >= {required}"
+                f"group {name!r} at node {node!r}: {dim} units over all models need "
+                f"{_mib(footprint.need(keys, index, index + 1))} in a pass of their own ({dim} x {dim} float64, "
+                f"the update buffers{why}); give max_memory >= {smallest} ({_mib(smallest)})"
             )
-        current = [key]
-    passes.append(current)
+    passes.append(list(keys[first:]))
     return passes
+
+
+def smallest_max_memory(keys: Sequence[Key], footprint: Footprint) -> int:
+    """A ``max_memory`` with which ``plan_passes`` succeeds: every key fits in a pass of its own
+    (then the greedy plan fits: a key either joins a pass within the budget or starts one)."""
+    return max((footprint.need(keys, index, index + 1) for index in range(len(keys))), default=0)
+
+
+def _samples_per_batch(
+    gm: GraphModule, keys: Sequence[Key], tap_dims: Mapping[Key, int], batches: Iterable[Any]
+) -> dict[Key, int]:
+    """The most samples a batch gives at each key: the tap's recorded shape (``tensor_meta``, of
+    the example ``gm`` was traced on) without its channel dim, scaled by the largest batch over
+    that example's batch size. Empty when ``batches`` is not a sequence or a shape is missing."""
+    if not isinstance(batches, Sequence) or not batches:
+        return {}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    example = next((n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if not hasattr(example, "shape") or len(example.shape) == 0 or example.shape[0] < 1:
+        return {}
+    largest = max(as_batch(batch).size for batch in batches)
+    out = {}
+    for key in keys:
+        meta = nodes[key[1]].meta.get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            return {}
+        shape = list(meta.shape)
+        channels = shape.pop(tap_dims[key])
+        out[key] = -(-math.prod(shape) * largest // int(example.shape[0])) if channels else 0
+    return out
 
 
 def _mib(size: int) -> str:
@@ -525,6 +571,27 @@ def _observe(
     return moments
 
 
+def _tap_keys(models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]]) -> tuple[list[Key], dict[Key, int]]:
+    """Every observed (group, tap), in the order their moments are folded into the groups'
+    correlations, and the channel dim of each tap."""
+    taps = [(g.name, tap) for g in groups[0] for tap in choose_taps(models[0], g)]
+    return [(name, tap.node) for name, tap in taps], {(name, tap.node): tap.dim for name, tap in taps}
+
+
+def statistics_footprint(
+    models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]], batches: Iterable[Any]
+) -> tuple[list[Key], Footprint]:
+    """The (group, tap) keys ``feature_statistics`` observes, in order, and what their statistics
+    take (``plan_passes``, ``smallest_max_memory``)."""
+    keys, tap_dims = _tap_keys(models, groups)
+    device, dtype = _device_of(models)
+    dims = {g.name: sum(model_groups[i].size for model_groups in groups) for i, g in enumerate(groups[0])}
+    return keys, Footprint(
+        dims, _samples_per_batch(models[0], keys, tap_dims, batches), exact=dtype == torch.float64,
+        results_on_device=device is None or device.type == "cpu",
+    )
+
+
 def feature_statistics(
     models: Sequence[GraphModule],
     groups: Sequence[Sequence[ChannelSpace]],
@@ -561,19 +628,13 @@ def feature_statistics(
     """
     group = check_group(process_group)
     reference = groups[0]
-    tap_lists = {g.name: choose_taps(models[0], g) for g in reference}
     sizes = {g.name: tuple(model_groups[i].size for model_groups in groups) for i, g in enumerate(reference)}
-    keys = [(g.name, tap.node) for g in reference for tap in tap_lists[g.name]]
-    tap_dims = {(g.name, tap.node): tap.dim for g in reference for tap in tap_lists[g.name]}
-    device, dtype = _device_of(models)
-    passes = plan_passes(
-        keys, {name: sum(s) for name, s in sizes.items()}, max_memory, exact=dtype == torch.float64,
-        results_on_device=device is None or device.type == "cpu",
-    )
+    keys, tap_dims = _tap_keys(models, groups)
+    passes = [keys] if max_memory is None else plan_passes(keys, statistics_footprint(models, groups, batches)[1], max_memory)
     if len(passes) > 1 and not isinstance(batches, Sequence):
         batches = list(batches)  # every pass iterates over them
-    folds = {name: _Fold() for name in tap_lists}
-    remaining = {name: len(taps) for name, taps in tap_lists.items()}
+    folds = {name: _Fold() for name, _ in keys}
+    remaining = {name: sum(1 for other, _ in keys if other == name) for name in folds}
     result: dict[str, GroupStatistics] = {}
     for index, pass_keys in enumerate(passes):
         description = "feature statistics" + (f" (pass {index + 1} of {len(passes)})" if len(passes) > 1 else "")
