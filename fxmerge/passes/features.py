@@ -30,7 +30,8 @@ from fxmerge.groups import ChannelSpace, Tap
 from fxmerge.inputs import Batch, as_batch
 from fxmerge.progress import progress
 
-# Samples are converted to float64 in chunks of at most this many bytes (rows x dim x 8).
+# An update's chunks: at most this many bytes of float64 rows (rows x dim x 8; the float32 chunk
+# buffer takes half of it).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # At most this many rows enter one float32 product (the n of the error bound in RunningMoments).
 FLOAT32_ROWS = 2**14
@@ -45,11 +46,12 @@ class NonFiniteSamples(ValueError):
 
 
 def _panels(dim: int) -> list[tuple[int, int]]:
-    """The row ranges of the upper-triangle panels of a (dim, dim) Gram matrix: about 8 panels of
-    at least 32 rows; panel (lo, hi) is rows lo..hi, columns lo..dim. Summed over the panels a
-    Gram matrix costs (P + 1) / 2P of the full product (P panels: 56% for 8), in products wide
-    enough to run at full speed."""
-    width = max(32, -(-dim // 8))
+    """The row ranges of the upper-triangle panels of a (dim, dim) Gram matrix: panel (lo, hi) is
+    rows lo..hi, columns lo..dim; about 8 panels, of 32 to 256 rows. Summed over its P panels a
+    Gram matrix costs (P + 1) / 2P of the full product (56% for 8, less for wider matrices), in
+    products wide enough to run at full speed; a panel's product (and its float64 copy when it is
+    added to the scatter) takes at most 12 x 256 x dim bytes."""
+    width = min(256, max(32, -(-dim // 8)))
     return [(lo, min(lo + width, dim)) for lo in range(0, dim, width)]
 
 
@@ -70,8 +72,8 @@ class RunningMoments:
     ``update(x)`` takes a (samples, d) batch — or a sequence of (samples, d_k) blocks whose
     columns are concatenated (the models' features), so the joint feature matrix is never built —
     and merges it into the running statistics (Chan et al.). Memory is O(d^2) whatever the number
-    of batches; an update adds at most ``chunk_bytes`` (64 MiB by default) and a few (d / 8, d)
-    panels, whatever the number of samples. A NaN or Inf sample raises ``NonFiniteSamples`` and
+    of batches; an update adds at most ``chunk_bytes`` (64 MiB by default) and one panel product
+    (``_panels``), whatever the number of samples. A NaN or Inf sample raises ``NonFiniteSamples`` and
     leaves the moments unchanged.
 
     How a batch of n samples is added: its mean m is computed in float64 (exact to float64
