@@ -357,7 +357,7 @@ def collect_statistics(
     observed = observed_groups([s.analysis for s in states], region.groups)
     return feature_statistics(
         [s.graph for s in states], observed, batches, num_batches=len(batches), quiet=config.quiet,
-        process_group=process_group,
+        process_group=process_group, max_memory=config.max_memory,
     )
 
 
@@ -454,6 +454,7 @@ def merge(
     capture: str = "auto",
     model_weights: Sequence[float] | None = None,
     process_group: Any = None,
+    max_memory: int | str | None = None,
 ) -> MergeResult:
     """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
 
@@ -496,6 +497,13 @@ def merge(
             The sufficient statistics of the unit CKA, the feature statistics and the BatchNorm
             reset are summed over the processes, so every process returns the same merged model:
             the single-process merge on all shards' batches, up to float64 rounding.
+        max_memory: None, or a budget for the feature statistics: bytes, or a string such as
+            "4GB" (powers of 1000) or "512MiB" (powers of 1024). When the float64 covariances of
+            all observed groups (with their correlations, kept for matching) do not fit, the
+            groups are observed over several passes over the calibration data, each within the
+            budget, with the same merged model as one pass, bit for bit. A single group's
+            covariance larger than the budget raises ``ConfigError`` with the size it needs. The
+            models, the taps' features of one batch and the later stages are not counted.
 
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
@@ -503,6 +511,7 @@ def merge(
         method=method, depth=depth, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
+        max_memory=max_memory,
     )
     models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
     if config.model_weights is not None and len(config.model_weights) != len(models):

@@ -70,6 +70,24 @@ def parse_stop(text: Any) -> Any:
     return text
 
 
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: Any) -> Any:
+    """'4GB' -> 4 * 10**9 | '512MiB' -> 512 * 2**20 | '1e9' -> 10**9 | '4096' -> 4096 (KB/MB/GB/TB are
+    powers of 1000, KiB/MiB/GiB/TiB of 1024, the 'B' may be left out); non-strings are returned as
+    they are."""
+    import re
+
+    if not isinstance(text, str):
+        return text
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT][iI]?)?[bB]?\s*", text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a size in bytes, e.g. 4GB, 512MiB or 1000000")
+    size = float(found.group(1)) * _BYTE_UNITS[(found.group(2) or "").lower()]
+    return int(size) if math.isfinite(size) else text
+
+
 def parse_leaf(text: Any) -> Any:
     """'package.module:Class' -> the class; another string is a qualified module name ('layer1.0')."""
     if isinstance(text, str) and ":" in text:
@@ -162,6 +180,11 @@ class MergeConfig:
         None, "one weight per model (normalised to sum 1) for the merged weights: a weighted "
         "average instead of the plain one (given once per model)", parse=float, metavar="W", repeat=True,
     )
+    max_memory: int | None = _option(
+        None, "memory budget of the feature statistics, in bytes or e.g. 4GB / 512MiB: groups whose "
+        "covariances do not fit together are observed over several passes over the calibration data "
+        "(the same merge, bit for bit)", parse=parse_bytes, metavar="BYTES",
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -213,6 +236,14 @@ class MergeConfig:
                 f"leaf_modules={self.leaf_modules!r} must be a list of module classes or qualified module names"
             )
         object.__setattr__(self, "leaf_modules", leaves)  # frozen: store the normalised tuple
+        if self.max_memory is not None:
+            try:
+                budget = parse_bytes(self.max_memory)
+            except ValueError as error:
+                raise ConfigError(f"max_memory={self.max_memory!r}: {error}") from None
+            if not _is_number(budget) or not math.isfinite(budget) or budget < 1:
+                raise ConfigError(f"max_memory={self.max_memory!r} must be a number of bytes >= 1 (an int, or e.g. '4GB'), or None")
+            object.__setattr__(self, "max_memory", int(budget))
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any], where: str = "merge options") -> MergeConfig:

@@ -34,6 +34,7 @@ NON_DEFAULT = {
     "leaf_modules": ((nn.ReLU, "stage1.0"), "['torch.nn:ReLU', stage1.0]"),
     "capture": ("fx", "fx"),
     "model_weights": ((0.25, 0.75), "[0.25, 0.75]"),
+    "max_memory": (4 * 10**9, "4GB"),
 }
 
 
@@ -129,6 +130,7 @@ def test_flags_parse_like_yaml_and_override_it(tmp_path) -> None:
         ("{leaf_modules: ['torch.nn:relu']}", "has no attribute 'relu'"),
         ("{leaf_modules: ['torch.nn:functional']}", "'torch.nn:functional' is not a class"),
         ("{method: fastest}", "method='fastest' is not one of"),
+        ("{max_memory: lots}", "max_memory='lots' is not a valid value"),
         ("[zip]", "'merge:' must be a mapping"),
     ],
 )

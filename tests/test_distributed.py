@@ -1,13 +1,15 @@
 """Distributed statistics (a torch.distributed process group) and chunked covariance accumulation.
 
 * ``RunningMoments`` in chunks (and from per-model blocks) equals the unchunked update and a
-  two-pass float64 reference; the in-place correlation equals ``fxmerge.metrics.correlation``.
+  two-pass float64 reference (float64 samples; float32 ones: ``test_features.py``); the in-place
+  correlation equals ``fxmerge.metrics.correlation``.
 * Two processes (gloo on localhost, a file:// rendezvous: no network beyond loopback), each
   merging two zoo ResNets of different depths with HALF of the calibration batches and
   ``process_group=WORLD``, give the single-process merge on all batches: the same depth
   alignment and matching decisions (identical M/U matrices), feature correlations and CKA equal
   to float64 rounding, state_dicts (BatchNorm running statistics included) equal to float32
-  rounding, and the same bits on both ranks.
+  rounding, and the same bits on both ranks; feature statistics within a memory budget (several
+  passes, each summed over the processes) equal the one-pass ones bit for bit.
 
 The workers are this file run as a script (``python test_distributed.py --worker ...``).
 """
@@ -30,7 +32,10 @@ from fxmerge import zoo
 from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.metrics import correlation
 from fxmerge.passes.dependency import analyze_graph, state_name_map
-from fxmerge.passes.features import NonFiniteSamples, RunningMoments, _correlation_, feature_statistics
+from fxmerge.passes.features import (
+    NonFiniteSamples, RunningMoments, _correlation_, feature_statistics, plan_passes, smallest_max_memory,
+    statistics_footprint,
+)
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.trace import trace
 
@@ -69,6 +74,13 @@ def _equal_depth_statistics(batches: list[torch.Tensor], process_group=None) -> 
     names = [g.name for g in analyses[0].groups if not g.fixed]
     free = [[a.group(name) for name in names] for a in analyses]
     statistics = feature_statistics(graphs, free, batches, quiet=True, process_group=process_group)
+    # within a memory budget (several passes, each summed over the processes): the same bits
+    keys, footprint = statistics_footprint(graphs, free, batches)
+    budget = smallest_max_memory(keys, footprint)
+    assert len(plan_passes(keys, footprint, budget)) >= 2
+    bounded = feature_statistics(graphs, free, batches, quiet=True, process_group=process_group, max_memory=budget)
+    assert bounded.keys() == statistics.keys()
+    assert all(np.array_equal(bounded[name].correlation, s.correlation) for name, s in statistics.items())
     return {name: s.correlation for name, s in statistics.items()} | {
         f"{name}/samples": np.array(s.samples) for name, s in statistics.items()
     }
@@ -128,7 +140,10 @@ def test_distributed_merge_equals_single_process(tmp_path: Path, one_thread) -> 
     start = time.perf_counter()
     rendezvous = tmp_path / "rendezvous"
     outs = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # the workers import this checkout's fxmerge (not an installed one: they run as scripts)
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
     workers = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", str(rank), str(rendezvous), str(outs[rank])],
@@ -204,10 +219,14 @@ def _reference_moments(batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndar
 
 @pytest.mark.parametrize("chunk_rows", [1, 37, 256, 10_000])
 def test_chunked_update_equals_unchunked(chunk_rows: int) -> None:
+    """float64 samples (multiplied in float64): chunks change nothing beyond float64 rounding.
+    (float32 samples: ``tests/test_features.py`` checks the float32 products against float64.)"""
     generator = torch.Generator().manual_seed(0)
     # An offset mean and unequal scales: the centring has to be done right.
     batches = [
-        torch.randn(n, 96, generator=generator) * torch.linspace(0.1, 5.0, 96) + 30.0 for n in (500, 1, 333, 1024)
+        torch.randn(n, 96, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 5.0, 96, dtype=torch.float64)
+        + 30.0
+        for n in (500, 1, 333, 1024)
     ]
     unchunked = RunningMoments(96)
     chunked = RunningMoments(96)
@@ -223,9 +242,11 @@ def test_chunked_update_equals_unchunked(chunk_rows: int) -> None:
 
 
 def test_default_chunks_and_blocks() -> None:
-    """A small chunk budget forces many chunks; per-model blocks equal their concatenation."""
+    """A small chunk budget forces many chunks; per-model blocks equal their concatenation (float64
+    samples, so the chunks and blocks are the only difference)."""
     generator = torch.Generator().manual_seed(1)
-    a, b = torch.randn(3000, 40, generator=generator), torch.randn(3000, 24, generator=generator) * 3 + 1
+    a = torch.randn(3000, 40, generator=generator, dtype=torch.float64)
+    b = torch.randn(3000, 24, generator=generator, dtype=torch.float64) * 3 + 1
     joint = RunningMoments(64)
     blocks = RunningMoments(64, chunk_bytes=64 * 64 * 8)  # 64-row chunks
     assert blocks.chunk_rows() == 64

@@ -1,17 +1,21 @@
-"""Feature statistics: one streamed pass over calibration batches through every model.
+"""Feature statistics: streamed passes over calibration batches through every model.
 
 For every free group, the pass observes the group's channels at its taps in every model,
 concatenates them into joint features ``[f_1; ...; f_K]`` (conv features: every spatial
 position is a sample), and accumulates their mean and covariance in float64 with a batch-wise
-merge (Chan et al.), so memory does not grow with the number of batches. The result per group
-is the correlation matrix over all models' units, averaged over the group's taps.
+merge (Chan et al.; float32 products of centred samples within a batch, see ``RunningMoments``),
+so memory does not grow with the number of batches. The result per group is the correlation
+matrix over all models' units, averaged over the group's taps. One pass observes every group;
+under a memory budget (``max_memory``) the groups are spread over several passes
+(``plan_passes``) with the same result, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,35 +25,85 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
-from fxmerge.errors import CalibrationError
+from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.groups import ChannelSpace, Tap
-from fxmerge.inputs import as_batch
+from fxmerge.inputs import Batch, as_batch
 from fxmerge.progress import progress
 
-# Samples are converted to float64 in chunks of at most this many bytes (rows x dim x 8).
+# An update's chunks: at most this many bytes of float64 rows (rows x dim x 8; the float32 chunk
+# buffer takes half of it).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# At most this many rows enter one float32 product (the n of the error bound in RunningMoments).
+FLOAT32_ROWS = 2**14
+# A float32 chunk whose centred values leave this range in some unit (max |c| of a unit outside
+# it, and not 0) is accumulated in float64: squares above 2^100 times 2^14 rows could overflow
+# float32, products below 2^-120 are subnormal (they lose relative precision).
+FLOAT32_RANGE = (2.0**-60, 2.0**50)
 
 
 class NonFiniteSamples(ValueError):
     """``RunningMoments.update`` got a NaN or Inf sample (the statistics are left unchanged)."""
 
 
+def _panels(dim: int) -> list[tuple[int, int]]:
+    """The row ranges of the upper-triangle panels of a (dim, dim) Gram matrix: panel (lo, hi) is
+    rows lo..hi, columns lo..dim; about 8 panels, of 32 to 256 rows. Summed over its P panels a
+    Gram matrix costs (P + 1) / 2P of the full product (56% for 8, less for wider matrices), in
+    products wide enough to run at full speed; a panel's product (and its float64 copy when it is
+    added to the scatter) takes at most 12 x 256 x dim bytes."""
+    width = min(256, max(32, -(-dim // 8)))
+    return [(lo, min(lo + width, dim)) for lo in range(0, dim, width)]
+
+
+@contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """float32 products in float32 (no TF32 or bfloat16 shortcut a user may have enabled)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 class RunningMoments:
-    """Streaming mean and covariance of d-dimensional samples, in float64.
+    """Streaming mean and covariance of d-dimensional samples, accumulated in float64.
 
     ``update(x)`` takes a (samples, d) batch — or a sequence of (samples, d_k) blocks whose
     columns are concatenated (the models' features), so the joint feature matrix is never built —
     and merges it into the running statistics (Chan et al.). Memory is O(d^2) whatever the number
-    of batches, and an update allocates no d x d temporary: samples are converted to float64
-    ``chunk_rows`` rows at a time into one reusable (chunk_rows, d) buffer, their centred outer
-    products are added to ``scatter`` in place (``addmm_``), and the rank-one correction for the
-    shift of the mean rides along as one extra row of the last chunk. Peak memory of an update is
-    ``scatter`` plus the chunk buffer (``chunk_bytes``, 64 MiB by default), whatever the number
-    of samples. A NaN or Inf sample raises ``NonFiniteSamples`` and leaves the moments unchanged.
+    of batches; an update adds at most ``chunk_bytes`` (64 MiB by default) and one panel product
+    (``_panels``), whatever the number of samples. A NaN or Inf sample raises ``NonFiniteSamples`` and
+    leaves the moments unchanged.
+
+    How a batch of n samples is added: its mean m is computed in float64 (exact to float64
+    rounding); the samples are centred at m rounded to their own precision, r (x - r: exact when
+    x is within a factor 2 of r, else rounded to a relative 2^-24); their Gram matrix
+    ``sum (x - r)(x - r)^T`` is computed chunk by chunk (at most ``chunk_rows`` rows) and added to
+    the float64 ``scatter``; two float64 rank-one terms then make it the scatter about the new
+    running mean: ``- n (m - r)(m - r)^T`` and Chan's ``(count n / total) (m - mean)(m - mean)^T``.
+    Only the upper block triangle of the symmetric Gram is computed (``_panels``: about 56% of
+    the flops); ``scatter`` mirrors it when read.
+
+    Precision. float64 samples are multiplied in float64. float32 (or narrower) samples are
+    multiplied in float32 and the products summed in float64, chunk by chunk. For a chunk of n
+    rows (n <= ``FLOAT32_ROWS`` = 2^14) an entry sum_i c_ai c_bi of its Gram matrix carries a
+    rounding error of about sqrt(n) 2^-24 ||c_a|| ||c_b|| (typically; n 2^-24 at worst), with
+    ||c_a|| the norm of unit a's centred values over the chunk. The samples being centred before
+    the product, ||c_a||^2 is the unit's own scatter over the chunk whatever its mean: a mean
+    offset costs no precision (an uncentred Gram would lose a factor (mean / spread)^2). The
+    chunks are added in float64, so (Cauchy-Schwarz over the chunks) the error of S_ab stays
+    below the same relative bound times sqrt(S_aa S_bb) however many batches are added, and a
+    correlation S_ab / sqrt(S_aa S_bb) is within about 2 sqrt(n) 2^-24 of the float64 one
+    (~1e-6..1e-5; measured ~1e-7 on a small ViT's activations and ~5e-7 with a mean offset
+    10^4 times the spread, ``tests/test_features.py``). A chunk with a unit whose centred values
+    leave ``FLOAT32_RANGE`` (float32 products could overflow or underflow) is multiplied in
+    float64 instead. Products run in IEEE float32 whatever ``torch.set_float32_matmul_precision``
+    says (no TF32 or bfloat16).
 
     ``count``, ``mean`` and ``scatter`` (the sum of outer products of the samples centred at
     ``mean``) are sufficient statistics: ``all_reduce_moments`` combines those of several
-    processes exactly.
+    processes exactly. The same samples in the same order give the same bits.
     """
 
     def __init__(
@@ -58,11 +112,39 @@ class RunningMoments:
         self.dim = dim
         self.count = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # sum of centred outer products
+        # Sum of centred outer products; updates write its upper block triangle only (``_panels``),
+        # ``scatter`` mirrors it into the lower one when read.
+        self._scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self._mirrored = True
         self.chunk_bytes = chunk_bytes
 
+    @property
+    def scatter(self) -> torch.Tensor:
+        """The (d, d) sum of outer products of the samples centred at ``mean`` (symmetric)."""
+        if not self._mirrored:
+            for lo, hi in _panels(self.dim):
+                diagonal = self._scatter[lo:hi, lo:hi]
+                diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+                self._scatter[hi:, lo:hi].copy_(self._scatter[lo:hi, hi:].T)
+            self._mirrored = True
+        return self._scatter
+
+    @staticmethod
+    def nbytes(
+        dim: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, exact: bool = False, samples: int | None = None
+    ) -> tuple[int, int]:
+        """(what the moments of ``dim`` units hold, the most an update of ``samples`` samples adds —
+        None: any number) in bytes: the float64 scatter and mean; the chunk buffers (float32
+        samples, ``exact`` False: at most ``FLOAT32_ROWS`` rows), the widest panel product and a
+        few vectors."""
+        width = _panels(max(dim, 1))[0][1]
+        rows = max(64, chunk_bytes // (8 * max(dim, 1)))
+        rows = min(rows if exact else min(rows, FLOAT32_ROWS), samples if samples is not None else rows)
+        return 8 * dim * (dim + 1), 8 * dim * rows + 12 * width * dim + 64 * dim
+
     def chunk_rows(self) -> int:
-        """Rows converted to float64 at a time: ``chunk_bytes`` worth, at least 64."""
+        """Rows per chunk: ``chunk_bytes`` worth of float64 rows, at least 64 (float32 samples:
+        at most ``FLOAT32_ROWS``)."""
         return max(64, self.chunk_bytes // (8 * max(self.dim, 1)))
 
     def update(self, samples: torch.Tensor | Sequence[torch.Tensor], *, chunk_rows: int | None = None) -> None:
@@ -77,41 +159,61 @@ class RunningMoments:
             )
         if n == 0:
             return
+        exact = any(b.dtype == torch.float64 for b in blocks)
+        dtype = torch.float64 if exact else torch.float32
         rows = min(n, chunk_rows if chunk_rows is not None else self.chunk_rows())
+        rows = rows if exact else min(rows, FLOAT32_ROWS)
         offsets = np.cumsum([0, *widths]).tolist()
-        # One spare row: the mean-shift correction rides along in the last chunk's product.
-        buffer = torch.empty(rows + 1, self.dim, dtype=torch.float64, device=self.mean.device)
+        spans = list(zip(blocks, offsets[:-1], offsets[1:]))
+        device = self.mean.device
 
-        def load(start: int) -> torch.Tensor:
-            """Rows start..start+rows of the joint samples, as float64, in the reused buffer."""
-            stop = min(start + rows, n)
-            chunk = buffer[: stop - start]
-            for block, lo, hi in zip(blocks, offsets[:-1], offsets[1:]):
-                chunk[:, lo:hi].copy_(block[start:stop])
-            return chunk
-
-        # Pass 1: the batch mean. A float64 sum of float32 (or narrower) samples cannot overflow,
-        # so it is finite exactly when every sample is: the finiteness check costs nothing more.
-        batch_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.mean.device)
+        # Pass 1: the batch mean in float64 (``sum(dtype=)`` converts a (rows, d_k) piece at a
+        # time). A float64 sum of float32 (or narrower) samples cannot overflow, so it is finite
+        # exactly when every sample is: the finiteness check costs nothing more.
+        batch_sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
         for start in range(0, n, rows):
-            batch_sum += load(start).sum(dim=0)
+            for block, lo, hi in spans:
+                batch_sum[lo:hi] += block[start : start + rows].sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(batch_sum).all()):
             raise NonFiniteSamples("RunningMoments.update: the samples contain NaN or Inf")
         batch_mean = batch_sum.div_(n)
+        reference = batch_mean.to(dtype)  # where the samples are centred: m in their precision
+        shift = batch_mean - reference.double()  # m - r, exact
+
+        def load(buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            """Rows start..stop of the joint samples minus ``reference``, in ``buffer``'s dtype."""
+            chunk = buffer[: stop - start]
+            for block, lo, hi in spans:
+                chunk[:, lo:hi].copy_(block[start:stop])
+            return chunk.sub_(reference)
+
+        # Pass 2: scatter += the Gram matrix of the centred samples, chunk by chunk.
+        panels = _panels(self.dim)
+        buffer = torch.empty(rows, self.dim, dtype=dtype, device=device)
+        with _ieee_float32_matmul():
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                chunk = load(buffer, start, stop)
+                if not exact and not _in_float32_range(chunk):
+                    # multiplied in float64, half the rows at a time (within ``chunk_bytes``)
+                    del chunk
+                    half = max(1, rows // 2)
+                    wide = torch.empty(half, self.dim, dtype=torch.float64, device=device)
+                    for part in range(start, stop, half):
+                        _add_upper_gram_(self._scatter, load(wide, part, min(part + half, stop)), panels)
+                    del wide
+                    continue
+                _add_upper_gram_(self._scatter, chunk, panels)
+        del buffer
         total = self.count + n
         delta = batch_mean - self.mean
-        # Pass 2: scatter += sum of outer products centred at the batch mean, plus the rank-one
-        # correction (count * n / total) delta delta^T for the shift of the mean (Chan et al.),
-        # as one extra row sqrt(count * n / total) delta of the last chunk.
-        for start in range(0, n, rows):
-            chunk = buffer[:n] if n <= rows else load(start)  # one chunk: still loaded by pass 1
-            chunk.sub_(batch_mean)
-            if start + rows >= n and self.count:
-                extra = buffer[chunk.shape[0]]
-                torch.mul(delta, math.sqrt(self.count * n / total), out=extra)
-                chunk = buffer[: chunk.shape[0] + 1]
-            self.scatter.addmm_(chunk.T, chunk)
-        del buffer
+        for lo, hi in panels:
+            upper = self._scatter[lo:hi, lo:]
+            if not exact:
+                upper.addr_(shift[lo:hi], shift[lo:], alpha=-float(n))  # about m, not r
+            if self.count:
+                upper.addr_(delta[lo:hi], delta[lo:], alpha=self.count * n / total)  # Chan et al.
+        self._mirrored = False
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
@@ -122,6 +224,23 @@ class RunningMoments:
     def covariance_(self) -> torch.Tensor:
         """The sample covariance computed in place in ``scatter`` (the moments are consumed)."""
         return self.scatter.div_(max(self.count - 1, 1))
+
+
+def _in_float32_range(chunk: torch.Tensor) -> bool:
+    """Whether every unit's largest centred value |c| is 0 or within ``FLOAT32_RANGE``."""
+    largest = torch.maximum(chunk.amax(dim=0), chunk.amin(dim=0).neg_())
+    low, high = FLOAT32_RANGE
+    return not bool(((largest > high) | ((largest < low) & (largest > 0))).any())
+
+
+def _add_upper_gram_(scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]]) -> None:
+    """scatter[lo:hi, lo:] += chunk[:, lo:hi]^T chunk[:, lo:] for every panel, the product in
+    ``chunk``'s dtype, the sum in float64."""
+    for lo, hi in panels:
+        if chunk.dtype == torch.float64:
+            scatter[lo:hi, lo:].addmm_(chunk[:, lo:hi].T, chunk[:, lo:])
+        else:
+            scatter[lo:hi, lo:].add_(chunk[:, lo:hi].T @ chunk[:, lo:])
 
 
 def all_reduce_moments(moments: Sequence[RunningMoments], group: Any) -> None:
@@ -272,59 +391,178 @@ def _samples(value: torch.Tensor, dim: int) -> torch.Tensor:
     return moved.reshape(-1, moved.shape[-1])
 
 
-def feature_statistics(
-    models: Sequence[GraphModule],
-    groups: Sequence[Sequence[ChannelSpace]],
-    batches: Iterable[torch.Tensor],
-    *,
-    num_batches: int | None = None,
-    quiet: bool = False,
-    process_group: Any = None,
-) -> dict[str, GroupStatistics]:
-    """Correlation of every listed group's units across all models, from one pass over ``batches``.
+def _device_of(models: Sequence[GraphModule]) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and floating dtype of the models' tensors (None: they hold none)."""
+    tensors = [*models[0].parameters(), *models[0].buffers()]
+    floating = [t.dtype for t in tensors if t.is_floating_point()]
+    return (tensors[0].device if tensors else None), (floating[0] if floating else None)
 
-    Args:
-        models: K traced models (eval mode) whose tap node names correspond.
-        groups: per model, the groups to observe, in the same order for every model (same names).
-        batches: input batches (tensors), each fed to every model.
-        process_group: None (one process), or a ``torch.distributed`` ProcessGroup: each process
-            passes its own shard of the calibration batches (at least one), the moments of all
-            shards are combined exactly (``all_reduce_moments``) and every process returns the
-            same statistics — those of all shards' batches together.
 
-    Memory: one float64 (d, d) scatter matrix per (group, tap), d = the group's joint width,
-    held for the whole pass; per batch, the taps' features and one float64 chunk buffer
-    (``RunningMoments``). The correlation of a group is computed in place in its first tap's
-    scatter matrix, and each tap's matrix is released as soon as it is folded in.
+def _on_device(batch: Any, device: torch.device | None) -> Batch:
+    """``batch`` as a ``Batch`` whose tensors are on ``device`` (moved when they are elsewhere)."""
+    batch = as_batch(batch)
+    if device is None or all(t.device == device for t in batch.tensors()):
+        return batch
+    return batch.map(lambda t: t.to(device))
+
+
+Key = tuple[str, str]  # (group name, tap node)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The memory the statistics of each (group, tap) take (``RunningMoments.nbytes``).
+
+    ``dims``: the joint width of each group; ``samples``: the most samples a batch gives at each
+    (group, tap) (a key not listed: any number, the chunk size bounds the buffers); ``exact``:
+    float64 samples; ``results_on_device``: the statistics are on the CPU, in the memory where
+    the finished groups' correlations (which ``feature_statistics`` returns) stay too.
     """
-    group = check_group(process_group)
-    reference = groups[0]
-    tap_lists = {g.name: choose_taps(models[0], g) for g in reference}
-    names = [t.node for taps in tap_lists.values() for t in taps]
-    unique_names = list(dict.fromkeys(names))
-    extractors = [tap_extractor(model, unique_names) for model in models]
-    sizes = {g.name: tuple(model_groups[i].size for model_groups in groups) for i, g in enumerate(reference)}
-    moments: dict[tuple[str, str], RunningMoments] = {}
+
+    dims: Mapping[str, int]
+    samples: Mapping[Key, int] = field(default_factory=dict)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    exact: bool = False
+    results_on_device: bool = True
+
+    def __repr__(self) -> str:
+        return f"Footprint({len(self.dims)} groups, widest {max(self.dims.values(), default=0)})"
+
+    def need(self, keys: Sequence[Key], first: int, stop: int) -> int:
+        """Bytes held during a pass over ``keys[first:stop]`` (an empty one: what the passes
+        before ``first`` keep): its moments, the largest update's buffers and the correlation of
+        every group begun before it (a group's correlation is computed in place in its first
+        tap's scatter and kept until its last tap is folded in; with ``results_on_device``, until
+        the end)."""
+        last = {name: index for index, (name, _) in enumerate(keys)}
+        begun = {name for name, _ in keys[:first]}
+        kept = sum(8 * self.dims[name] ** 2 for name in begun if self.results_on_device or last[name] >= first)
+        sizes = [
+            RunningMoments.nbytes(self.dims[key[0]], self.chunk_bytes, exact=self.exact, samples=self.samples.get(key))
+            for key in keys[first:stop]
+        ]
+        return kept + sum(held for held, _ in sizes) + max((update for _, update in sizes), default=0)
+
+
+def plan_passes(keys: Sequence[Key], footprint: Footprint, max_memory: int | None) -> list[list[Key]]:
+    """Split the (group, tap) statistics, in order, into passes that each fit ``max_memory``.
+
+    Passes are filled greedily in the given order (``Footprint.need`` bytes each), so the
+    moments are folded in the same order as in one pass. None: one pass. A key that does not fit
+    even in a pass of its own raises ``ConfigError`` naming it, the bytes it needs and
+    ``smallest_max_memory``.
+    """
+    if max_memory is None or not keys:
+        return [list(keys)] if keys else []
+    passes: list[list[Key]] = []
+    first = 0
+    for index, key in enumerate(keys):
+        if index > first and footprint.need(keys, first, index + 1) <= max_memory:
+            continue  # joins the current pass
+        if index > first:
+            passes.append(list(keys[first:index]))
+            first = index
+        if footprint.need(keys, index, index + 1) > max_memory:
+            name, node = key
+            dim, kept, smallest = footprint.dims[name], footprint.need(keys, index, index), smallest_max_memory(keys, footprint)
+            why = f", {_mib(kept)} of them the correlations of the groups before it" if kept else ""
+            raise ConfigError(
+                f"max_memory={max_memory} bytes ({_mib(max_memory)}) is too small for the feature statistics of "
+                f"group {name!r} at node {node!r}: {dim} units over all models need "
+                f"{_mib(footprint.need(keys, index, index + 1))} in a pass of their own ({dim} x {dim} float64, "
+                f"the update buffers{why}); give max_memory >= {smallest} ({_mib(smallest)})"
+            )
+    passes.append(list(keys[first:]))
+    return passes
+
+
+def smallest_max_memory(keys: Sequence[Key], footprint: Footprint) -> int:
+    """A ``max_memory`` with which ``plan_passes`` succeeds: every key fits in a pass of its own
+    (then the greedy plan fits: a key either joins a pass within the budget or starts one)."""
+    return max((footprint.need(keys, index, index + 1) for index in range(len(keys))), default=0)
+
+
+def _samples_per_batch(
+    gm: GraphModule, keys: Sequence[Key], tap_dims: Mapping[Key, int], batches: Iterable[Any]
+) -> dict[Key, int]:
+    """The most samples a batch gives at each key: the tap's recorded shape (``tensor_meta``, of
+    the example ``gm`` was traced on) without its channel dim, scaled by the largest batch over
+    that example's batch size. Empty when ``batches`` is not a sequence or a shape is missing."""
+    if not isinstance(batches, Sequence) or not batches:
+        return {}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    example = next((n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"), None)
+    if not hasattr(example, "shape") or len(example.shape) == 0 or example.shape[0] < 1:
+        return {}
+    largest = max(as_batch(batch).size for batch in batches)
+    out = {}
+    for key in keys:
+        meta = nodes[key[1]].meta.get("tensor_meta")
+        if not hasattr(meta, "shape"):
+            return {}
+        shape = list(meta.shape)
+        channels = shape.pop(tap_dims[key])
+        out[key] = -(-math.prod(shape) * largest // int(example.shape[0])) if channels else 0
+    return out
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+@dataclass
+class _Fold:
+    """A group's correlation being averaged over its taps, one tap at a time, in tap order."""
+
+    corr: torch.Tensor | None = None
+    taps: tuple[str, ...] = ()
+    samples: int = 0
+    constant: torch.Tensor | None = None
+
+    def add(self, node: str, moments: RunningMoments) -> None:
+        # a tap where every unit is constant up to float32 rounding (a layer whose output does not
+        # depend on the input: MobileViT's last stage at 1x1 resolution, random init) has
+        # correlations of rounding noise: it informs nothing
+        if _input_independent(moments):
+            return
+        self.samples = max(self.samples, moments.count)  # a tap with enough samples informs the average
+        constant = _constant_units(moments)
+        self.constant = constant if self.constant is None else self.constant & constant
+        similarity = _similarity_(moments)
+        self.corr = similarity if self.corr is None else self.corr.add_(similarity)
+        self.taps += (node,)
+
+
+def _observe(
+    models: Sequence[GraphModule], keys: Sequence[Key], tap_dims: Mapping[Key, int], batches: Iterable[Any], *,
+    num_batches: int | None, quiet: bool, group: Any, description: str,
+) -> dict[Key, RunningMoments]:
+    """One pass over ``batches``: the moments of every (group, tap) in ``keys`` (in that order),
+    from one forward of each model per batch, summed over the process group."""
+    nodes = list(dict.fromkeys(node for _, node in keys))
+    extractors = [tap_extractor(model, nodes) for model in models]
+    device, _ = _device_of(models)
+    moments: dict[Key, RunningMoments] = {}
     seen = 0
     error: BaseException | None = None
     try:
         with torch.no_grad():
-            for batch in progress(batches, total=num_batches, description="feature statistics", quiet=quiet):
-                values = [dict(zip(unique_names, as_batch(batch).run(extractor))) for extractor in extractors]
-                for reference_group in reference:
-                    for tap in tap_lists[reference_group.name]:
-                        blocks = [_samples(v[tap.node], tap.dim) for v in values]
-                        key = (reference_group.name, tap.node)
-                        if key not in moments:
-                            moments[key] = RunningMoments(sum(b.shape[1] for b in blocks), blocks[0].device)
-                        try:
-                            moments[key].update(blocks)
-                        except NonFiniteSamples:
-                            raise CalibrationError(
-                                f"non-finite features at node '{tap.node}' (group {reference_group.name}): "
-                                "check the calibration data and the models"
-                            ) from None
-                        del blocks
+            for batch in progress(batches, total=num_batches, description=description, quiet=quiet):
+                inputs = _on_device(batch, device)
+                values = [dict(zip(nodes, inputs.run(extractor))) for extractor in extractors]
+                del inputs
+                for key in keys:
+                    name, node = key
+                    blocks = [_samples(v[node], tap_dims[key]) for v in values]
+                    if key not in moments:
+                        moments[key] = RunningMoments(sum(b.shape[1] for b in blocks), blocks[0].device)
+                    try:
+                        moments[key].update(blocks)
+                    except NonFiniteSamples:
+                        raise CalibrationError(
+                            f"non-finite features at node '{node}' (group {name}): check the calibration data and the models"
+                        ) from None
+                    del blocks
                 del values
                 seen += 1
         if seen == 0:
@@ -334,38 +572,99 @@ def feature_statistics(
             raise
         error = exc
     if group is not None:
-        signature = [(name, tap, m.dim) for (name, tap), m in moments.items()]
+        signature = (description, [(name, node, m.dim) for (name, node), m in moments.items()])
         raise_together(error, group, "feature statistics", agree=signature)
         all_reduce_moments(list(moments.values()), group)
+    return moments
+
+
+def _tap_keys(models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]]) -> tuple[list[Key], dict[Key, int]]:
+    """Every observed (group, tap), in the order their moments are folded into the groups'
+    correlations, and the channel dim of each tap."""
+    taps = [(g.name, tap) for g in groups[0] for tap in choose_taps(models[0], g)]
+    return [(name, tap.node) for name, tap in taps], {(name, tap.node): tap.dim for name, tap in taps}
+
+
+def statistics_footprint(
+    models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]], batches: Iterable[Any]
+) -> tuple[list[Key], Footprint]:
+    """The (group, tap) keys ``feature_statistics`` observes, in order, and what their statistics
+    take (``plan_passes``, ``smallest_max_memory``)."""
+    keys, tap_dims = _tap_keys(models, groups)
+    device, dtype = _device_of(models)
+    dims = {g.name: sum(model_groups[i].size for model_groups in groups) for i, g in enumerate(groups[0])}
+    return keys, Footprint(
+        dims, _samples_per_batch(models[0], keys, tap_dims, batches), exact=dtype == torch.float64,
+        results_on_device=device is None or device.type == "cpu",
+    )
+
+
+def feature_statistics(
+    models: Sequence[GraphModule],
+    groups: Sequence[Sequence[ChannelSpace]],
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    quiet: bool = False,
+    process_group: Any = None,
+    max_memory: int | None = None,
+) -> dict[str, GroupStatistics]:
+    """Correlation of every listed group's units across all models, from passes over ``batches``.
+
+    Args:
+        models: K traced models (eval mode) whose tap node names correspond.
+        groups: per model, the groups to observe, in the same order for every model (same names).
+        batches: input batches (tensors, tuples, dicts or ``Batch``es), each fed to every model;
+            batches on another device than the models are moved there one at a time.
+        process_group: None (one process), or a ``torch.distributed`` ProcessGroup: each process
+            passes its own shard of the calibration batches (at least one), the moments of all
+            shards are combined exactly (``all_reduce_moments``) and every process returns the
+            same statistics — those of all shards' batches together.
+        max_memory: None, or a budget in bytes for what the statistics hold (``plan_passes``):
+            when the moments of every (group, tap) do not fit together, the groups are observed
+            over several passes over all batches, each within the budget. The result is the same,
+            bit for bit: every (group, tap) gets the same updates in the same order, and the
+            taps are folded into the groups' correlations in the same order.
+
+    Memory: one float64 (d, d) scatter matrix per (group, tap) observed in a pass, d = the
+    group's joint width, held for the whole pass; per batch, the taps' features and one update's
+    buffers (``RunningMoments``). The correlation of a group is computed in place in its first
+    tap's scatter matrix, and each tap's matrix is released as soon as it is folded in. Every
+    tensor lives on the device of the tap values (the models'); the correlations are returned as
+    numpy arrays.
+    """
+    group = check_group(process_group)
+    reference = groups[0]
+    sizes = {g.name: tuple(model_groups[i].size for model_groups in groups) for i, g in enumerate(reference)}
+    keys, tap_dims = _tap_keys(models, groups)
+    passes = [keys] if max_memory is None else plan_passes(keys, statistics_footprint(models, groups, batches)[1], max_memory)
+    if len(passes) > 1 and not isinstance(batches, Sequence):
+        batches = list(batches)  # every pass iterates over them
+    folds = {name: _Fold() for name, _ in keys}
+    remaining = {name: sum(1 for other, _ in keys if other == name) for name in folds}
     result: dict[str, GroupStatistics] = {}
-    for reference_group in reference:
-        taps = tap_lists[reference_group.name]
-        if not taps:
-            continue
-        keys = [(reference_group.name, t.node) for t in taps]
-        # a tap where every unit is constant up to float32 rounding (a layer whose output does not
-        # depend on the input: MobileViT's last stage at 1x1 resolution, random init) has
-        # correlations of rounding noise: it informs nothing
-        for key in [key for key in keys if _input_independent(moments[key])]:
-            moments.pop(key)
-            keys.remove(key)
-        if not keys:  # unobserved, in effect: the group is matched on its weights
-            continue
-        samples = max(moments[key].count for key in keys)  # a tap with enough samples informs the average
-        constant = torch.stack([_constant_units(moments[key]) for key in keys]).all(0).cpu().numpy()
-        corr = _similarity_(moments.pop(keys[0]))
-        for key in keys[1:]:
-            corr.add_(_similarity_(moments.pop(key)))
-        corr.div_(len(keys))
-        result[reference_group.name] = GroupStatistics(
-            name=reference_group.name,
-            sizes=sizes[reference_group.name],
-            correlation=corr.cpu().numpy(),
-            taps=tuple(node for _, node in keys),
-            samples=samples,
-            constant=constant,
+    for index, pass_keys in enumerate(passes):
+        description = "feature statistics" + (f" (pass {index + 1} of {len(passes)})" if len(passes) > 1 else "")
+        moments = _observe(
+            models, pass_keys, tap_dims, batches, num_batches=num_batches, quiet=quiet, group=group,
+            description=description,
         )
-    return result
+        for key in pass_keys:
+            name, node = key
+            folds[name].add(node, moments.pop(key))
+            remaining[name] -= 1
+            fold = folds[name]
+            if remaining[name] == 0 and fold.corr is not None:  # unobserved, in effect: matched on its weights
+                result[name] = GroupStatistics(
+                    name=name,
+                    sizes=sizes[name],
+                    correlation=fold.corr.div_(len(fold.taps)).cpu().numpy(),
+                    taps=fold.taps,
+                    samples=fold.samples,
+                    constant=fold.constant.cpu().numpy(),
+                )
+                folds[name] = _Fold()
+    return {g.name: result[g.name] for g in reference if g.name in result}
 
 
 def observed_groups(analyses: Sequence[Any], names: Sequence[str]) -> list[list[ChannelSpace]]:
