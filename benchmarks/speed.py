@@ -112,12 +112,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     matcher_seconds = [0.0]
     original = zip_module.zip_matching
 
-    def timed_zip_matching(similarity, sizes, target_width, alpha, beta):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        result = original(similarity, sizes, target_width, alpha, beta)
-        matcher_seconds[0] += time.perf_counter() - start
-        if args.zipit_model and recording[0]:
+    def timed_zip_matching(similarity, sizes, target_width, alpha, beta, **options):  # type: ignore[no-untyped-def]
+        if args.zipit_model and recording[0]:  # before the matcher may overwrite it
             matcher_calls.append((similarity.copy(), list(sizes), target_width, alpha, beta))
+        start = time.perf_counter()
+        result = original(similarity, sizes, target_width, alpha, beta, **options)
+        matcher_seconds[0] += time.perf_counter() - start
         return result
 
     recording = [True]
