@@ -92,8 +92,9 @@ def unit_weight_features(
     key: tuple[int, ...],
     done: Mapping[str, "GroupMatch"],
     model: int,
-) -> torch.Tensor | None:
-    """Every unit's weights (units, features): the parameter slices in which ``key`` appears.
+) -> list[torch.Tensor] | None:
+    """Every unit's weights as blocks (units, F_b), one per parameter slice in which ``key``
+    appears (their concatenation along dim 1 is the unit's feature vector).
 
     ``key`` is one space id, or consecutive ids of a composite (heads x head channels). A piece
     of a parameter axis qualifies when it is ``key`` possibly between non-free factors (the
@@ -152,7 +153,7 @@ def unit_weight_features(
                     if norm > 0:
                         blocks.append(rows / norm)
                 offset += extent
-    return torch.cat(blocks, dim=1) if blocks else None
+    return blocks or None
 
 
 def _contains(piece: tuple, key: tuple[int, ...]) -> bool:
@@ -186,23 +187,38 @@ def _others_ready(layouts, axis: int, key: tuple[int, ...], free: set[int], matc
     return True
 
 
-def similarity_of(features: Sequence[torch.Tensor], rows: np.ndarray | None = None) -> np.ndarray | None:
-    """Pearson correlation between the rows of per-model feature matrices (units, F).
+def similarity_of(features: Sequence[Sequence[torch.Tensor]], rows: np.ndarray | None = None) -> np.ndarray | None:
+    """Pearson correlation between the units' feature vectors, float64.
 
-    (N, N) over all models' units, or (len(rows), N) for the units ``rows`` (global indices)
-    against every unit: a tie-break needs only the rows of the tied units.
+    ``features[k]``: model k's blocks (n_k, F_b), with the same widths F_b for every model; a
+    unit's feature vector is its rows of the blocks concatenated (never built: the products and
+    sums are taken block by block). Returns (N, N) over all models' units, or (len(rows), N) for
+    the units ``rows`` (global indices) against every unit — a tie-break needs only the tied
+    units' rows. Products are float32 (the blocks' dtype), sums float64; the centring is applied
+    to the products (cov = dot - sum_i sum_j / F), so no centred copy of the features is made.
     """
-    if len({f.shape[1] for f in features}) != 1:
+    widths = [tuple(int(b.shape[1]) for b in blocks) for blocks in features]
+    if len(set(widths)) != 1:
         return None
-    stacked = torch.cat(list(features), dim=0)
-    centred = stacked - stacked.mean(dim=1, keepdim=True)
-    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if rows is None:
-        full = (unit @ unit.T).to(torch.float64)
-        # float32 products: (a @ b.T)[i, j] and [j, i] may differ in the last bits
-        return ((full + full.T) / 2).clamp(-1, 1).cpu().numpy()
-    picked = unit[torch.as_tensor(rows, device=unit.device)]
-    return (picked @ unit.T).clamp(-1, 1).to(torch.float64).cpu().numpy()
+    count = sum(widths[0])
+    picked = None if rows is None else torch.as_tensor(rows, device=features[0][0].device)
+    dot = sums = squares = None
+    for b in range(len(widths[0])):
+        block = torch.cat([blocks[b] for blocks in features], dim=0)  # (N, F_b)
+        product = (block if picked is None else block[picked]) @ block.T
+        block_sums = block.sum(dim=1, dtype=torch.float64)
+        block_squares = torch.linalg.vector_norm(block, dim=1).to(torch.float64) ** 2
+        dot = product.to(torch.float64) if dot is None else dot.add_(product)
+        sums = block_sums if sums is None else sums.add_(block_sums)
+        squares = block_squares if squares is None else squares.add_(block_squares)
+    variance = (squares - sums * sums / count).clamp_min(0.0)  # (N,) times count
+    row_sums, row_variance = (sums, variance) if picked is None else (sums[picked], variance[picked])
+    covariance = dot - torch.outer(row_sums, sums) / count
+    denominator = torch.sqrt(torch.outer(row_variance, variance))
+    similarity = torch.where(denominator > 1e-24, covariance / denominator.clamp_min(1e-24), 0.0).clamp_(-1, 1)
+    if picked is None:  # float32 products: [i, j] and [j, i] may differ in the last bits
+        similarity = (similarity + similarity.T) / 2
+    return similarity.cpu().numpy()
 
 
 def weight_similarity(
@@ -540,8 +556,8 @@ def _warn_too_few_samples(starved: Sequence[GroupStatistics]) -> None:
     more = f" and {len(starved) - 8} more" if len(starved) > 8 else ""
     warnings.warn(
         f"{len(starved)} group(s) had no more calibration samples at their taps than units per model: "
-        f"{shown}{more}. Their covariance is rank-deficient, so activations may not tell every unit apart "
-        "and the merge may not be exact. Pass more calibration data "
+        f"{shown}{more}. Their covariance is rank-deficient, so activations cannot tell every unit apart; "
+        "weight similarity breaks the ties and the merge may not be exact. Pass more calibration data "
         "(more batches, or larger inputs: conv features count every position as a sample).",
         stacklevel=3,
     )
@@ -557,7 +573,10 @@ def tied_units(activation: GroupStatistics) -> np.ndarray:
     """(N,) bool: the units that activations cannot tell apart from another unit of their model:
     constant on the calibration data (dead), or collinear with another unit (|correlation| = 1;
     e.g. channels that are dead before a LayerNorm, which maps each of them to an affine function
-    of the same statistics)."""
+    of the same statistics) — or every unit, when the group had too few samples for its width
+    (``too_few_samples``): its correlations cannot be trusted to tell any two units apart."""
+    if too_few_samples(activation):
+        return np.ones(len(activation.constant), dtype=bool)
     tied = np.array(activation.constant, dtype=bool, copy=True)
     offset = 0
     for size in activation.sizes:
