@@ -31,8 +31,10 @@ WidthSpec = str | int | float | Mapping[str, int]
 # cannot tell apart; small enough never to reorder units that activations do distinguish.
 _TIE_BREAK = 1e-3
 # Two units of one model at least this correlated (in absolute value) cannot be told apart by
-# their activations.
-_COLLINEAR = 1.0 - 1e-6
+# their activations: the feature statistics' float32 products give correlations to about 1e-6
+# (fxmerge.passes.features), so a pair within 1e-5 of collinear may be collinear — e.g. two ReLU
+# units that fire on the same one of 32 samples — and could outrank an exact twin at 1 - 1e-6.
+_COLLINEAR = 1.0 - 1e-5
 
 
 @dataclass(frozen=True)
@@ -573,10 +575,8 @@ def tied_units(activation: GroupStatistics) -> np.ndarray:
     """(N,) bool: the units that activations cannot tell apart from another unit of their model:
     constant on the calibration data (dead), or collinear with another unit (|correlation| = 1;
     e.g. channels that are dead before a LayerNorm, which maps each of them to an affine function
-    of the same statistics) — or every unit, when the group had too few samples for its width
-    (``too_few_samples``): its correlations cannot be trusted to tell any two units apart."""
-    if too_few_samples(activation):
-        return np.ones(len(activation.constant), dtype=bool)
+    of the same statistics; ``_COLLINEAR``). A group with too few samples for its width
+    (``too_few_samples``) is warned about; only its tied units get the tie-break."""
     tied = np.array(activation.constant, dtype=bool, copy=True)
     offset = 0
     for size in activation.sizes:
