@@ -228,7 +228,7 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
         first, size = block.start, block.stop - block.start
         rows = scores[block, first:]  # pairs (i, j >= first) of the block's units i
         leading = rows[:, :size].copy()
-        leading[np.tril_indices(size)] = -np.inf  # pair (i, j <= i) is not i's
+        leading[np.tri(size, dtype=bool)] = -np.inf  # pair (i, j <= i) is not i's
         best = leading.max(axis=1)
         if rows.shape[1] > size:
             np.maximum(best, rows[:, size:].max(axis=1), out=best)
