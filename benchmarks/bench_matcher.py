@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_matcher.py [--sizes 256 512 1024 2048 4096] [--naive-max 2048]
-        [--compare-rev REV] [--memory] [--json out.json]
+        [--compare-rev REV] [--memory] [--match-sizes 64 128 256 512 768] [--cold] [--json out.json]
 
 For each n: two models of n units, a correlation matrix of their 2n units (seed 0; model 1 is a noisy
 permuted copy of model 0, as for two trainings of one network), zip down to n merged units.  Prints a
@@ -11,6 +11,12 @@ markdown table; the fast time is the best of --repeats runs, the naive time a si
 revision REV (its fxmerge/match/zip.py, loaded from a temporary file) and checks that the current one
 makes bit-identical merges at every size.  --memory adds the peak memory numpy allocates during one
 call (tracemalloc; the input similarity is not counted).
+
+--match-sizes adds a table of fxmerge.match.match(method="zip") per call at those units per model
+(real merges call it many times at small sizes: argument checks and matrices included), and --cold
+one of the first call in a fresh interpreter at the largest --sizes (page faults of new memory
+included); both run in fresh interpreters, for --compare-rev on that revision's fxmerge exported by
+git archive.
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ import argparse
 import importlib.util
 import json
 import os
+import inspect
+import io
 import subprocess
 import sys
+import tarfile
 import tempfile
+import textwrap
 import time
 import tracemalloc
 from pathlib import Path
@@ -85,6 +95,47 @@ def zip_matching_at(revision: str):
     return module.zip_matching
 
 
+def exported_fxmerge(revision: str, directory: Path) -> Path:
+    """Extract git revision's fxmerge package under directory (git archive); returns the import root."""
+    archive = subprocess.run(["git", "archive", revision, "fxmerge"], cwd=REPOSITORY, check=True, capture_output=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(directory, filter="data")
+    return directory
+
+
+def fresh_process_seconds(import_root: Path, statement: str, n_units: int, repeats: int) -> list[float]:
+    """Wall times of repeats runs of statement in a fresh interpreter that imports fxmerge from import_root.
+
+    The statement sees ``similarity`` (correlated_models_similarity(n_units)), ``n``, ``match`` and
+    ``zip_matching``.
+    """
+    script = "\n".join(
+        [
+            "import json, sys, time",
+            f"sys.path.insert(0, {str(import_root)!r})",
+            "import numpy as np",
+            "from fxmerge.match import match",
+            "from fxmerge.match.zip import zip_matching",
+            f"SAMPLES = {SAMPLES}",
+            textwrap.dedent(inspect.getsource(correlated_models_similarity)),
+            f"n = {n_units}",
+            "similarity = correlated_models_similarity(n)",
+            "times = []",
+            f"for _ in range({repeats}):",
+            "    start = time.perf_counter()",
+            f"    {statement}",
+            "    times.append(time.perf_counter() - start)",
+            "print(json.dumps(times))",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+MATCH_STATEMENT = 'match(similarity, [n, n], n, method="zip")'
+ZIP_STATEMENT = "zip_matching(similarity, [n, n], n, 0.5, 1.0)"
+
+
 def same_merges(a, b) -> bool:
     """Bit-identical merge lists (kept, absorbed, score as float64 bits) and labels."""
     return (
@@ -106,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-max", type=int, default=2048, help="largest n the naive reference runs at")
     parser.add_argument("--compare-rev", help="git revision whose fast matcher is timed and compared too")
     parser.add_argument("--memory", action="store_true", help="also measure each fast matcher's peak memory")
+    parser.add_argument("--match-sizes", type=int, nargs="*", default=[], help="units per model for match() per call")
+    parser.add_argument("--cold", action="store_true", help="also time first calls in fresh interpreters")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -159,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             row["old_speedup"] = row["old_s"] / row["fast_s"]
         if "naive_s" in row:
             row["naive_speedup"] = row["naive_s"] / row["fast_s"]
+    if args.memory:
+        print(
+            "peak = the most memory numpy held at once during one call, above the input similarity "
+            "(tracemalloc); the (N, N) float64 scores alone are 8 N^2 bytes.\n"
+        )
     print("| " + " | ".join(title for title, _, _ in columns) + " |")
     print("|" + "|".join(":---:" if fmt is None else "---:" for _, _, fmt in columns) + "|")
     for row in rows:
@@ -171,8 +229,46 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells.append(fmt.format(row[key]))
         print("| " + " | ".join(cells) + " |")
+    with tempfile.TemporaryDirectory() as directory:
+        roots = {"fast": REPOSITORY}
+        if args.compare_rev:
+            roots["old"] = exported_fxmerge(args.compare_rev, Path(directory))
+        match_rows = []
+        for n_units in args.match_sizes:
+            row = {"n": n_units, "N": 2 * n_units}
+            for name, root in roots.items():
+                row[f"{name}_ms"] = 1e3 * min(fresh_process_seconds(root, MATCH_STATEMENT, n_units, 5 * args.repeats))
+            match_rows.append(row)
+            print(f"match n={n_units}: {row}", file=sys.stderr, flush=True)
+        cold_rows = []
+        if args.cold:
+            n_units = max(args.sizes)
+            for call, statement in [("zip_matching", ZIP_STATEMENT), ("match", MATCH_STATEMENT)]:
+                row = {"call": call, "n": n_units}
+                for name, root in roots.items():
+                    row[f"{name}_first_s"], row[f"{name}_second_s"] = fresh_process_seconds(root, statement, n_units, 2)
+                cold_rows.append(row)
+                print(f"cold {call}: {row}", file=sys.stderr, flush=True)
+    names = list(roots)
+    if match_rows:
+        print(f"\nmatch(similarity, [n, n], n, method='zip') per call (ms, best of {5 * args.repeats}, fresh interpreter):\n")
+        print("| n | N | " + " | ".join(f"{name} (ms)" for name in names) + (" | old / fast |" if "old" in roots else " |"))
+        print("|---:|---:|" + "---:|" * (len(names) + ("old" in roots)))
+        for row in match_rows:
+            cells = [str(row["n"]), str(row["N"])] + [f"{row[f'{name}_ms']:.2f}" for name in names]
+            if "old" in roots:
+                cells.append(f"{row['old_ms'] / row['fast_ms']:.1f}x")
+            print("| " + " | ".join(cells) + " |")
+    if cold_rows:
+        print(f"\nFirst and second call in a fresh interpreter at n = {max(args.sizes)} (s; the first pays the page faults of new memory):\n")
+        print("| call | " + " | ".join(f"{name} first | {name} second" for name in names) + " |")
+        print("|:---|" + "---:|---:|" * len(names))
+        for row in cold_rows:
+            cells = [row["call"]] + [f"{row[f'{name}_first_s']:.3f} | {row[f'{name}_second_s']:.3f}" for name in names]
+            print("| " + " | ".join(cells) + " |")
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        document = {"zip_matching": rows, "match_per_call": match_rows, "first_call": cold_rows}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
     checks = [row[key] for row in rows for key in ("identical_to_naive", "identical_to_old") if key in row]
     return 0 if all(checks) else 1
 

@@ -11,21 +11,24 @@ Rule (the same in the slow reference, fxmerge/match/reference.py, which the test
   that model's budget, budget_k = int((N - r) * n_k / N * beta + 1e-4); a model whose budget is <= 0
   allows no more such merges (their scores become -inf).
 
-Implementation, O(N^2 log N) time and O(N^2) memory, no full-matrix argmax per merge:
+Implementation, O(N^2 log N) time, one (N, N) float64 matrix and no full-matrix argmax per merge:
 
 * the dense score matrix ``scores`` (N, N) is indexed by rep, which never changes for the surviving
-  cluster of a merge; dead clusters' rows and columns are -inf, so ``scores[lo, hi]`` is always the
-  current score of a live pair and -inf otherwise;
+  cluster of a merge; a merge rewrites the kept cluster's row and column, and ``alive`` masks the
+  absorbed cluster (its row and column are left as they were: nothing reads a dead row, and every
+  read of a column checks ``alive``), so ``scores[lo, hi]`` of a live pair is always its current score;
 * every live cluster owns one *run* of candidate pairs involving it: at the start unit i's run holds
   its pairs (i, j > i); a merge gives the merged cluster a new run of all its new scores and drops the
   runs of both parts, whose scores were just rewritten or erased.  A run yields its pairs best first
-  by the key (-score, rep_lo, rep_hi), sorting lazily a geometrically growing tier at a time (most
-  runs die after yielding a few pairs), and a heap holds the head of every run, so the heap top is
-  the best candidate overall;
-* a candidate is stale when ``scores[lo, hi]`` no longer equals the score it was stored with (the
-  other member merged, died, or the pair was forbidden by a spent budget).  Once stale it stays stale
-  for this run: a later rewrite of that score is yielded by the rewriting cluster's newer run.  Stale
-  entries are skipped in vectorised chunks.
+  by the key (-score, rep_lo, rep_hi), sorting lazily a tier at a time from the owner's current row
+  (its best score first: most runs die after yielding one pair; then geometrically growing tiers),
+  and a heap holds the head of every run, so the heap top is the best candidate overall;
+* a candidate is stale when its other cluster died or ``scores[lo, hi]`` no longer equals the score
+  it was yielded with (the other member merged, or the pair was forbidden by a spent budget).  A later
+  rewrite of that score is yielded by the rewriting cluster's newer run.  Stale entries are skipped in
+  vectorised chunks;
+* the initial runs' first tiers are found by row blocks (ROW_BLOCK_ENTRIES), so there are no (N, N)
+  temporaries: at N = 8192 the scores are 512 MiB and everything else a few MiB.
 """
 
 from __future__ import annotations
