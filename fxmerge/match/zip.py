@@ -175,14 +175,15 @@ class _CandidateRun:
         self.start = start
         self.sorted_below = best_score
         self.tier_others = best_others
-        self.tier_scores = np.full(len(best_others), best_score)
+        self.tier_scores: np.ndarray | float = best_score  # the first tier's pairs all have the best score
         self.position = 0
         self.tier_size = _NEXT_TIER_SIZE
 
     def head(self) -> tuple[float, int, int]:
         """The key of the pair at the current position (of a tier just sorted: current)."""
         other = int(self.tier_others[self.position])
-        return (-float(self.tier_scores[self.position]), min(self.owner, other), max(self.owner, other))
+        score = self.tier_scores if isinstance(self.tier_scores, float) else self.tier_scores[self.position]
+        return (-float(score), min(self.owner, other), max(self.owner, other))
 
     def _sort_next_tier(self, scores: np.ndarray, alive: np.ndarray) -> bool:
         """Sort the next tier; False when every pair has been sorted already."""
@@ -211,7 +212,8 @@ class _CandidateRun:
                 return None
             end = min(self.position + chunk, len(self.tier_others))
             others = self.tier_others[self.position : end]
-            current = np.flatnonzero(alive[others] & (owner_scores[others] == self.tier_scores[self.position : end]))
+            scores_then = self.tier_scores if isinstance(self.tier_scores, float) else self.tier_scores[self.position : end]
+            current = np.flatnonzero(alive[others] & (owner_scores[others] == scores_then))
             if len(current):
                 self.position += int(current[0])
                 return self.head()
@@ -243,7 +245,7 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
         bounds = np.searchsorted(owners, np.arange(size + 1))
         for row in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
             owner = first + row
-            runs.append(_CandidateRun(owner, owner + 1, others[bounds[row] : bounds[row + 1]] + first, best[row]))
+            runs.append(_CandidateRun(owner, owner + 1, others[bounds[row] : bounds[row + 1]] + first, float(best[row])))
     return runs
 
 
