@@ -148,7 +148,7 @@ def _best_entries(values: np.ndarray, count: int) -> tuple[np.ndarray, float]:
 
 
 class _CandidateRun:
-    """The pairs (owner, x), x >= ``start``, whose score was last written with the owner's, best first.
+    """The pairs (owner, x), x >= ``start``, best first by the scores they had when the run was made.
 
     The run keeps no copy of the owner's scores: it reads the current row ``scores[owner]``.  An entry
     x whose score is still the one written when the run was made has kept its value; one that changed
