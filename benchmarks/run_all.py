@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "coverage": ["coverage.py"],
     "torchvision": ["torchvision_models.py"],
-    "matcher": ["bench_matcher.py", "--sizes", "256", "512", "1024", "2048", "4096", "--json", str(HERE / "results" / "matcher.json")],
+    "matcher": ["bench_matcher.py", "--sizes", "256", "512", "1024", "2048", "4096", "--naive-max", "2048", "--memory",
+                "--match-sizes", "64", "128", "256", "512", "768", "--cold", "--json", str(HERE / "results" / "matcher.json")],
     "homogeneous": ["homogeneous.py"],
     "depth": ["depth.py"],
     "width": ["width.py"],

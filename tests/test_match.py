@@ -10,11 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxmerge.errors import ConfigError
+import fxmerge.match as fxmerge_match
 from fxmerge.match import _checked_similarity, match
 from fxmerge.match.clusters import labels_by_smallest_member, merge_matrices, unit_offsets
 from fxmerge.match.groups import mean_matched_similarity, pair_blocks
 from fxmerge.match.reference import naive_zip_matching
-from fxmerge.match.zip import ZipMatching, zip_budgets, zip_matching
+from fxmerge.match import zip as zip_module
+from fxmerge.match.zip import IDENTICAL, ZipMatching, _best_entries, zip_budgets, zip_matching
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -41,6 +43,11 @@ def zip_or_error(fn, similarity, sizes, target_width, alpha, beta) -> ZipMatchin
         return "unreachable"
 
 
+def merge_bits(matching: ZipMatching) -> list[tuple[int, int, bytes]]:
+    """The merges with each score as its float64 bytes: bit-identical, 0.0 and -0.0 told apart."""
+    return [(kept, absorbed, np.float64(score).tobytes()) for kept, absorbed, score in matching.merges]
+
+
 def assert_same_zip(similarity, sizes, target_width, alpha, beta, through_match: bool = False) -> None:
     """Fast and naive zip make the same merges (or both fail); through_match also compares match()'s matrices."""
     fast = zip_or_error(zip_matching, similarity, sizes, target_width, alpha, beta)
@@ -49,7 +56,7 @@ def assert_same_zip(similarity, sizes, target_width, alpha, beta, through_match:
     if isinstance(fast, str) or isinstance(naive, str):
         assert fast == naive, context
         return
-    assert fast.merges == naive.merges, context
+    assert merge_bits(fast) == merge_bits(naive), context
     np.testing.assert_array_equal(fast.labels, naive.labels, err_msg=context)
     if not through_match:
         return
@@ -126,6 +133,61 @@ def test_fast_zip_equals_naive_reference_on_a_larger_correlation_matrix():
     similarity = correlation_of([features[:140], features[140:]])
     for target_width in (150, 200, 299):
         assert_same_zip(similarity, [140, 160], target_width, 0.5, 1.0)
+
+
+# Values around the no-decay threshold and both signs of zero: alpha = 0 and ties everywhere.
+TIE_HEAVY_VALUES = [-1.0, -0.5, -0.0, 0.0, 0.25, 0.5, IDENTICAL - 1e-9, IDENTICAL, 1.0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    data=st.data(),
+    width_fraction=st.floats(0.0, 1.0),
+    alpha=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+    beta=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+)
+def test_fast_zip_equals_naive_reference_on_tie_heavy_matrices(sizes, data, width_fraction, alpha, beta):
+    n_units = sum(sizes)
+    upper = data.draw(
+        st.lists(st.sampled_from(TIE_HEAVY_VALUES), min_size=n_units * n_units, max_size=n_units * n_units)
+    )
+    upper = np.array(upper).reshape(n_units, n_units)
+    similarity = np.triu(upper) + np.triu(upper, 1).T
+    target_width = 1 + int(width_fraction * (n_units - 1))
+    assert_same_zip(similarity, sizes, target_width, alpha, beta, through_match=True)
+
+
+@pytest.mark.parametrize("block_entries", [1, 40, 100])
+def test_fast_zip_equals_naive_reference_with_tiny_row_blocks(monkeypatch, block_entries):
+    # The initial runs are found by row blocks of ROW_BLOCK_ENTRIES // N rows: 1 row, a few rows, and
+    # blocks that do not divide N; match's symmetry tiles of 7 do not divide it either.
+    monkeypatch.setattr(zip_module, "ROW_BLOCK_ENTRIES", block_entries)
+    monkeypatch.setattr(fxmerge_match, "_SYMMETRY_TILE", 7)
+    for seed, (sizes, integer_values) in enumerate(itertools.product([(9, 14), (8, 8, 7), (20, 3)], [False, True])):
+        similarity = random_symmetric(np.random.default_rng(seed), sum(sizes), integer_values)
+        for target_width, alpha, beta in [(max(sizes), 0.5, 1.0), (sum(sizes) // 3, 0.0, 2.0), (max(sizes), 1.0, 0.0)]:
+            assert_same_zip(similarity, list(sizes), target_width, alpha, beta, through_match=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, np.inf]) | st.floats(-3, 3), max_size=120),
+    count=st.integers(1, 40),
+)
+def test_best_entries_equals_sorting(values, count):
+    values = np.array(values, dtype=np.float64)
+    chosen, threshold = _best_entries(values, count)
+    candidates = [index for index in range(len(values)) if values[index] > -np.inf]
+    ranked = sorted(candidates, key=lambda index: (-values[index], index))
+    if len(ranked) <= count:
+        expected, expected_threshold = ranked, -np.inf
+    else:
+        expected_threshold = values[ranked[count - 1]]
+        expected = [index for index in ranked if values[index] >= expected_threshold]
+    assert chosen.tolist() == expected
+    # -inf means every candidate was taken; a finite threshold that leaves nothing unsorted is allowed.
+    assert threshold == expected_threshold or (threshold == values[expected[-1]] and len(expected) == len(ranked))
 
 
 def test_zip_tie_break_takes_the_smallest_pair():

@@ -11,21 +11,24 @@ Rule (the same in the slow reference, fxmerge/match/reference.py, which the test
   that model's budget, budget_k = int((N - r) * n_k / N * beta + 1e-4); a model whose budget is <= 0
   allows no more such merges (their scores become -inf).
 
-Implementation, O(N^2 log N) time and O(N^2) memory, no full-matrix argmax per merge:
+Implementation, O(N^2 log N) time, one (N, N) float64 matrix and no full-matrix argmax per merge:
 
 * the dense score matrix ``scores`` (N, N) is indexed by rep, which never changes for the surviving
-  cluster of a merge; dead clusters' rows and columns are -inf, so ``scores[lo, hi]`` is always the
-  current score of a live pair and -inf otherwise;
+  cluster of a merge; a merge rewrites the kept cluster's row and column, and ``alive`` masks the
+  absorbed cluster (its row and column are left as they were: nothing reads a dead row, and every
+  read of a column checks ``alive``), so ``scores[lo, hi]`` of a live pair is always its current score;
 * every live cluster owns one *run* of candidate pairs involving it: at the start unit i's run holds
   its pairs (i, j > i); a merge gives the merged cluster a new run of all its new scores and drops the
   runs of both parts, whose scores were just rewritten or erased.  A run yields its pairs best first
-  by the key (-score, rep_lo, rep_hi), sorting lazily a geometrically growing tier at a time (most
-  runs die after yielding a few pairs), and a heap holds the head of every run, so the heap top is
-  the best candidate overall;
-* a candidate is stale when ``scores[lo, hi]`` no longer equals the score it was stored with (the
-  other member merged, died, or the pair was forbidden by a spent budget).  Once stale it stays stale
-  for this run: a later rewrite of that score is yielded by the rewriting cluster's newer run.  Stale
-  entries are skipped in vectorised chunks.
+  by the key (-score, rep_lo, rep_hi), sorting lazily a tier at a time from the owner's current row
+  (its best score first: most runs die after yielding one pair; then geometrically growing tiers),
+  and a heap holds the head of every run, so the heap top is the best candidate overall;
+* a candidate is stale when its other cluster died or ``scores[lo, hi]`` no longer equals the score
+  it was yielded with (the other member merged, or the pair was forbidden by a spent budget).  A later
+  rewrite of that score is yielded by the rewriting cluster's newer run.  Stale entries are skipped in
+  vectorised chunks;
+* the initial runs' first tiers are found by row blocks (ROW_BLOCK_ENTRIES), so there are no (N, N)
+  temporaries: at N = 8192 the scores are 512 MiB and everything else a few MiB.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def _best_entries(values: np.ndarray, count: int) -> tuple[np.ndarray, float]:
 
 
 class _CandidateRun:
-    """The pairs (owner, x), x >= ``start``, whose score was last written with the owner's, best first.
+    """The pairs (owner, x), x >= ``start``, best first by the scores they had when the run was made.
 
     The run keeps no copy of the owner's scores: it reads the current row ``scores[owner]``.  An entry
     x whose score is still the one written when the run was made has kept its value; one that changed
@@ -172,14 +175,15 @@ class _CandidateRun:
         self.start = start
         self.sorted_below = best_score
         self.tier_others = best_others
-        self.tier_scores = np.full(len(best_others), best_score)
+        self.tier_scores: np.ndarray | float = best_score  # the first tier's pairs all have the best score
         self.position = 0
         self.tier_size = _NEXT_TIER_SIZE
 
     def head(self) -> tuple[float, int, int]:
         """The key of the pair at the current position (of a tier just sorted: current)."""
         other = int(self.tier_others[self.position])
-        return (-float(self.tier_scores[self.position]), min(self.owner, other), max(self.owner, other))
+        score = self.tier_scores if isinstance(self.tier_scores, float) else self.tier_scores[self.position]
+        return (-float(score), min(self.owner, other), max(self.owner, other))
 
     def _sort_next_tier(self, scores: np.ndarray, alive: np.ndarray) -> bool:
         """Sort the next tier; False when every pair has been sorted already."""
@@ -208,7 +212,8 @@ class _CandidateRun:
                 return None
             end = min(self.position + chunk, len(self.tier_others))
             others = self.tier_others[self.position : end]
-            current = np.flatnonzero(alive[others] & (owner_scores[others] == self.tier_scores[self.position : end]))
+            scores_then = self.tier_scores if isinstance(self.tier_scores, float) else self.tier_scores[self.position : end]
+            current = np.flatnonzero(alive[others] & (owner_scores[others] == scores_then))
             if len(current):
                 self.position += int(current[0])
                 return self.head()
@@ -228,7 +233,7 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
         first, size = block.start, block.stop - block.start
         rows = scores[block, first:]  # pairs (i, j >= first) of the block's units i
         leading = rows[:, :size].copy()
-        leading[np.tril_indices(size)] = -np.inf  # pair (i, j <= i) is not i's
+        leading[np.tri(size, dtype=bool)] = -np.inf  # pair (i, j <= i) is not i's
         best = leading.max(axis=1)
         if rows.shape[1] > size:
             np.maximum(best, rows[:, size:].max(axis=1), out=best)
@@ -240,7 +245,7 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
         bounds = np.searchsorted(owners, np.arange(size + 1))
         for row in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
             owner = first + row
-            runs.append(_CandidateRun(owner, owner + 1, others[bounds[row] : bounds[row + 1]] + first, best[row]))
+            runs.append(_CandidateRun(owner, owner + 1, others[bounds[row] : bounds[row + 1]] + first, float(best[row])))
     return runs
 
 
