@@ -135,18 +135,25 @@ def test_scatter_is_symmetric_and_deterministic() -> None:
     assert _normwise(runs[0].numpy(), scatter) < np.sqrt(100) * U
 
 
-def test_float32_chunks_are_capped() -> None:
-    """At most FLOAT32_ROWS rows per float32 product, whatever the chunk budget."""
+def test_float32_chunks_are_capped(monkeypatch) -> None:
+    """At most FLOAT32_ROWS rows per float32 product, whatever the chunk budget; small batches are
+    multiplied in float64."""
     moments = RunningMoments(4, chunk_bytes=2**30)
     assert moments.chunk_rows() > FLOAT32_ROWS
     products = []
     original = features._add_upper_gram_
-    features._add_upper_gram_ = lambda scatter, chunk, panels: (products.append(len(chunk)), original(scatter, chunk, panels))
-    try:
-        moments.update(torch.randn(FLOAT32_ROWS + 10, 4))
-    finally:
-        features._add_upper_gram_ = original
-    assert products == [FLOAT32_ROWS, 10]
+
+    def recording(scatter, chunk, *args):
+        products.append((len(chunk), chunk.dtype))
+        original(scatter, chunk, *args)
+
+    monkeypatch.setattr(features, "_add_upper_gram_", recording)
+    moments.update(torch.randn(FLOAT32_ROWS + 200, 4))
+    # two float32 chunks, then the float64 rank-one corrections (one: there was no earlier batch)
+    assert products == [(FLOAT32_ROWS, torch.float32), (200, torch.float32), (1, torch.float64)]
+    products.clear()
+    moments.update(torch.randn(features.FLOAT64_BELOW - 1, 4))  # a small batch: float64, Chan's row included
+    assert products == [(features.FLOAT64_BELOW, torch.float64)]
 
 
 # ------------------------------------------------------------------------------- memory budget

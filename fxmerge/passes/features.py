@@ -35,6 +35,9 @@ from fxmerge.progress import progress
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # At most this many rows enter one float32 product (the n of the error bound in RunningMoments).
 FLOAT32_ROWS = 2**14
+# A batch of fewer samples is multiplied in float64: float32 products would not be faster (the
+# (d, d) float64 accumulation costs as much as the products).
+FLOAT64_BELOW = 128
 # A float32 chunk whose centred values leave this range in some unit (max |c| of a unit outside
 # it, and not 0) is accumulated in float64: squares above 2^100 times 2^14 rows could overflow
 # float32, products below 2^-120 are subnormal (they lose relative precision).
@@ -80,13 +83,14 @@ class RunningMoments:
     rounding); the samples are centred at m rounded to their own precision, r (x - r: exact when
     x is within a factor 2 of r, else rounded to a relative 2^-24); their Gram matrix
     ``sum (x - r)(x - r)^T`` is computed chunk by chunk (at most ``chunk_rows`` rows) and added to
-    the float64 ``scatter``; two float64 rank-one terms then make it the scatter about the new
-    running mean: ``- n (m - r)(m - r)^T`` and Chan's ``(count n / total) (m - mean)(m - mean)^T``.
-    Only the upper block triangle of the symmetric Gram is computed (``_panels``: about 56% of
-    the flops); ``scatter`` mirrors it when read.
+    the float64 ``scatter``, with two float64 rank-one terms that make it the scatter about the
+    new running mean: ``- n (m - r)(m - r)^T`` and Chan's ``(count n / total) (m - mean)(m -
+    mean)^T``. Only the upper block triangle of the symmetric Gram is computed (``_panels``:
+    56% of the flops or less); ``scatter`` mirrors it when read.
 
-    Precision. float64 samples are multiplied in float64. float32 (or narrower) samples are
-    multiplied in float32 and the products summed in float64, chunk by chunk. For a chunk of n
+    Precision. float64 samples, and batches of fewer than ``FLOAT64_BELOW`` (128) samples, are
+    multiplied in float64 (r = m). float32 (or narrower) samples are multiplied in float32 and
+    the products summed in float64, chunk by chunk. For a chunk of n
     rows (n <= ``FLOAT32_ROWS`` = 2^14) an entry sum_i c_ai c_bi of its Gram matrix carries a
     rounding error of about sqrt(n) 2^-24 ||c_a|| ||c_b|| (typically; n 2^-24 at worst), with
     ||c_a|| the norm of unit a's centred values over the chunk. The samples being centred before
@@ -159,7 +163,9 @@ class RunningMoments:
             )
         if n == 0:
             return
-        exact = any(b.dtype == torch.float64 for b in blocks)
+        # float64 products for float64 samples, and for a batch too small for float32 products to
+        # pay (their cost is then the (d, d) float64 accumulation, which float64 products share)
+        exact = any(b.dtype == torch.float64 for b in blocks) or n < FLOAT64_BELOW
         dtype = torch.float64 if exact else torch.float32
         rows = min(n, chunk_rows if chunk_rows is not None else self.chunk_rows())
         rows = rows if exact else min(rows, FLOAT32_ROWS)
@@ -177,19 +183,28 @@ class RunningMoments:
         if not bool(torch.isfinite(batch_sum).all()):
             raise NonFiniteSamples("RunningMoments.update: the samples contain NaN or Inf")
         batch_mean = batch_sum.div_(n)
-        reference = batch_mean.to(dtype)  # where the samples are centred: m in their precision
-        shift = batch_mean - reference.double()  # m - r, exact
+        reference = batch_mean.to(dtype)  # where the samples are centred: m in their precision, r
+        total = self.count + n
+        delta = batch_mean - self.mean
+        # Chan et al.'s correction for the shift of the mean, (count n / total) delta delta^T, as
+        # one more row of the samples
+        chan = delta * math.sqrt(self.count * n / total) if self.count else None
 
         def load(buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            """Rows start..stop of the joint samples minus ``reference``, in ``buffer``'s dtype."""
+            """Rows start..stop of the joint samples minus ``reference``, in ``buffer``'s dtype;
+            float64 products: with the ``chan`` row after the last sample."""
             chunk = buffer[: stop - start]
             for block, lo, hi in spans:
                 chunk[:, lo:hi].copy_(block[start:stop])
-            return chunk.sub_(reference)
+            chunk.sub_(reference)
+            if exact and stop == n and chan is not None:
+                buffer[stop - start].copy_(chan)
+                return buffer[: stop - start + 1]
+            return chunk
 
         # Pass 2: scatter += the Gram matrix of the centred samples, chunk by chunk.
         panels = _panels(self.dim)
-        buffer = torch.empty(rows, self.dim, dtype=dtype, device=device)
+        buffer = torch.empty(rows + exact, self.dim, dtype=dtype, device=device)
         with _ieee_float32_matmul():
             for start in range(0, n, rows):
                 stop = min(start + rows, n)
@@ -205,14 +220,13 @@ class RunningMoments:
                     continue
                 _add_upper_gram_(self._scatter, chunk, panels)
         del buffer
-        total = self.count + n
-        delta = batch_mean - self.mean
-        for lo, hi in panels:
-            upper = self._scatter[lo:hi, lo:]
-            if not exact:
-                upper.addr_(shift[lo:hi], shift[lo:], alpha=-float(n))  # about m, not r
-            if self.count:
-                upper.addr_(delta[lo:hi], delta[lo:], alpha=self.count * n / total)  # Chan et al.
+        if not exact:
+            # float64 rank-one terms: - n (m - r)(m - r)^T (the samples were centred at r, not m)
+            # and Chan's, in one product per panel
+            shift = (batch_mean - reference.double()).mul_(math.sqrt(n))
+            left = torch.stack([shift, *([] if chan is None else [chan])])
+            right = torch.stack([-shift, *([] if chan is None else [chan])])
+            _add_upper_gram_(self._scatter, left, panels, right)
         self._mirrored = False
         self.mean.add_(delta, alpha=n / total)
         self.count = total
@@ -233,14 +247,17 @@ def _in_float32_range(chunk: torch.Tensor) -> bool:
     return not bool(((largest > high) | ((largest < low) & (largest > 0))).any())
 
 
-def _add_upper_gram_(scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]]) -> None:
-    """scatter[lo:hi, lo:] += chunk[:, lo:hi]^T chunk[:, lo:] for every panel, the product in
-    ``chunk``'s dtype, the sum in float64."""
+def _add_upper_gram_(
+    scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]], other: torch.Tensor | None = None
+) -> None:
+    """scatter[lo:hi, lo:] += chunk[:, lo:hi]^T other[:, lo:] (``other``: ``chunk``) for every
+    panel, the product in ``chunk``'s dtype, the sum in float64."""
+    other = chunk if other is None else other
     for lo, hi in panels:
         if chunk.dtype == torch.float64:
-            scatter[lo:hi, lo:].addmm_(chunk[:, lo:hi].T, chunk[:, lo:])
+            scatter[lo:hi, lo:].addmm_(chunk[:, lo:hi].T, other[:, lo:])
         else:
-            scatter[lo:hi, lo:].add_(chunk[:, lo:hi].T @ chunk[:, lo:])
+            scatter[lo:hi, lo:].add_(chunk[:, lo:hi].T @ other[:, lo:])
 
 
 def all_reduce_moments(moments: Sequence[RunningMoments], group: Any) -> None:
