@@ -27,9 +27,10 @@ class ClusterMap:
     with rows[j] == c of weights[j] * old[j]``; applied with one gather and one ``index_add_``
     (O(tensor) work) instead of a dense (r, n) product over the whole tensor.
 
-    ``columns``, ``rows`` (m,) int64 and ``weights`` (m,) float64: the nonzero entries; ``order``
-    (r,) int64 when the map is a permutation-like selection (every row has exactly one entry,
-    of weight 1): then ``new = old.index_select(order)``.
+    ``columns``, ``rows`` (m,) int64 and ``weights`` (m,) float64: the nonzero entries. When every
+    row has exactly one entry (a cross-model pair's M_k: weight 1/2 at its unit; a permutation)
+    ``order`` (r,) int64 holds them row by row and the map is a gather, ``new = old[order] *
+    row_weights`` (``row_weights`` None when they are all 1): no zeros and no scatter.
     """
 
     rows: torch.Tensor
@@ -37,6 +38,7 @@ class ClusterMap:
     weights: torch.Tensor
     width: int
     order: torch.Tensor | None
+    row_weights: torch.Tensor | None = None
 
     @staticmethod
     def of(matrix: torch.Tensor) -> "ClusterMap | torch.Tensor":
@@ -45,13 +47,13 @@ class ClusterMap:
         nonzero = matrix != 0
         if bool((nonzero.sum(dim=0) > 1).any()):
             return matrix
-        rows, columns = nonzero.nonzero(as_tuple=True)
+        rows, columns = nonzero.nonzero(as_tuple=True)  # row-major: rows ascending
         weights = matrix[rows, columns].to(torch.float64)
-        order = None
-        if len(rows) == matrix.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()) \
-                and bool((weights == 1).all()):
+        order = row_weights = None
+        if len(rows) == matrix.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()):
             order = columns
-        return ClusterMap(rows, columns, weights, int(matrix.shape[0]), order)
+            row_weights = None if bool((weights == 1).all()) else weights
+        return ClusterMap(rows, columns, weights, int(matrix.shape[0]), order, row_weights)
 
     def __repr__(self) -> str:
         kind = "selection" if self.order is not None else "clusters"
@@ -68,12 +70,15 @@ def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torc
         transform = ClusterMap.of(transform)
     if isinstance(transform, ClusterMap):
         device = segment.device
-        if transform.order is not None:
-            return segment.index_select(dim, transform.order.to(device))
-        picked = segment.index_select(dim, transform.columns.to(device))
         shape = [1] * segment.dim()
         shape[dim] = -1
-        picked = picked * transform.weights.to(device=device, dtype=segment.dtype).reshape(shape)
+        if transform.order is not None:
+            picked = segment.index_select(dim, transform.order.to(device))
+            if transform.row_weights is not None:
+                picked.mul_(transform.row_weights.to(device=device, dtype=segment.dtype).reshape(shape))
+            return picked
+        picked = segment.index_select(dim, transform.columns.to(device))
+        picked.mul_(transform.weights.to(device=device, dtype=segment.dtype).reshape(shape))
         out_shape = list(segment.shape)
         out_shape[dim] = transform.width
         return segment.new_zeros(out_shape).index_add_(dim, transform.rows.to(device), picked)
