@@ -120,7 +120,7 @@ def _resize_mha(module: Any) -> None:
 def _mha_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
     if name == "in_proj_weight":
         embed = shape[1]
-        return torch.cat([torch.eye(embed, dtype=like.dtype)] * (shape[0] // embed), dim=0)
+        return torch.cat([torch.eye(embed, dtype=like.dtype, device=like.device)] * (shape[0] // embed), dim=0)
     if name == "out_proj.weight":
         return _linear_identity(module, "weight", shape, like)
     return None

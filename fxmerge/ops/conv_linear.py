@@ -177,7 +177,7 @@ def _resize_linear(module: Any) -> None:
 def _conv_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
     if name != "weight":
         return None
-    value = torch.zeros(shape, dtype=like.dtype)
+    value = torch.zeros(shape, dtype=like.dtype, device=like.device)
     centre = tuple(k // 2 for k in shape[2:])
     per_group = shape[1]
     for c in range(min(shape[0], shape[1] * module.groups)):
@@ -186,7 +186,7 @@ def _conv_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor
 
 
 def _linear_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
-    return torch.eye(shape[0], shape[1], dtype=like.dtype) if name == "weight" else None
+    return torch.eye(shape[0], shape[1], dtype=like.dtype, device=like.device) if name == "weight" else None
 
 
 def _conv_resized_shape(module: Any, shape: torch.Size, resize: Any) -> torch.Size:

@@ -135,15 +135,15 @@ def _resize_group_norm(module: Any) -> None:
 
 def _batch_norm_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
     if name == "weight":
-        return torch.ones(shape, dtype=like.dtype)
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
     if name == "running_var":
         # (x - 0) / sqrt(var + eps) * 1 + 0 = x
-        return torch.full(shape, 1.0 - module.eps, dtype=like.dtype)
+        return torch.full(shape, 1.0 - module.eps, dtype=like.dtype, device=like.device)
     return None
 
 
 def _affine_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
-    return torch.ones(shape, dtype=like.dtype) if name == "weight" else None
+    return torch.ones(shape, dtype=like.dtype, device=like.device) if name == "weight" else None
 
 
 builtin(

@@ -372,7 +372,7 @@ def identity_parameter(module: nn.Module, name: str, shape: torch.Size, like: to
         value = entry.identity(module, name, shape, like)
         if value is not None:
             return value
-    return torch.zeros(shape, dtype=like.dtype)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 def resized_shape(module: nn.Module, shape: torch.Size, resize: Callable[[int], int]) -> torch.Size:

@@ -44,7 +44,7 @@ def _dims(spec: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def _affine_identity(module: Any, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
-    return torch.ones(shape, dtype=like.dtype) if name == "weight" else None
+    return torch.ones(shape, dtype=like.dtype, device=like.device) if name == "weight" else None
 
 
 def norm(dims: int | Sequence[int] = -1, params: Sequence[str | int] = ("weight", "bias"), *, name: str = "") -> OpEntry:
@@ -107,7 +107,7 @@ def linear(weight: str | int = "weight", bias: str | int | None = "bias", *, lay
         return linear_like(ctx, node, x, w_name, b_name, weight=w)
 
     def identity(module: Any, pname: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
-        return torch.eye(shape[0], shape[1], dtype=like.dtype) if pname == weight and len(shape) == 2 else None
+        return torch.eye(shape[0], shape[1], dtype=like.dtype, device=like.device) if pname == weight and len(shape) == 2 else None
 
     return OpEntry(
         name=name, family="template", rule=rule, layer=layer, consumes=layer, identity=identity,
