@@ -499,11 +499,12 @@ def merge(
             the single-process merge on all shards' batches, up to float64 rounding.
         max_memory: None, or a budget for the feature statistics: bytes, or a string such as
             "4GB" (powers of 1000) or "512MiB" (powers of 1024). When the float64 covariances of
-            all observed groups (with their correlations, kept for matching) do not fit, the
-            groups are observed over several passes over the calibration data, each within the
-            budget, with the same merged model as one pass, bit for bit. A single group's
-            covariance larger than the budget raises ``ConfigError`` with the size it needs. The
-            models, the taps' features of one batch and the later stages are not counted.
+            all observed groups do not fit, the groups are observed over several passes over the
+            calibration data, each within the budget, with the same merged model as one pass, bit
+            for bit. The budget counts the covariances, the update buffers and the groups'
+            correlations kept for matching (on a GPU the finished ones go to host memory); not the
+            models, the taps' features of one batch or the later stages. A budget too small for
+            one group's covariance raises ``ConfigError`` with the size it needs.
 
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
