@@ -173,13 +173,16 @@ class RunningMoments:
         spans = list(zip(blocks, offsets[:-1], offsets[1:]))
         device = self.mean.device
 
-        # Pass 1: the batch mean in float64 (``sum(dtype=)`` converts a (rows, d_k) piece at a
-        # time). A float64 sum of float32 (or narrower) samples cannot overflow, so it is finite
-        # exactly when every sample is: the finiteness check costs nothing more.
+        # Pass 1: the batch mean in float64 (a (rows, d_k) piece converted at a time). A float64
+        # sum of float32 (or narrower) samples cannot overflow, so it is finite exactly when
+        # every sample is: the finiteness check costs nothing more.
         batch_sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
-        for start in range(0, n, rows):
-            for block, lo, hi in spans:
-                batch_sum[lo:hi] += block[start : start + rows].sum(dim=0, dtype=torch.float64)
+        for block, lo, hi in spans:
+            # converted first (a reduction with dtype=float64 over float32 is ~5x slower), at most
+            # 2^20 values (8 MiB) at a time
+            piece = max(1, 2**20 // max(hi - lo, 1))
+            for start in range(0, n, piece):
+                batch_sum[lo:hi] += block[start : start + piece].to(torch.float64).sum(dim=0)
         if not bool(torch.isfinite(batch_sum).all()):
             raise NonFiniteSamples("RunningMoments.update: the samples contain NaN or Inf")
         batch_mean = batch_sum.div_(n)
