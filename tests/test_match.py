@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -48,16 +49,43 @@ def merge_bits(matching: ZipMatching) -> list[tuple[int, int, bytes]]:
     return [(kept, absorbed, np.float64(score).tobytes()) for kept, absorbed, score in matching.merges]
 
 
+# zip_matching's merge loops, chosen by its module constants: the row bests (N <= ROW_BESTS_MAX_UNITS),
+# the candidate runs alone, and the row bests handing over to the runs after the first merge or mid-way.
+ZIP_PATHS = {
+    "row bests": {},
+    "runs": {"ROW_BESTS_MAX_UNITS": 0},
+    "hand over at once": {"ROW_BESTS_RECOMPUTED_PER_UNIT": 0},
+    "hand over mid-way": {"ROW_BESTS_RECOMPUTED_PER_UNIT": 1},
+}
+
+
+@contextlib.contextmanager
+def zip_path(name: str):
+    """zip_matching forced onto one of ZIP_PATHS (hypothesis tests cannot use the monkeypatch fixture)."""
+    saved = {key: getattr(zip_module, key) for key in ZIP_PATHS[name]}
+    try:
+        for key, value in ZIP_PATHS[name].items():
+            setattr(zip_module, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(zip_module, key, value)
+
+
 def assert_same_zip(similarity, sizes, target_width, alpha, beta, through_match: bool = False) -> None:
-    """Fast and naive zip make the same merges (or both fail); through_match also compares match()'s matrices."""
-    fast = zip_or_error(zip_matching, similarity, sizes, target_width, alpha, beta)
+    """Every path of fast zip and naive zip make the same merges (or all fail); through_match also compares match()'s matrices."""
     naive = zip_or_error(naive_zip_matching, similarity, sizes, target_width, alpha, beta)
-    context = f"sizes={sizes} r={target_width} alpha={alpha} beta={beta}"
-    if isinstance(fast, str) or isinstance(naive, str):
-        assert fast == naive, context
+    for path in ZIP_PATHS:
+        with zip_path(path):
+            fast = zip_or_error(zip_matching, similarity, sizes, target_width, alpha, beta)
+        context = f"{path}: sizes={sizes} r={target_width} alpha={alpha} beta={beta}"
+        if isinstance(fast, str) or isinstance(naive, str):
+            assert fast == naive, context
+            continue
+        assert merge_bits(fast) == merge_bits(naive), context
+        np.testing.assert_array_equal(fast.labels, naive.labels, err_msg=context)
+    if isinstance(naive, str):
         return
-    assert merge_bits(fast) == merge_bits(naive), context
-    np.testing.assert_array_equal(fast.labels, naive.labels, err_msg=context)
     if not through_match:
         return
     for (fast_merge, fast_unmerge), (naive_merge, naive_unmerge) in zip(
