@@ -11,7 +11,11 @@ Rule (the same in the slow reference, fxmerge/match/reference.py, which the test
   that model's budget, budget_k = int((N - r) * n_k / N * beta + 1e-4); a model whose budget is <= 0
   allows no more such merges (their scores become -inf).
 
-Implementation, O(N^2 log N) time, one (N, N) float64 matrix and no full-matrix argmax per merge:
+Implementation: one (N, N) float64 score matrix and no full-matrix argmax per merge.  Up to
+ROW_BESTS_MAX_UNITS units, every row's best partner (see _merge_by_row_bests): a few O(N) numpy
+operations per merge, O(N) rows rescanned per merge at worst, so a tie-heavy matrix that makes it
+rescan too many rows hands the rest of the matching over to the candidate runs.  Beyond, or after a
+hand-over, the candidate runs, O(N^2 log N) time:
 
 * the dense score matrix ``scores`` (N, N) is indexed by rep, which never changes for the surviving
   cluster of a merge; a merge rewrites the kept cluster's row and column, and ``alive`` masks the
@@ -96,7 +100,10 @@ def decayed_merged_scores(scores: np.ndarray, kept: int, absorbed: int, alpha: f
     """
     decay = 1.0 if scores[kept, absorbed] >= IDENTICAL else alpha
     merged = np.minimum(scores[kept], scores[absorbed])
-    np.multiply(merged, decay, out=merged, where=np.isfinite(merged))
+    if decay == 0.0:
+        np.multiply(merged, decay, out=merged, where=np.isfinite(merged))
+    elif decay != 1.0:
+        merged *= decay  # -inf * decay stays -inf for decay > 0 (and x * 1.0 is x: skipped)
     merged[kept] = -np.inf
     merged[absorbed] = -np.inf
     return merged
@@ -250,9 +257,11 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
 
 
 # At most this many units, zip_matching keeps every live cluster's best partner (_merge_by_row_bests):
-# a handful of O(N) numpy operations per merge, against the candidate runs' Python heap work, which
-# pays off only when the (N, N) row and column writes of a merge cost more than the heap's overhead.
-ROW_BESTS_MAX_UNITS = 3072
+# a handful of O(N) numpy operations per merge instead of the candidate runs' Python heap work.  Its
+# strided column writes and row rescans grow with N: on recorded resnet18 / ViT merges it is 2-3x
+# faster at N = 128..1536, on benchmarks/bench_matcher.py's synthetic pairs about even at N = 2048
+# and 1.3-1.8x slower at N = 4096 (benchmarks/results/matcher.md).
+ROW_BESTS_MAX_UNITS = 2048
 # _merge_by_row_bests recomputes a row's best partner when that partner merged; tie-heavy scores can
 # make most rows point at one cluster (O(N^2) per merge).  After this many recomputed rows per unit
 # it hands the rest of the matching to the candidate runs, whose cost does not depend on ties.
@@ -353,36 +362,38 @@ def _merge_by_row_bests(state: _ZipState, target_width: int, alpha: float) -> No
     """
     scores = state.scores
     n_units = len(state.alive)
-    best = scores.max(axis=1)
     partner = scores.argmax(axis=1)
+    best = scores[np.arange(n_units), partner]
     recompute_left = ROW_BESTS_RECOMPUTED_PER_UNIT * n_units
     while state.clusters_left > target_width:
-        kept = int(np.argmax(best))
+        kept = int(best.argmax())
         if best[kept] == -np.inf:
             raise unreachable_width_error(target_width, state.clusters_left, state.budgets)
         absorbed = int(partner[kept])
-        stale = (partner == kept) | (partner == absorbed)
+        stale = partner == kept
+        stale |= partner == absorbed
         forbidden = state.merge(kept, absorbed, alpha, clear_absorbed=True)
-        if forbidden is not None:
-            stale[forbidden] = True
         if state.clusters_left == target_width:
             return
+        if forbidden is not None:
+            stale[forbidden] = True
         kept_scores = scores[kept]
-        rises = kept_scores > best
-        best[rises] = kept_scores[rises]
-        partner[rises] = kept
-        # The kept cluster ties a row's best: it becomes the partner when it is the smaller column.
-        partner[(kept_scores == best) & (partner > kept) & (kept_scores > -np.inf)] = kept
+        # Rows whose score with the kept cluster rose above their best, or ties it from a smaller column.
+        takes = (kept_scores == best) & (partner > kept)
+        takes |= kept_scores > best
+        np.copyto(best, kept_scores, where=takes)
+        np.copyto(partner, kept, where=takes)
         stale[kept] = True
         stale[absorbed] = False
         best[absorbed] = -np.inf
+        partner[absorbed] = -1  # a dead row is never stale and never takes the kept cluster
         rows = np.flatnonzero(stale)
         recompute_left -= len(rows)
         if recompute_left < 0:
             return
-        row_scores = scores[rows]
-        best[rows] = row_scores.max(axis=1)
-        partner[rows] = row_scores.argmax(axis=1)
+        row_partners = scores[rows].argmax(axis=1)
+        partner[rows] = row_partners
+        best[rows] = scores[rows, row_partners]
 
 
 def _merge_by_runs(state: _ZipState, target_width: int, alpha: float) -> None:
