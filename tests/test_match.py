@@ -49,13 +49,15 @@ def merge_bits(matching: ZipMatching) -> list[tuple[int, int, bytes]]:
     return [(kept, absorbed, np.float64(score).tobytes()) for kept, absorbed, score in matching.merges]
 
 
-# zip_matching's merge loops, chosen by its module constants: the row bests (N <= ROW_BESTS_MAX_UNITS),
-# the candidate runs alone, and the row bests handing over to the runs after the first merge or mid-way.
+# zip_matching's merge loops, chosen by its module constants: the default (N <= ROW_BESTS_MAX_UNITS:
+# row bests unless most best partners are mutual), the candidate runs alone, the row bests always,
+# and the row bests handing over to the runs after their first merge or mid-way.
 ZIP_PATHS = {
-    "row bests": {},
+    "default": {},
     "runs": {"ROW_BESTS_MAX_UNITS": 0},
-    "hand over at once": {"ROW_BESTS_RECOMPUTED_PER_UNIT": 0},
-    "hand over mid-way": {"ROW_BESTS_RECOMPUTED_PER_UNIT": 1},
+    "row bests": {"RUNS_MIN_MUTUAL_FRACTION": 2.0},
+    "row bests, runs at once": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RECOMPUTED_PER_UNIT": 0},
+    "row bests, runs mid-way": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RECOMPUTED_PER_UNIT": 1},
 }
 
 
