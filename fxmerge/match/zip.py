@@ -258,10 +258,10 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
 
 
 # At most this many units, zip_matching keeps every live cluster's best partner (_merge_by_row_bests):
-# a handful of O(N) numpy operations per merge instead of the candidate runs' Python heap work.  Its
-# strided column writes and row rescans grow with N: on recorded resnet18 / ViT merges it is 2-3x
-# faster at N = 128..1536, on benchmarks/bench_matcher.py's synthetic pairs about even at N = 2048
-# and 1.3-1.8x slower at N = 4096 (benchmarks/results/matcher.md).
+# a handful of O(N) numpy operations per merge instead of the candidate runs' Python heap work
+# (recorded resnet18 / ViT merges: 1.4-3.5x faster at N = 128..1536).  Its strided column writes and
+# row rescans grow with N, the runs' heap work does not: forced onto bench_matcher's synthetic pairs
+# the row bests are 1.5x slower than the runs at N = 2048 and up to 1.8x at N = 4096.
 ROW_BESTS_MAX_UNITS = 2048
 # _merge_by_row_bests recomputes a row's best partner when that partner merged; tie-heavy scores can
 # make most rows point at one cluster (O(N^2) per merge).  After this many recomputed rows per unit
