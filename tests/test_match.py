@@ -56,8 +56,8 @@ ZIP_PATHS = {
     "default": {},
     "runs": {"ROW_BESTS_MAX_UNITS": 0},
     "row bests": {"RUNS_MIN_MUTUAL_FRACTION": 2.0},
-    "row bests, runs at once": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RECOMPUTED_PER_UNIT": 0},
-    "row bests, runs mid-way": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RECOMPUTED_PER_UNIT": 1},
+    "row bests, runs at once": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RESCANS_PER_MERGE": 0},
+    "row bests, runs mid-way": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RESCANS_PER_MERGE": 1},
 }
 
 

@@ -263,10 +263,12 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
 # row rescans grow with N, the runs' heap work does not: forced onto bench_matcher's synthetic pairs
 # the row bests are 1.5x slower than the runs at N = 2048 and up to 1.8x at N = 4096.
 ROW_BESTS_MAX_UNITS = 2048
-# _merge_by_row_bests recomputes a row's best partner when that partner merged; tie-heavy scores can
-# make most rows point at one cluster (O(N^2) per merge).  After this many recomputed rows per unit
-# it hands the rest of the matching to the candidate runs, whose cost does not depend on ties.
-ROW_BESTS_RECOMPUTED_PER_UNIT = 16
+# _merge_by_row_bests rescans a row when its best partner merged; tie-heavy scores can make most rows
+# point at one cluster (O(N^2) per merge).  Once it has rescanned more than this many rows per merge
+# made plus N / 32 merges' worth (2 N rows: two passes over the matrix), it hands the rest of the
+# matching to the candidate runs, whose cost does not depend on ties.  Recorded real merges rescan
+# 4-20 rows per merge.
+ROW_BESTS_RESCANS_PER_MERGE = 64
 # When most units' best partners are mutual (a clean permuted copy: each unit and its copy), the
 # candidate runs pop about one candidate per merge and beat the row bests' fixed per-merge cost
 # (bench_matcher's synthetic pairs: all mutual, runs 1.2-1.7x faster at N = 512..2048).  The scores of
@@ -374,7 +376,7 @@ def _merge_by_row_bests(state: _ZipState, target_width: int, alpha: float, partn
     scores = state.scores
     n_units = len(state.alive)
     best = scores[np.arange(n_units), partner]
-    recompute_left = ROW_BESTS_RECOMPUTED_PER_UNIT * n_units
+    rescans, merges_before, slack_merges = 0, len(state.merges), n_units / 32
     while state.clusters_left > target_width:
         kept = int(best.argmax())
         if best[kept] == -np.inf:
@@ -398,8 +400,8 @@ def _merge_by_row_bests(state: _ZipState, target_width: int, alpha: float, partn
         best[absorbed] = -np.inf
         partner[absorbed] = -1  # a dead row is never stale and never takes the kept cluster
         rows = np.flatnonzero(stale)
-        recompute_left -= len(rows)
-        if recompute_left < 0:
+        rescans += len(rows)
+        if rescans > ROW_BESTS_RESCANS_PER_MERGE * (len(state.merges) - merges_before + slack_merges):
             return
         row_partners = scores[rows].argmax(axis=1)
         partner[rows] = row_partners
