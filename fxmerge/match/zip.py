@@ -271,9 +271,10 @@ ROW_BESTS_MAX_UNITS = 2048
 ROW_BESTS_RESCANS_PER_MERGE = 64
 # When most units' best partners are mutual (a clean permuted copy: each unit and its copy), the
 # candidate runs pop about one candidate per merge and beat the row bests' fixed per-merge cost
-# (bench_matcher's synthetic pairs: all mutual, runs 1.2-1.7x faster at N = 512..2048).  The scores of
-# real merges have hubs (recorded resnet18 / ViT merges: 11-62% mutual, 3-6 pops per merge, row bests
-# 1.1-3x faster).  Up to ROW_BESTS_MAX_UNITS, the runs are used when at least this fraction is mutual.
+# (bench_matcher's synthetic pairs: all mutual, one pop per merge; runs as fast at N <= 1024, 1.5x
+# faster at N = 2048).  The scores of real merges have hubs (recorded resnet18 / ViT merges: 11-62%
+# mutual, 3-6 pops per merge, row bests 1.4-3.5x faster).  Up to ROW_BESTS_MAX_UNITS, the runs are
+# used when at least this fraction of the units is mutual.
 RUNS_MIN_MUTUAL_FRACTION = 0.75
 
 
