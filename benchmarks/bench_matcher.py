@@ -17,6 +17,16 @@ call (tracemalloc; the input similarity is not counted).
 one of the first call in a fresh interpreter at the largest --sizes (page faults of new memory
 included); both run in fresh interpreters, for --compare-rev on that revision's fxmerge exported by
 git archive.
+
+--recorded resnet18 vit replays the zip matchings of real merges (their per-merge cost, at the sizes
+real merges use): ``fxmerge.merge(models, batches, method="zip", quiet=True)`` of a pair of
+torchvision ``resnet18(num_classes=10)`` or of ``fxmerge.zoo.vit(patch_size=8, num_layers=6,
+num_heads=3, hidden_dim=192, mlp_dim=768, image_size=64)`` (both models built after
+torch.manual_seed(0), eval; 8 batches of randn(16, 3, 64, 64) after torch.manual_seed(0); one torch
+thread) with ``fxmerge.match.zip.zip_matching`` wrapped to save its arguments (cached in
+--recorded-cache).  Each matcher then replays every call on a fresh copy of its similarity (copies
+outside the timing; best of --repeats over all calls), and the merges are compared with the naive
+reference's and --compare-rev's.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import json
 import os
 import inspect
 import io
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -136,6 +147,121 @@ def fresh_process_seconds(import_root: Path, statement: str, n_units: int, repea
     return json.loads(result.stdout)
 
 
+RECORDED_CASES = ("resnet18", "vit")
+
+
+def record_merge_matchings(case: str) -> list[tuple]:
+    """The arguments of every zip_matching call of one real merge (see the module docstring).
+
+    Returns [(similarity (N, N) as passed, sizes, target_width, alpha, beta, overwrite_similarity)].
+    """
+    import torch
+    import torchvision
+
+    import fxmerge
+    import fxmerge.match.zip as zip_module
+    from fxmerge import zoo
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if case == "resnet18":
+        models = [torchvision.models.resnet18(num_classes=10).eval() for _ in range(2)]
+    else:
+        models = [
+            zoo.vit(patch_size=8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768, image_size=64).eval()
+            for _ in range(2)
+        ]
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 3, 64, 64) for _ in range(8)]
+    calls = []
+    original = zip_module.zip_matching
+
+    def recording(similarity, sizes, target_width, alpha, beta, *, overwrite_similarity=False):
+        saved = np.array(similarity, dtype=np.float64, copy=True)
+        calls.append((saved, list(sizes), int(target_width), float(alpha), float(beta), overwrite_similarity))
+        return original(similarity, sizes, target_width, alpha, beta, overwrite_similarity=overwrite_similarity)
+
+    zip_module.zip_matching = recording
+    try:
+        fxmerge.merge(models, batches, method="zip", quiet=True)
+    finally:
+        zip_module.zip_matching = original
+    return calls
+
+
+def recorded_matchings(case: str, cache: Path) -> list[tuple]:
+    """record_merge_matchings(case), cached as cache/<case>.pkl."""
+    path = cache / f"{case}.pkl"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(record_merge_matchings(case)))
+    return pickle.loads(path.read_bytes())
+
+
+def replay_seconds(fn, calls: list[tuple], repeats: int, naive: bool = False):
+    """(best CPU seconds over repeats of all calls, their results); copies of the similarities are made outside the timing."""
+    best, results = float("inf"), None
+    for _ in range(repeats):
+        seconds, results = 0.0, []
+        for similarity, sizes, target_width, alpha, beta, overwrite in calls:
+            scratch = similarity.copy()
+            start = time.process_time()
+            if naive:
+                results.append(fn(scratch, sizes, target_width, alpha, beta))
+            else:
+                results.append(fn(scratch, sizes, target_width, alpha, beta, overwrite_similarity=overwrite))
+            seconds += time.process_time() - start
+        best = min(best, seconds)
+    return best, results
+
+
+def recorded_rows(cases: list[str], cache: Path, old_zip_matching, repeats: int) -> list[dict]:
+    """One row per (case, N) and one per case ("all"): calls, merges, CPU seconds, same merges."""
+    rows = []
+    for case in cases:
+        calls = recorded_matchings(case, cache)
+        groups = {}
+        for call in calls:
+            groups.setdefault(sum(call[1]), []).append(call)
+        for n_total, group in [*sorted(groups.items()), ("all", calls)]:
+            row = {"case": case, "N": n_total, "calls": len(group), "merges": sum(sum(c[1]) - c[2] for c in group)}
+            row["fast_cpu_s"], fast = replay_seconds(zip_matching, group, repeats)
+            if old_zip_matching is not None:
+                row["old_cpu_s"], old = replay_seconds(old_zip_matching, group, repeats)
+                row["identical_to_old"] = all(same_merges(a, b) for a, b in zip(fast, old))
+            if n_total != "all":
+                _, naive = replay_seconds(naive_zip_matching, group, 1, naive=True)
+                row["identical_to_naive"] = all(same_merges(a, b) for a, b in zip(fast, naive))
+            else:
+                row["identical_to_naive"] = all(r["identical_to_naive"] for r in rows if r["case"] == case)
+            rows.append(row)
+            print(f"recorded {case} N={n_total}: {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_recorded(rows: list[dict], compare_rev: str | None) -> None:
+    print(
+        "\nzip_matching calls of real merges (--recorded; CPU seconds of all the calls, best of --repeats"
+        + (f"; old = the fast matcher at {compare_rev}" if compare_rev else "")
+        + "):\n"
+    )
+    head = "| merge | N | calls | merges | fast CPU (s) | fast per merge (us) |"
+    rule = "|:---|---:|---:|---:|---:|---:|"
+    if compare_rev:
+        head += " old CPU (s) | old / fast | same merges as old |"
+        rule += "---:|---:|:---:|"
+    print(head + " same merges as naive |")
+    print(rule + ":---:|")
+    yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
+    for row in rows:
+        cells = [row["case"], str(row["N"]), str(row["calls"]), str(row["merges"])]
+        cells += [f"{row['fast_cpu_s']:.3f}", f"{1e6 * row['fast_cpu_s'] / row['merges']:.0f}"]
+        if compare_rev:
+            cells += [f"{row['old_cpu_s']:.3f}", f"{row['old_cpu_s'] / row['fast_cpu_s']:.1f}x", yes(row["identical_to_old"])]
+        cells.append(yes(row["identical_to_naive"]))
+        print("| " + " | ".join(cells) + " |")
+
+
 MATCH_STATEMENT = 'match(similarity, [n, n], n, method="zip")'
 ZIP_STATEMENT = "zip_matching(similarity, [n, n], n, 0.5, 1.0)"
 
@@ -163,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="also measure each fast matcher's peak memory")
     parser.add_argument("--match-sizes", type=int, nargs="*", default=[], help="units per model for match() per call")
     parser.add_argument("--cold", action="store_true", help="also time first calls in fresh interpreters")
+    parser.add_argument("--recorded", nargs="*", default=[], choices=RECORDED_CASES, help="replay real merges' calls")
+    parser.add_argument("--recorded-cache", type=Path, default=Path(tempfile.gettempdir()) / "fxmerge_bench_matcher")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -286,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names
             ]
             print("| " + " | ".join(cells) + " |")
+    recorded = recorded_rows(args.recorded, args.recorded_cache, old_zip_matching, args.repeats) if args.recorded else []
+    if recorded:
+        print_recorded(recorded, args.compare_rev)
     if args.json is not None:
-        document = {"zip_matching": rows, "match_per_call": match_rows, "first_call": cold_rows}
+        document = {"zip_matching": rows, "match_per_call": match_rows, "first_call": cold_rows, "recorded": recorded}
         args.json.write_text(json.dumps(document, indent=2) + "\n")
-    checks = [row[key] for row in rows for key in ("identical_to_naive", "identical_to_old") if key in row]
+    checks = [row[key] for row in rows + recorded for key in ("identical_to_naive", "identical_to_old") if key in row]
     return 0 if all(checks) else 1
 
 

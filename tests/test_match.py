@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -48,16 +49,46 @@ def merge_bits(matching: ZipMatching) -> list[tuple[int, int, bytes]]:
     return [(kept, absorbed, np.float64(score).tobytes()) for kept, absorbed, score in matching.merges]
 
 
+# zip_matching's merge loops, chosen by its module constants: the default (N <= ROW_BESTS_MAX_UNITS:
+# row bests unless most best partners are mutual), the candidate runs alone, the row bests always,
+# and the row bests handing over to the runs after their first merge, early, or when rescans average 3 rows per merge.
+ZIP_PATHS = {
+    "default": {},
+    "runs": {"ROW_BESTS_MAX_UNITS": 0},
+    "row bests": {"RUNS_MIN_MUTUAL_FRACTION": 2.0},
+    "row bests, runs at once": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RESCANS_PER_MERGE": 0},
+    "row bests, runs early": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RESCANS_PER_MERGE": 1},
+    "row bests, runs when busy": {"RUNS_MIN_MUTUAL_FRACTION": 2.0, "ROW_BESTS_RESCANS_PER_MERGE": 3},
+}
+
+
+@contextlib.contextmanager
+def zip_path(name: str):
+    """zip_matching forced onto one of ZIP_PATHS (hypothesis tests cannot use the monkeypatch fixture)."""
+    saved = {key: getattr(zip_module, key) for key in ZIP_PATHS[name]}
+    try:
+        for key, value in ZIP_PATHS[name].items():
+            setattr(zip_module, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(zip_module, key, value)
+
+
 def assert_same_zip(similarity, sizes, target_width, alpha, beta, through_match: bool = False) -> None:
-    """Fast and naive zip make the same merges (or both fail); through_match also compares match()'s matrices."""
-    fast = zip_or_error(zip_matching, similarity, sizes, target_width, alpha, beta)
+    """Every path of fast zip and naive zip make the same merges (or all fail); through_match also compares match()'s matrices."""
     naive = zip_or_error(naive_zip_matching, similarity, sizes, target_width, alpha, beta)
-    context = f"sizes={sizes} r={target_width} alpha={alpha} beta={beta}"
-    if isinstance(fast, str) or isinstance(naive, str):
-        assert fast == naive, context
+    for path in ZIP_PATHS:
+        with zip_path(path):
+            fast = zip_or_error(zip_matching, similarity, sizes, target_width, alpha, beta)
+        context = f"{path}: sizes={sizes} r={target_width} alpha={alpha} beta={beta}"
+        if isinstance(fast, str) or isinstance(naive, str):
+            assert fast == naive, context
+            continue
+        assert merge_bits(fast) == merge_bits(naive), context
+        np.testing.assert_array_equal(fast.labels, naive.labels, err_msg=context)
+    if isinstance(naive, str):
         return
-    assert merge_bits(fast) == merge_bits(naive), context
-    np.testing.assert_array_equal(fast.labels, naive.labels, err_msg=context)
     if not through_match:
         return
     for (fast_merge, fast_unmerge), (naive_merge, naive_unmerge) in zip(
@@ -125,6 +156,16 @@ def test_fast_zip_equals_naive_reference_on_all_equal_scores():
         similarity = np.full((sum(sizes),) * 2, 0.25)
         for target_width in range(1, sum(sizes)):
             assert_same_zip(similarity, list(sizes), target_width, 0.5, 1.0)
+
+
+def test_fast_zip_equals_naive_reference_when_decayed_scores_rise():
+    # All scores negative: alpha * min(negative) is larger than the scores it replaces, so a merged
+    # cluster becomes many rows' new best (the row bests' in-place update, not a rescan, must catch it).
+    rng = np.random.default_rng(3)
+    for sizes in [(20, 20), (7, 19, 11)]:
+        similarity = -np.abs(random_symmetric(rng, sum(sizes))) - 0.1
+        for target_width, alpha, beta in [(max(sizes), 0.5, 1.0), (sum(sizes) // 4, 0.5, 0.0), (5, 0.9, 3.0)]:
+            assert_same_zip(similarity, list(sizes), target_width, alpha, beta)
 
 
 def test_fast_zip_equals_naive_reference_on_a_larger_correlation_matrix():

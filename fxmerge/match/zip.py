@@ -11,7 +11,12 @@ Rule (the same in the slow reference, fxmerge/match/reference.py, which the test
   that model's budget, budget_k = int((N - r) * n_k / N * beta + 1e-4); a model whose budget is <= 0
   allows no more such merges (their scores become -inf).
 
-Implementation, O(N^2 log N) time, one (N, N) float64 matrix and no full-matrix argmax per merge:
+Implementation: one (N, N) float64 score matrix and no full-matrix argmax per merge.  Up to
+ROW_BESTS_MAX_UNITS units, unless most units' best partners are mutual (RUNS_MIN_MUTUAL_FRACTION),
+every row's best partner (see _merge_by_row_bests): a few O(N) numpy operations per merge, O(N) rows
+rescanned per merge at worst, so a tie-heavy matrix that makes it rescan too many rows hands the rest
+of the matching over to the candidate runs.  Otherwise, or after a hand-over, the candidate runs,
+O(N^2 log N) time:
 
 * the dense score matrix ``scores`` (N, N) is indexed by rep, which never changes for the surviving
   cluster of a merge; a merge rewrites the kept cluster's row and column, and ``alive`` masks the
@@ -96,7 +101,10 @@ def decayed_merged_scores(scores: np.ndarray, kept: int, absorbed: int, alpha: f
     """
     decay = 1.0 if scores[kept, absorbed] >= IDENTICAL else alpha
     merged = np.minimum(scores[kept], scores[absorbed])
-    np.multiply(merged, decay, out=merged, where=np.isfinite(merged))
+    if decay == 0.0:
+        np.multiply(merged, decay, out=merged, where=np.isfinite(merged))
+    elif decay != 1.0:
+        merged *= decay  # -inf * decay stays -inf for decay > 0 (and x * 1.0 is x: skipped)
     merged[kept] = -np.inf
     merged[absorbed] = -np.inf
     return merged
@@ -249,6 +257,27 @@ def _initial_runs(scores: np.ndarray) -> list[_CandidateRun]:
     return runs
 
 
+# At most this many units, zip_matching keeps every live cluster's best partner (_merge_by_row_bests):
+# a handful of O(N) numpy operations per merge instead of the candidate runs' Python heap work
+# (recorded resnet18 / ViT merges: 1.4-3.5x faster at N = 128..1536).  Its strided column writes and
+# row rescans grow with N, the runs' heap work does not: forced onto bench_matcher's synthetic pairs
+# the row bests are 1.5x slower than the runs at N = 2048 and up to 1.8x at N = 4096.
+ROW_BESTS_MAX_UNITS = 2048
+# _merge_by_row_bests rescans a row when its best partner merged; tie-heavy scores can make most rows
+# point at one cluster (O(N^2) per merge).  Once it has rescanned more than this many rows per merge
+# made plus N / 32 merges' worth (2 N rows: two passes over the matrix), it hands the rest of the
+# matching to the candidate runs, whose cost does not depend on ties.  Recorded real merges rescan
+# 4-20 rows per merge.
+ROW_BESTS_RESCANS_PER_MERGE = 64
+# When most units' best partners are mutual (a clean permuted copy: each unit and its copy), the
+# candidate runs pop about one candidate per merge and beat the row bests' fixed per-merge cost
+# (bench_matcher's synthetic pairs: all mutual, one pop per merge; runs as fast at N <= 1024, 1.5x
+# faster at N = 2048).  The scores of real merges have hubs (recorded resnet18 / ViT merges: 11-62%
+# mutual, 3-6 pops per merge, row bests 1.4-3.5x faster).  Up to ROW_BESTS_MAX_UNITS, the runs are
+# used when at least this fraction of the units is mutual.
+RUNS_MIN_MUTUAL_FRACTION = 0.75
+
+
 def zip_matching(
     similarity: np.ndarray,
     sizes: Sequence[int],
@@ -272,15 +301,121 @@ def zip_matching(
     scores = _scores_in_place(similarity) if overwrite_similarity else None
     if scores is None:
         scores = initial_scores(similarity)
-    origins = unit_models(sizes)
-    alive = np.ones(n_units, dtype=bool)
-    budgets = zip_budgets(sizes, target_width, beta)
-    for model, budget in enumerate(budgets):
+    state = _ZipState(scores, unit_models(sizes), np.ones(n_units, dtype=bool), zip_budgets(sizes, target_width, beta))
+    for model, budget in enumerate(state.budgets):
         if budget <= 0:
-            forbid_within_model(scores, alive, origins, model)
+            forbid_within_model(scores, state.alive, state.origins, model)
+    if n_units <= ROW_BESTS_MAX_UNITS:
+        partner = scores.argmax(axis=1)  # every row's smallest column with its best score
+        mutual = np.count_nonzero(partner[partner] == np.arange(n_units))
+        if mutual < RUNS_MIN_MUTUAL_FRACTION * n_units:
+            _merge_by_row_bests(state, target_width, alpha, partner)
+    if state.clusters_left > target_width:
+        _merge_by_runs(state, target_width, alpha)
 
-    members: list[list[int]] = [[unit] for unit in range(n_units)]
-    merges: list[tuple[int, int, float]] = []
+    labels = np.empty(n_units, dtype=np.int64)
+    for rep in np.flatnonzero(state.alive):
+        labels[state.members[rep]] = rep
+    return ZipMatching(labels=labels_by_smallest_member(labels), merges=tuple(state.merges))
+
+
+class _ZipState:
+    """The matching so far, shared by both merge loops (the row-best loop may hand over to the runs).
+
+    scores (N, N): current scores indexed by rep (see the module docstring for dead rows); origins (N,)
+    model of each unit; alive (N,) bool; budgets: within-model merges left per model; members: units
+    of each rep's cluster; merges: made so far.
+    """
+
+    __slots__ = ("scores", "origins", "alive", "budgets", "members", "merges", "clusters_left")
+
+    def __init__(self, scores: np.ndarray, origins: np.ndarray, alive: np.ndarray, budgets: list[int]) -> None:
+        self.scores, self.origins, self.alive, self.budgets = scores, origins, alive, budgets
+        self.members: list[list[int]] = [[unit] for unit in range(len(alive))]
+        self.merges: list[tuple[int, int, float]] = []
+        self.clusters_left = len(alive)
+
+    def merge(self, kept: int, absorbed: int, alpha: float, clear_absorbed: bool) -> np.ndarray | None:
+        """Merge absorbed into kept: new scores, members, budget; returns the reps a spent budget forbade.
+
+        clear_absorbed: also set the absorbed cluster's row and column to -inf (the row-best loop reads
+        whole rows; the runs' loop masks dead clusters with ``alive`` instead).
+        """
+        scores = self.scores
+        self.merges.append((kept, absorbed, float(scores[kept, absorbed])))
+        merged_scores = decayed_merged_scores(scores, kept, absorbed, alpha)
+        self.alive[absorbed] = False
+        if clear_absorbed:
+            scores[absorbed, :] = -np.inf
+            scores[:, absorbed] = -np.inf
+        else:
+            merged_scores[~self.alive] = -np.inf
+        scores[kept, :] = merged_scores
+        scores[:, kept] = merged_scores
+        self.members[kept].extend(self.members[absorbed])
+        self.members[absorbed] = []
+        self.clusters_left -= 1
+        origin = int(self.origins[kept])
+        if origin == self.origins[absorbed]:
+            self.budgets[origin] -= 1
+            if self.budgets[origin] <= 0:
+                return forbid_within_model(scores, self.alive, self.origins, origin)
+        return None
+
+
+def _merge_by_row_bests(state: _ZipState, target_width: int, alpha: float, partner: np.ndarray) -> None:
+    """Merge until target_width from every row's best partner; may stop early and leave the rest to the runs.
+
+    partner (N,): scores.argmax(axis=1), updated in place.
+    best (N,) is each row's largest score and partner (N,) its smallest column with it, so the row-major
+    first maximum of the whole matrix (the rule's pair: scores are symmetric) is (argmax(best),
+    partner[argmax(best)]).  A merge changes the kept cluster's row and column and clears the absorbed
+    one's (dead rows and columns are -inf here), so a row's best changes only when its partner was
+    one of the two (recomputed), when its new score with the kept cluster reaches its best (updated in
+    place: decayed negative scores can rise) or when a spent budget forbade some of its pairs (recomputed).
+    """
+    scores = state.scores
+    n_units = len(state.alive)
+    best = scores[np.arange(n_units), partner]
+    rescans, merges_before, slack_merges = 0, len(state.merges), n_units / 32
+    while state.clusters_left > target_width:
+        kept = int(best.argmax())
+        if best[kept] == -np.inf:
+            raise unreachable_width_error(target_width, state.clusters_left, state.budgets)
+        absorbed = int(partner[kept])
+        stale = partner == kept
+        stale |= partner == absorbed
+        forbidden = state.merge(kept, absorbed, alpha, clear_absorbed=True)
+        if state.clusters_left == target_width:
+            return
+        if forbidden is not None:
+            stale[forbidden] = True
+        kept_scores = scores[kept]
+        # Rows whose score with the kept cluster rose above their best, or ties it from a smaller column.
+        takes = (kept_scores == best) & (partner > kept)
+        takes |= kept_scores > best
+        np.copyto(best, kept_scores, where=takes)
+        np.copyto(partner, kept, where=takes)
+        stale[kept] = True
+        stale[absorbed] = False
+        best[absorbed] = -np.inf
+        partner[absorbed] = -1  # a dead row is never stale and never takes the kept cluster
+        rows = np.flatnonzero(stale)
+        rescans += len(rows)
+        if rescans > ROW_BESTS_RESCANS_PER_MERGE * (len(state.merges) - merges_before + slack_merges):
+            return
+        row_partners = scores[rows].argmax(axis=1)
+        partner[rows] = row_partners
+        best[rows] = scores[rows, row_partners]
+
+
+def _merge_by_runs(state: _ZipState, target_width: int, alpha: float) -> None:
+    """Merge until target_width with the candidate runs (module docstring); state may be mid-way.
+
+    A state handed over by _merge_by_row_bests has -inf rows and columns for its dead clusters, so the
+    initial runs of its scores cover exactly the live pairs.
+    """
+    scores, alive = state.scores, state.alive
     run_of_cluster: dict[int, _CandidateRun] = {}
     # Each run's head as (-score, rep_lo, rep_hi, run serial, run).  Two runs can hold the same pair
     # with the same score (see _CandidateRun); the serial keeps the tuples comparable without
@@ -295,31 +430,17 @@ def zip_matching(
 
     # Rows and columns of dead clusters are left as they were (nothing reads a dead row; ``alive``
     # masks dead columns), which saves a strided column write per merge.
-    clusters_left = n_units
-    while clusters_left > target_width:
+    while state.clusters_left > target_width:
         if not heap:
-            raise unreachable_width_error(target_width, clusters_left, budgets)
+            raise unreachable_width_error(target_width, state.clusters_left, state.budgets)
         neg_score, kept, absorbed, _, run = heapq.heappop(heap)
         if run_of_cluster.get(run.owner) is not run:
             continue  # the run's owner merged since: all its pairs were rewritten or erased
         if alive[kept] and alive[absorbed] and scores[kept, absorbed] == -neg_score:
-            merges.append((kept, absorbed, float(scores[kept, absorbed])))
-            merged_scores = decayed_merged_scores(scores, kept, absorbed, alpha)
-            alive[absorbed] = False
-            merged_scores[~alive] = -np.inf
-            scores[kept, :] = merged_scores
-            scores[:, kept] = merged_scores
-            members[kept].extend(members[absorbed])
-            members[absorbed] = []
-            clusters_left -= 1
-            origin = int(origins[kept])
-            if origin == origins[absorbed]:
-                budgets[origin] -= 1
-                if budgets[origin] <= 0:
-                    forbid_within_model(scores, alive, origins, origin)
+            state.merge(kept, absorbed, alpha, clear_absorbed=False)
             run_of_cluster.pop(absorbed, None)
             run_of_cluster.pop(kept, None)
-            if clusters_left > target_width:
+            if state.clusters_left > target_width:
                 kept_scores = scores[kept]
                 best_score = float(kept_scores.max())
                 if best_score > -np.inf:
@@ -331,11 +452,6 @@ def zip_matching(
         head = run.next_current(scores, alive)
         if head is not None:
             heapq.heappush(heap, (*head, next(run_serials), run))
-
-    labels = np.empty(n_units, dtype=np.int64)
-    for rep in np.flatnonzero(alive):
-        labels[members[rep]] = rep
-    return ZipMatching(labels=labels_by_smallest_member(labels), merges=tuple(merges))
 
 
 def _scores_in_place(similarity: np.ndarray) -> np.ndarray | None:
