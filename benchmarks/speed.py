@@ -170,11 +170,11 @@ def _median_stages(row: dict[str, Any]) -> dict[str, float]:
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     from homogeneous import machine_info, source_info
 
-    machine = machine_info()
+    machine = {**machine_info(), "torch_threads": args.threads}  # the measuring processes' setting
     lines = [
         "# Speed: a merge against the forward passes it needs",
         "",
-        f"Produced by `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "`.",
+        f"Produced by `{' '.join(['python benchmarks/speed.py', *sys.argv[1:]])}`.",
         "",
         f"{args.batches} calibration batches of {args.batch_size}x3x64x64, random-init pairs (seeds 0, 1), "
         f"{args.threads} torch thread(s), device {rows[0]['device'] if rows else args.device}; medians of "
