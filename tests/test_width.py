@@ -352,3 +352,32 @@ def test_depth_and_width_vits() -> None:
     _check_depth_and_width(result, deep_wide, batches[0])
     assert [m.embed_dim for m in _attention(result.module)] == [64, 64, 64]
 
+
+
+def test_a_group_is_matched_again_only_when_its_neighbours_changed(monkeypatch) -> None:
+    """The weight-matching step after the first pass skips a group whose neighbours' matches are
+    the ones it saw: forcing every such group to be matched again gives the same weights."""
+    import fxmerge.passes.width as width_pass
+
+    torch.manual_seed(0)
+    models = [zoo.resnet(in_channels=1, image_size=8, num_outputs=10).eval() for _ in range(2)]
+    with torch.no_grad():  # two dead units inside every block: tied groups between untied streams
+        for model in models:
+            for name, module in model.named_modules():
+                if name.endswith(".bn1"):
+                    module.bias[:2] = -100.0
+    batches = random_batches((64, 1, 8, 8), 2)
+    matched = []
+    real_match_plain = width_pass._match_plain
+    monkeypatch.setattr(width_pass, "_match_plain", lambda name, *a: matched.append(name) or real_match_plain(name, *a))
+    skipped = fxmerge.merge(models, batches, method="zip", quiet=True)
+    tied = [g.name for g in skipped.groups if "+weights" in g.source]
+    assert len(tied) == 3 and len(matched) == len(set(matched))  # each matched once: all skipped
+    fresh = iter(range(10**6))
+    monkeypatch.setattr(width_pass, "_neighbour_matches", lambda *args: ((str(next(fresh)), None),))
+    matched.clear()
+    forced = fxmerge.merge(models, batches, method="zip", quiet=True)
+    assert {name: matched.count(name) for name in set(matched)} == {name: 1 + (name in tied) for name in set(matched)}
+    assert [g.labels for g in forced.groups] == [g.labels for g in skipped.groups]
+    forced_state, skipped_state = forced.module.state_dict(), skipped.module.state_dict()
+    assert all(torch.equal(forced_state[k], skipped_state[k]) for k in skipped_state)
