@@ -126,10 +126,7 @@ class RunningMoments:
     def scatter(self) -> torch.Tensor:
         """The (d, d) sum of outer products of the samples centred at ``mean`` (symmetric)."""
         if not self._mirrored:
-            for lo, hi in _panels(self.dim):
-                diagonal = self._scatter[lo:hi, lo:hi]
-                diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
-                self._scatter[hi:, lo:hi].copy_(self._scatter[lo:hi, hi:].T)
+            mirror_upper_gram_(self._scatter, _panels(self.dim))
             self._mirrored = True
         return self._scatter
 
@@ -261,6 +258,29 @@ def _add_upper_gram_(
             scatter[lo:hi, lo:].addmm_(chunk[:, lo:hi].T, other[:, lo:])
         else:
             scatter[lo:hi, lo:].add_(chunk[:, lo:hi].T @ other[:, lo:])
+
+
+def mirror_upper_gram_(gram: torch.Tensor, panels: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Complete, in place, a (d, d) Gram matrix of which only the upper block triangle of
+    ``panels`` was accumulated (``_add_upper_gram_``): exactly symmetric afterwards."""
+    for lo, hi in panels:
+        diagonal = gram[lo:hi, lo:hi]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        gram[hi:, lo:hi].copy_(gram[lo:hi, hi:].T)
+    return gram
+
+
+def symmetric_gram(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_b blocks[b] @ blocks[b].T, (N, N) float64, for blocks (N, F_b): float32 products (the
+    blocks' dtype) over the upper block triangle only (about half the flops), summed in float64,
+    then mirrored — the Gram matrix of N feature vectors given in pieces."""
+    count = int(blocks[0].shape[0])
+    panels = _panels(count)
+    gram = torch.zeros(count, count, dtype=torch.float64, device=blocks[0].device)
+    with _ieee_float32_matmul():
+        for block in blocks:
+            _add_upper_gram_(gram, block.T, panels)
+    return mirror_upper_gram_(gram, panels)
 
 
 def all_reduce_moments(moments: Sequence[RunningMoments], group: Any) -> None:
