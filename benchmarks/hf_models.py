@@ -64,7 +64,9 @@ import transformers as hf  # noqa: E402
 import fxmerge  # noqa: E402
 import fxmerge.errors  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, measure_rows, source_info, write_keeping_notes  # noqa: E402
+from homogeneous import (  # noqa: E402
+    bit_identical, error_text, machine_info, measure_rows, relative_error, source_info, table_cell, write_keeping_notes,
+)
 
 VOCAB, LENGTH, IMAGE = 100, 12, 32
 TEXT = dict(
@@ -154,16 +156,6 @@ MODELS: dict[str, Spec] = {
 }
 
 
-def relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
-    """Max-abs error over the max-abs of ``y`` (tests/conftest.py's relative_error)."""
-    return (y - y2).abs().max().item() / y.abs().max().item()
-
-
-def _error(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}"
-
-
 def noise_constants(model: nn.Module, std: float = 0.1) -> int:
     """Add N(0, std) to every float parameter HF initialises to one constant (biases, norm weights,
     Swin's relative position bias tables, layer scales): a parameter the analysis forgets to permute
@@ -207,14 +199,6 @@ def logits(output: Any) -> torch.Tensor:
 def _run(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return logits(model(**x))
-
-
-def _same(a: nn.Module, b: nn.Module, x: dict[str, torch.Tensor]) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return (
-        torch.equal(_run(a, x), _run(b, x)) and list(sa) == list(sb)
-        and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
-    )
 
 
 def kinds(spec: Spec, groups: Any) -> dict[str, dict]:
@@ -263,7 +247,7 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
         row["input"] = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in x.items()) + f"; {batches_count} batches"
         y = _run(m, x)
     except Exception as error:  # noqa: BLE001 - the config does not build or run
-        row["build"] = _error(error)
+        row["build"] = error_text(error)
         return
     try:
         start = time.perf_counter()
@@ -271,7 +255,7 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
         row["capture_seconds"] = time.perf_counter() - start
         row["capture"] = str(getattr(gm, "meta", {}).get("fxmerge_capture", "?"))
     except Exception as error:  # noqa: BLE001
-        row["capture"] = _error(error)
+        row["capture"] = error_text(error)
         return
     try:
         analysis = fxmerge.analyze(m, x, capture="auto")
@@ -279,12 +263,12 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
         row["coverage"] = analysis.coverage()
         row["kinds"] = kinds(spec, analysis.groups)
     except Exception as error:  # noqa: BLE001
-        row["analysis"] = _error(error)
+        row["analysis"] = error_text(error)
     try:
         twin = fxmerge.testing.random_permute(m, x, seed=1, capture="auto")
         row["invariance"] = relative_error(y, _run(twin, x))
     except Exception as error:  # noqa: BLE001
-        row["invariance"] = _error(error)
+        row["invariance"] = error_text(error)
         return
     result = None
     for method in ("permute", "zip"):
@@ -296,7 +280,7 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
             if method == "permute":
                 result = merged
         except Exception as error:  # noqa: BLE001
-            row[method] = _error(error)
+            row[method] = error_text(error)
     if result is None:
         return
     start = time.perf_counter()
@@ -305,27 +289,19 @@ def _measure(row: dict, spec: Spec, batches_count: int, batch_size: int) -> None
         compiled = torch.compile(result.module, backend="aot_eager")
         row["compile"] = relative_error(_run(result.module, x), _run(compiled, x))
     except Exception as error:  # noqa: BLE001
-        row["compile"] = _error(error)
+        row["compile"] = error_text(error)
     row["compile_seconds"] = time.perf_counter() - start
     try:
         with tempfile.TemporaryDirectory() as directory:
             result.save(directory)
             loaded = fxmerge.load(directory)
-            row["save_load"] = "ok" if _same(result.module, loaded, x) else "differs"
+            row["save_load"] = "ok" if bit_identical(result.module, loaded, _run, x) else "differs"
     except fxmerge.errors.SaveError as error:
         # Storing torch.export graphs (pytree inputs/outputs) is the io helper's part of the issue.
         pytree = "PyTreeCodeGen" in str(error)
-        row["save_load"] = f"n/a: io helper ({_error(error)[:60]}...)" if pytree else _error(error)
+        row["save_load"] = f"n/a: io helper ({error_text(error)[:60]}...)" if pytree else error_text(error)
     except Exception as error:  # noqa: BLE001
-        row["save_load"] = _error(error)
-
-
-def _cell(value: object, fmt: str = ".1e") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return format(value, fmt)
-    return str(value).replace("|", "/")
+        row["save_load"] = error_text(error)
 
 
 def _kind_cell(row: dict) -> str:
@@ -341,21 +317,21 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        capture = _cell(r.get("capture"))
+        capture = table_cell(r.get("capture"))
         if "capture_seconds" in r:
             capture += f" ({r['capture_seconds']:.1f})"
-        compiled = _cell(r.get("compile"))
+        compiled = table_cell(r.get("compile"))
         if "compile_seconds" in r:
             compiled += f" ({r['compile_seconds']:.0f})"
-        groups = f"{r['free']} / {r['groups']}" if "groups" in r else _cell(r.get("analysis"))
+        groups = f"{r['free']} / {r['groups']}" if "groups" in r else table_cell(r.get("analysis"))
         cells = [
-            r["model"], r.get("class", ""), r["families"], _cell(r.get("input")), _cell(r.get("params_k"), ".1f"),
+            r["model"], r.get("class", ""), r["families"], table_cell(r.get("input")), table_cell(r.get("params_k"), ".1f"),
             capture, groups, f"{r['coverage']:.1%}" if "coverage" in r else "-", _kind_cell(r),
-            _cell(r.get("invariance")), _cell(r.get("permute")), _cell(r.get("zip")), compiled,
-            _cell(r.get("save_load")).split(" (SaveError")[0], _cell(r.get("warnings")), _cell(r.get("seconds"), ".0f"), _cell(r.get("commit")),
+            table_cell(r.get("invariance")), table_cell(r.get("permute")), table_cell(r.get("zip")), compiled,
+            table_cell(r.get("save_load")).split(" (SaveError")[0], table_cell(r.get("warnings")), table_cell(r.get("seconds"), ".0f"), table_cell(r.get("commit")),
         ]
         if r.get("build"):
-            cells[5] = f"build fails: {_cell(r['build'])}"
+            cells[5] = f"build fails: {table_cell(r['build'])}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

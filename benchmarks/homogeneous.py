@@ -156,6 +156,35 @@ def measure_rows(
     return [rows[name] for name in names if name in rows]
 
 
+def relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
+    """Max-abs error over the max-abs of ``y`` (tests/conftest.py's relative_error)."""
+    return (y - y2).abs().max().item() / y.abs().max().item()
+
+
+def error_text(error: BaseException) -> str:
+    """A table cell for a step that raised: the exception's type and first line (200 characters)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def table_cell(value: object, fmt: str = ".1e") -> str:
+    """A markdown cell: "-" for None, floats in ``fmt``, "|" made harmless."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, fmt)
+    return str(value).replace("|", "/")
+
+
+def bit_identical(a: torch.nn.Module, b: torch.nn.Module, run, x) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``run(a, x)`` and ``run(b, x)`` and the two state dicts (keys, dtypes, values) are equal."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return (
+        torch.equal(run(a, x), run(b, x)) and list(sa) == list(sb)
+        and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    )
+
+
 def write_keeping_notes(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, keeping the hand-written ``## Notes`` section of the file already there."""
     old = path.read_text() if path.exists() else ""

@@ -52,7 +52,9 @@ import timm  # noqa: E402
 
 import fxmerge  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
-from homogeneous import machine_info, measure_rows, source_info, write_keeping_notes  # noqa: E402
+from homogeneous import (  # noqa: E402
+    bit_identical, error_text, machine_info, measure_rows, relative_error, source_info, table_cell, write_keeping_notes,
+)
 
 # name -> (families, input size or None for --image-size, create_model kwargs)
 MODELS: dict[str, tuple[str, int | None, dict]] = {
@@ -92,27 +94,9 @@ MODELS: dict[str, tuple[str, int | None, dict]] = {
 }
 
 
-def relative_error(y: torch.Tensor, y2: torch.Tensor) -> float:
-    """Max-abs error over the max-abs of ``y`` (tests/conftest.py's relative_error)."""
-    return (y - y2).abs().max().item() / y.abs().max().item()
-
-
-def _error(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}"
-
-
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
-
-
-def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return (
-        torch.equal(_run(a, x), _run(b, x)) and list(sa) == list(sb)
-        and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
-    )
 
 
 def measure(name: str, size: int, batches_count: int, batch_size: int) -> dict:
@@ -146,7 +130,7 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
         reset_batchnorm(m, batches, quiet=True)
         y = _run(m, x)
     except Exception as error:  # noqa: BLE001 - the model does not build or run at this size
-        row["build"] = _error(error)
+        row["build"] = error_text(error)
         return
     try:
         analysis = fxmerge.analyze(m, x)
@@ -155,7 +139,7 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
         twin = fxmerge.testing.random_permute(m, x, seed=1).eval()
         row["invariance"] = relative_error(y, _run(twin, x))
     except Exception as error:  # noqa: BLE001
-        row["analysis"] = _error(error)
+        row["analysis"] = error_text(error)
         return
     result = None
     for method in ("permute", "zip"):
@@ -165,23 +149,23 @@ def _measure(row: dict, name: str, size: int, batches_count: int, batch_size: in
             if method == "permute":
                 result = merged
         except Exception as error:  # noqa: BLE001
-            row[method] = _error(error)
+            row[method] = error_text(error)
     try:
         fresh_twin = fxmerge.testing.random_permute(fresh, x, seed=1).eval()
         repaired = fxmerge.merge([fresh, fresh_twin], batches, method="permute", calibration_batches=batches_count, quiet=True)
         row["bn_repair"] = relative_error(y, _run(repaired.module, x))
         row["fresh_vs_m"] = relative_error(y, _run(fresh, x))  # what an unrepaired merge is off by
     except Exception as error:  # noqa: BLE001
-        row["bn_repair"] = _error(error)
+        row["bn_repair"] = error_text(error)
     if result is not None:
         _compile(row, result.module, x)
         try:
             with tempfile.TemporaryDirectory() as directory:
                 result.save(directory)
                 loaded = fxmerge.load(directory)
-                row["save_load"] = "ok" if _same(result.module, loaded, x) else "differs"
+                row["save_load"] = "ok" if bit_identical(result.module, loaded, _run, x) else "differs"
         except Exception as error:  # noqa: BLE001
-            row["save_load"] = _error(error)
+            row["save_load"] = error_text(error)
 
 
 def _compile(row: dict, module: nn.Module, x: torch.Tensor) -> None:
@@ -192,16 +176,8 @@ def _compile(row: dict, module: nn.Module, x: torch.Tensor) -> None:
         compiled = torch.compile(module, backend="aot_eager")
         row["compile"] = relative_error(_run(module, x), _run(compiled, x))
     except Exception as error:  # noqa: BLE001
-        row["compile"] = _error(error)
+        row["compile"] = error_text(error)
     row["compile_seconds"] = time.perf_counter() - start
-
-
-def _cell(value: object, fmt: str = ".1e") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return format(value, fmt)
-    return str(value).replace("|", "/")
 
 
 def table(rows: list[dict]) -> str:
@@ -214,21 +190,21 @@ def table(rows: list[dict]) -> str:
         failure = r.get("build") or r.get("analysis")
         groups = f"{r['free']} / {r['groups']}" if "groups" in r else "-"
         coverage = f"{r['coverage']:.1%}" if "coverage" in r else "-"
-        repair = _cell(r.get("bn_repair"))
+        repair = table_cell(r.get("bn_repair"))
         if "fresh_vs_m" in r:
             repair += f" ({r['fresh_vs_m']:.1e})"
-        compiled = _cell(r.get("compile"))
+        compiled = table_cell(r.get("compile"))
         if "compile_seconds" in r:
             compiled += f" ({r['compile_seconds']:.0f})"
         cells = [
-            r["model"], r["families"], r["input"], _cell(r.get("params_m"), ".1f"), groups, coverage,
-            _cell(r.get("invariance")), _cell(r.get("permute")), _cell(r.get("zip")), repair, compiled,
-            _cell(r.get("save_load")), _cell(r.get("warnings")), _cell(r.get("seconds"), ".0f"),
-            _cell(r.get("commit")),
+            r["model"], r["families"], r["input"], table_cell(r.get("params_m"), ".1f"), groups, coverage,
+            table_cell(r.get("invariance")), table_cell(r.get("permute")), table_cell(r.get("zip")), repair, compiled,
+            table_cell(r.get("save_load")), table_cell(r.get("warnings")), table_cell(r.get("seconds"), ".0f"),
+            table_cell(r.get("commit")),
         ]
         if failure:
             stage = "build" if r.get("build") else "analyze"
-            cells[6] = f"{stage} fails: {_cell(failure)}"
+            cells[6] = f"{stage} fails: {table_cell(failure)}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
