@@ -12,6 +12,7 @@ under a memory budget (``max_memory``) the groups are spread over several passes
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
 from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.groups import ChannelSpace, Tap
-from fxmerge.inputs import Batch, as_batch
+from fxmerge.inputs import as_batch, module_device
 from fxmerge.progress import progress
 
 # An update's chunks: at most this many bytes of float64 rows (rows x dim x 8; the float32 chunk
@@ -431,19 +432,9 @@ def _samples(value: torch.Tensor, dim: int) -> torch.Tensor:
     return moved.reshape(-1, moved.shape[-1])
 
 
-def _device_of(models: Sequence[GraphModule]) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device and floating dtype of the models' tensors (None: they hold none)."""
-    tensors = [*models[0].parameters(), *models[0].buffers()]
-    floating = [t.dtype for t in tensors if t.is_floating_point()]
-    return (tensors[0].device if tensors else None), (floating[0] if floating else None)
-
-
-def _on_device(batch: Any, device: torch.device | None) -> Batch:
-    """``batch`` as a ``Batch`` whose tensors are on ``device`` (moved when they are elsewhere)."""
-    batch = as_batch(batch)
-    if device is None or all(t.device == device for t in batch.tensors()):
-        return batch
-    return batch.map(lambda t: t.to(device))
+def _floating_dtype(model: GraphModule) -> torch.dtype | None:
+    """The floating dtype of the model's tensors (None: it holds none)."""
+    return next((t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
 
 
 Key = tuple[str, str]  # (group name, tap node)
@@ -581,14 +572,14 @@ def _observe(
     from one forward of each model per batch, summed over the process group."""
     nodes = list(dict.fromkeys(node for _, node in keys))
     extractors = [tap_extractor(model, nodes) for model in models]
-    device, _ = _device_of(models)
+    device = module_device(models[0])
     moments: dict[Key, RunningMoments] = {}
     seen = 0
     error: BaseException | None = None
     try:
         with torch.no_grad():
             for batch in progress(batches, total=num_batches, description=description, quiet=quiet):
-                inputs = _on_device(batch, device)
+                inputs = as_batch(batch).on(device)  # moved once for all the models
                 values = [dict(zip(nodes, inputs.run(extractor))) for extractor in extractors]
                 del inputs
                 for key in keys:
@@ -631,7 +622,7 @@ def statistics_footprint(
     """The (group, tap) keys ``feature_statistics`` observes, in order, and what their statistics
     take (``plan_passes``, ``smallest_max_memory``)."""
     keys, tap_dims = _tap_keys(models, groups)
-    device, dtype = _device_of(models)
+    device, dtype = module_device(models[0]), _floating_dtype(models[0])
     dims = {g.name: sum(model_groups[i].size for model_groups in groups) for i, g in enumerate(groups[0])}
     return keys, Footprint(
         dims, _samples_per_batch(models[0], keys, tap_dims, batches), exact=dtype == torch.float64,

@@ -481,7 +481,7 @@ def unit_similarity(
 
     Activations (correlation of features on the calibration data) when the group was observed;
     MuDSC adds ``balance`` times the weight similarity. A group whose activations cannot tell
-    some units apart (``indistinct``: dead or collinear units, or too few samples) gets the
+    some units apart (``_indistinct``: dead or collinear units, or too few samples) gets the
     weight similarity as a small term on every pair (``_TIE_BREAK``), which breaks the ties.
     ``weights`` is called only when the weights are needed.
 
@@ -489,7 +489,7 @@ def unit_similarity(
     to the tied units' rows and columns (cheaper) lost 1.3 to 3.9 points of zip's per-task
     average on each of 3 seeds — the small weight term also orders near-ties among live units.
     """
-    weight_similarity_ = weights() if method == "mudsc" or activation is None or indistinct(activation) else None
+    weight_similarity_ = weights() if method == "mudsc" or activation is None or _indistinct(activation) else None
     if activation is not None and weight_similarity_ is not None and method == "mudsc":
         return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
     if activation is not None and weight_similarity_ is not None:
@@ -544,7 +544,7 @@ def too_few_samples(activation: GroupStatistics) -> bool:
     return activation.samples <= max(activation.sizes)
 
 
-def indistinct(activation: GroupStatistics) -> bool:
+def _indistinct(activation: GroupStatistics) -> bool:
     """Whether activations cannot tell some units of one model apart: a unit is constant on the
     calibration data (dead), two units are collinear (|correlation| within ``_COLLINEAR`` of 1;
     e.g. channels that are dead before a LayerNorm, which maps each of them to an affine function
@@ -711,7 +711,7 @@ def match_groups(
         keys = [tuple(name.split("*")) for name in names]
         found = [product_statistics(key, analyses, statistics) for key in keys]
         if all(stats is not None for stats in found):
-            return 1 if any(indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
+            return 1 if any(_indistinct(stats) for stats in found) else 0  # type: ignore[arg-type]
         # observed inside a product whose other factors must be matched first
         inside = any(set(key) <= set(factors) for key in keys for factors in analyses[0].composite_taps)
         return 2 if inside else 3
@@ -787,10 +787,9 @@ def _neighbour_matches(
         if own & set(factors):
             names |= set(factors)
     names -= own
-    related = sorted(
-        k for k, m in done.items() if k in names or (m.factors and set(m.factors) & names and not set(m.factors) & own)
-    )
-    return tuple((k, done.get(k)) for k in sorted(names | set(related)))
+    # composites matched as a whole (heads x head channels) that hold a neighbouring space
+    composites = {k for k, m in done.items() if m.factors and set(m.factors) & names and not set(m.factors) & own}
+    return tuple((k, done.get(k)) for k in sorted(names | composites))
 
 
 def unmerge_transforms(analysis: Analysis, matches: Mapping[str, GroupMatch], model: int) -> dict:
