@@ -26,7 +26,7 @@ from fxmerge.config import MergeConfig
 from fxmerge.errors import ConfigError, IncompatibleModelsError
 from fxmerge.inputs import checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
-from fxmerge.passes.depth import align_depth, extend
+from fxmerge.passes.depth import align_depth, extend, inert_groups
 from fxmerge.passes.features import GroupStatistics, feature_statistics, observed_groups
 from fxmerge.passes.repair import reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
@@ -368,8 +368,18 @@ def match_widths(
     return match_groups(
         [s.analysis for s in states], [s.state for s in states], statistics, method=config.method,
         width=config.width, alpha=config.alpha, beta=config.beta, balance=config.balance,
-        include=set(region.groups),
+        include=set(region.groups), inert=_inert_models(states) if config.inserted == "inert" else None,
     )
+
+
+def _inert_models(states: tuple[ModelState, ...]) -> dict[str, frozenset[int]]:
+    """Group name -> the models whose units in it are the hidden channels of an inserted
+    zero-residual unit (``depth.inert_groups``)."""
+    inert: dict[str, set[int]] = {}
+    for s in states:
+        for name in inert_groups(s.graph, s.analysis):
+            inert.setdefault(name, set()).add(s.index)
+    return {name: frozenset(models) for name, models in inert.items()}
 
 
 def rewrite(
@@ -441,6 +451,7 @@ def merge(
     *,
     method: str = "zip",
     depth: str = "lma",
+    inserted: str = "inert",
     width: str | int | float | Mapping[str, int] = "max",
     alpha: float = 0.5,
     beta: float = 1.0,
@@ -473,6 +484,10 @@ def merge(
             model, then average), "zip" (ZipIt! greedy zipping, within and across models) or
             "mudsc" (zip on balance * weight similarity + (1 - balance) * activation similarity).
         depth: "lma" | "sma": depth-alignment objective when depths differ.
+        inserted: how the hidden channels of the zero-residual units inserted into a shallower
+            model are merged: "inert" (they never reach that model's output, so the groups are
+            matched over the other models and take their weights) or "matched" (matched and
+            averaged with the deeper model's real units like any others, as in Xu et al.).
         width: merged width per group: "max", "min", an int, a float multiple of the largest
             width, or a dict from group name to int.
         alpha, beta: zip budgets (decay of a merged feature's score; within-model merge budget).
@@ -509,7 +524,7 @@ def merge(
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
     config = MergeConfig(
-        method=method, depth=depth, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
+        method=method, depth=depth, inserted=inserted, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
         max_memory=max_memory,

@@ -20,6 +20,7 @@ from fxmerge.errors import ConfigError
 
 METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
+INSERTED_UNITS = ("inert", "matched")
 OUTPUT_POLICIES = ("shared", "concat")
 CAPTURES = ("auto", "fx", "export")
 
@@ -150,6 +151,11 @@ class MergeConfig:
         "lma", "depth-alignment objective when depths differ: 'lma' (every position) or 'sma' "
         "(segment outputs)", choices=DEPTH_OBJECTIVES,
     )
+    inserted: str = _option(
+        "inert", "hidden channels of the zero-residual units inserted into a shallower model: 'inert' "
+        "(they never reach its output, so those groups take the deeper models' weights) or 'matched' "
+        "(matched and averaged like real units, as Xu et al.)", choices=INSERTED_UNITS,
+    )
     width: str | int | float | Mapping[str, int] = _option(
         "max", "merged width per group: max | min | an int | a float multiple of the largest width "
         "(a YAML config may also give a mapping from group name to int)", parse=parse_width,
@@ -189,6 +195,7 @@ class MergeConfig:
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("depth", self.depth, DEPTH_OBJECTIVES)
+        _choice("inserted", self.inserted, INSERTED_UNITS)
         _choice("output", self.output, OUTPUT_POLICIES)
         _choice("capture", self.capture, CAPTURES)
         if self.model_weights is not None:

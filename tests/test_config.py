@@ -22,6 +22,7 @@ from fxmerge.errors import ConfigError
 NON_DEFAULT = {
     "method": ("mudsc", "mudsc"),
     "depth": ("sma", "sma"),
+    "inserted": ("matched", "matched"),
     "width": (0.5, "0.5"),
     "alpha": (0.25, "0.25"),
     "beta": (2.0, "2.0"),

@@ -340,6 +340,36 @@ def test_merge_aligns_depth_and_returns_the_deep_structure(digits_sized_resnets,
     assert alignment.objective_value == pytest.approx(best, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_hidden_channels_of_inserted_residual_units_take_the_deep_models_weights(digits_sized_resnets, method):
+    """An inserted zero-residual unit's hidden channels never reach the shallow model's output,
+    so the hidden groups are matched over the deep model alone: the shallow model's M_k and U_k
+    are zero there and the merged hidden layers are the deep model's, bit for bit (its M_k is the
+    identity), instead of averages of the deep layers with identity kernels."""
+    shallow, deep, calibration, _ = digits_sized_resnets
+    result = fxmerge.merge([shallow, deep], calibration, method=method, quiet=True)
+    inserted = [j for segment in result.alignment[0].segments for j in segment[1:]]
+    deep_analysis = fxmerge.analyze(deep, calibration[0])
+    inert = {g.name for g in result.groups if "inert" in g.source}
+    assert inserted and len(inert) == len(inserted)  # one hidden group per inserted BasicBlock
+    merged, original = result.module.state_dict(), deep.state_dict()
+    for name in inert:
+        match = result.matches[name]
+        assert not match.merge[0].any() and not match.unmerge[0].any()
+        assert torch.equal(match.merge[1], torch.eye(match.sizes[1], dtype=torch.float64))
+        norm_vectors = [r.param for r in deep_analysis.group(name).producers if original[r.param].dim() == 1]
+        assert norm_vectors and any(p.endswith("bn1.weight") for p in norm_vectors)
+        for param in norm_vectors:
+            if "running" not in param:  # the running statistics are recomputed on calibration data
+                assert torch.equal(merged[param], original[param]), param
+    # groups with real units of both models are matched over both
+    assert all(not m.merge[0].eq(0).all() for n, m in result.matches.items() if n not in inert and not m.fixed)
+    # inserted="matched" (Xu et al.): the same groups are matched over both models
+    paper = fxmerge.merge([shallow, deep], calibration, method=method, inserted="matched", quiet=True)
+    assert not any("inert" in g.source for g in paper.groups)
+    assert all(paper.matches[name].merge[0].any() for name in inert)
+
+
 def test_merge_order_does_not_change_the_alignment(digits_sized_resnets):
     shallow, deep, calibration, _ = digits_sized_resnets
     first = fxmerge.merge([shallow, deep], calibration, method="permute", depth="lma", quiet=True).alignment[0]

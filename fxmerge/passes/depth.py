@@ -39,6 +39,11 @@ from fxmerge.passes.units import Unit, analysis_for_units, find_units
 from fxmerge.progress import progress
 
 
+# GraphModule.meta key of an extension: the parameter and buffer names of its inserted
+# zero-residual units (``inert_groups``).
+INERT_PARAMS = "fxmerge_inert_params"
+
+
 @dataclass(frozen=True)
 class DepthAlignment:
     """How one shallower model was aligned to the deepest (reference) model.
@@ -350,6 +355,7 @@ def extend(
     deep_units, shallow_units = find_units(deep, deep_analysis), find_units(shallow, shallow_analysis)
     extended = copy.deepcopy(deep)
     state: dict[str, torch.Tensor] = {}
+    inert: set[str] = set()
     deep_state = deep.state_dict()
     shallow_tensors = dict(shallow.named_parameters()) | dict(shallow.named_buffers())
     for i, segment_units in enumerate(alignment.segments):
@@ -385,6 +391,8 @@ def extend(
                     if module is not None
                     else [(target, target)]
                 )
+                if zeroed is not None:
+                    inert.update(key for key, _ in names)
                 for key, local in names:
                     like = deep_state[key]
                     shape = _resized_shape(module, like.shape, resize)
@@ -406,6 +414,7 @@ def extend(
             raise IncompatibleModelsError(f"no value for '{key}' of the deeper model in the extension")
     load_state_resizing(extended, state)
     _rewrite_literals_for_widths(deep_analysis, extended)
+    extended.meta[INERT_PARAMS] = frozenset(inert)
     extended.eval()
     example = as_batch(example)
     with torch.no_grad():
@@ -419,6 +428,20 @@ def extend(
             "an inserted unit is not an identity on these inputs"
         )
     return extended
+
+
+def inert_groups(gm: GraphModule, analysis: Analysis) -> set[str]:
+    """The groups of an extension whose units do not reach its output: every producer and
+    consumer of the group lies inside one inserted zero-residual unit (its hidden channels,
+    whatever they compute, end in the zeroed layer). Empty for a graph that ``extend`` did not
+    make."""
+    inside = gm.meta.get(INERT_PARAMS, frozenset())
+    if not inside:
+        return set()
+    return {
+        g.name for g in analysis.groups
+        if g.producers and all(ref.param in inside for ref in g.producers + g.consumers)
+    }
 
 
 def depth_of(gm: GraphModule, analysis: Analysis | None = None) -> int:

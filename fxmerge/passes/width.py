@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -523,6 +523,36 @@ def _match_plain(
     )
 
 
+def _match_live(
+    name: str, sizes: tuple[int, ...], live: Sequence[int], similarity: np.ndarray | None, source: str,
+    width: WidthSpec, matcher: str, alpha: float, beta: float,
+) -> GroupMatch:
+    """``_match_plain`` over the ``live`` models' units only; the others get zero M_k and U_k, so
+    their weights take no part in the merged parameters of this group."""
+    live_sizes = tuple(sizes[k] for k in live)
+    if similarity is not None:
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        rows = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in live])
+        similarity = similarity[np.ix_(rows, rows)]
+    if len(live) == 1:  # nothing to match: the live model's units, as they are
+        eye = torch.eye(live_sizes[0], dtype=torch.float64)
+        sub = GroupMatch(name, live_sizes, live_sizes[0], False, None, source, (eye,), (eye,))
+    else:
+        target = resolve_width(width, name, live_sizes)
+        sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta)
+    target = sub.width
+    merge, unmerge = [], []
+    for k, size in enumerate(sizes):
+        if k in live:
+            merge.append(sub.merge[live.index(k)])
+            unmerge.append(sub.unmerge[live.index(k)])
+        else:
+            merge.append(torch.zeros(target, size, dtype=torch.float64))
+            unmerge.append(torch.zeros(size, target, dtype=torch.float64))
+    return replace(sub, sizes=sizes, source=f"{sub.source}; models {sorted(set(range(len(sizes))) - set(live))} inert",
+                   merge=tuple(merge), unmerge=tuple(unmerge))
+
+
 def _warn_too_few_samples(starved: Sequence[GroupStatistics]) -> None:
     """One warning for every group observed on no more samples than it has units per model."""
     if not starved:
@@ -678,11 +708,16 @@ def match_groups(
     beta: float,
     balance: float,
     include: set[str] | None = None,
+    inert: Mapping[str, frozenset[int]] | None = None,
 ) -> dict[str, GroupMatch]:
     """Match every group of the reference analysis (``analyses[0]``) across all models.
 
     ``include``: the groups of the merged region (partial zipping); others are left alone.
+    ``inert``: group name -> the models whose units in it do not reach their output (the hidden
+    channels of an inserted zero-residual unit, ``depth.inert_groups``): the group is matched
+    over the other models only, and the inert models' M_k and U_k are zero.
     """
+    inert = inert or {}
     if isinstance(width, Mapping):
         known = {g.name for g in analyses[0].groups}
         unknown = sorted(set(width) - known)
@@ -739,6 +774,9 @@ def match_groups(
             method=method,
             balance=balance,
         )
+        live = [k for k in range(len(sizes)) if k not in inert.get(group.name, ())]
+        if len(live) < len(sizes) and live:
+            return [_match_live(group.name, sizes, live, similarity, source, width, matcher, alpha, beta)]
         target = resolve_width(width, group.name, sizes)
         return [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
 
