@@ -79,7 +79,8 @@ file and hashes the manifest itself) — a directory holding:
 ``weights.safetensors``
     every tensor named in ``tensors`` (tied aliases once), as contiguous CPU copies.
 ``report.json``
-    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment).
+    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment: per shallower
+    model its units, CKA, segments and the ``inserted`` identity units with their modules).
 """
 
 from __future__ import annotations
@@ -1681,8 +1682,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def inserted_units(alignment: Any) -> list[dict[str, Any]]:
+    """The identity units the depth pass inserted into one shallower model, in deep-graph order:
+    ``{"unit": deep unit name, "index": its deep unit index, "after": the unit before it (the
+    model's input: None), "modules": the modules / tensors it uses}`` (segments' non-first units)."""
+    deep, modules = list(alignment.deep_units), list(getattr(alignment, "deep_modules", ()) or ())
+    return [
+        {"unit": deep[j], "index": int(j), "after": deep[j - 1] if j > 0 else None,
+         "modules": list(modules[j]) if j < len(modules) else []}
+        for segment in alignment.segments for j in segment[1:]
+    ]
+
+
 def result_to_dict(result: Any) -> dict[str, Any]:
-    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment."""
+    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment (with
+    the identity units inserted per shallower model)."""
     from fxmerge import __version__
 
     alignment = None
@@ -1699,6 +1713,7 @@ def result_to_dict(result: Any) -> dict[str, Any]:
                 "first_units": list(getattr(segmentation, "first_units", ())),
                 "objective": getattr(segmentation, "objective", None),
                 "objective_value": _jsonable(float(item.objective_value)),
+                "inserted": inserted_units(item),
             })
     return _jsonable({
         "fxmerge_version": __version__,
