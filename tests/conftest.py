@@ -3,7 +3,7 @@
 ``relative_error`` is THE relative-error measure of the tests (max-abs by default, ``norm="l2"``
 for the Frobenius ratio); ``random_batches``, ``output_of``, ``same_state`` and the ``one_thread``
 fixture are shared by the merge tests; ``tiny_bert``, ``tiny_vit`` and ``token_batches`` by the
-HuggingFace (torch.export) tests.
+HuggingFace (torch.export) tests; ``small_resnets`` and ``rehash`` by the saved-folder tests.
 
 The central check of the analysis / invariance tests is ``assert_invariant``: permute every free group of a model (with
 permutations that are never the identity), then require
@@ -252,3 +252,17 @@ def rehash(directory, name: str) -> None:
         manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def small_resnets(*blocks: tuple[int, ...], width: int = 4) -> tuple[list[nn.Module], list[torch.Tensor]]:
+    """Zoo ResNets on (1, 8, 8) inputs, one per ``blocks`` (blocks per stage; model k seeded k), in
+    eval mode, and 3 calibration batches of 16: the smallest depth-heterogeneous merges."""
+    from fxmerge import zoo
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 1, 8, 8, generator=generator) for _ in range(3)]
+    models = []
+    for seed, stage_blocks in enumerate(blocks):
+        torch.manual_seed(seed)
+        models.append(zoo.resnet(stage_blocks, width, in_channels=1, image_size=8).eval())
+    return models, batches

@@ -12,21 +12,17 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge import zoo
 from fxmerge.cli import _format_report, main
 from fxmerge.passes.units import find_units
+
+from conftest import small_resnets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def depth_merge(one_thread: None, tmp_path_factory: pytest.TempPathFactory):
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(16, 1, 8, 8, generator=generator) for _ in range(3)]
-    torch.manual_seed(1)
-    deep = zoo.resnet((2, 3, 1), 4, in_channels=1, image_size=8).eval()
-    torch.manual_seed(0)
-    shallow = zoo.resnet((1, 1, 1), 4, in_channels=1, image_size=8).eval()
+    (deep, shallow), batches = small_resnets((2, 3, 1), (1, 1, 1))
     result = fxmerge.merge([deep, shallow], batches, method="zip", quiet=True)  # the shallow one is model 1
     directory = tmp_path_factory.mktemp("inspect") / "merged"
     result.save(directory)

@@ -22,12 +22,11 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge import zoo
 from fxmerge.cli import main
 from fxmerge.errors import LoadError, SaveError
 from fxmerge.io import load_module, load_report, save_module, update_folder
 
-from conftest import rehash
+from conftest import rehash, small_resnets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -41,12 +40,7 @@ TEST_INPUT = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
 @pytest.fixture(scope="module")
 def saved(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[fxmerge.MergeResult, Path]:
     pytest.importorskip("matplotlib")  # the figures are part of the folder under test
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(16, 1, 8, 8, generator=generator) for _ in range(3)]
-    torch.manual_seed(0)
-    shallow = zoo.resnet((1, 1, 1), 4, in_channels=1, image_size=8).eval()
-    torch.manual_seed(1)
-    deep = zoo.resnet((2, 1, 1), 4, in_channels=1, image_size=8).eval()
+    (shallow, deep), batches = small_resnets((1, 1, 1), (2, 1, 1))
     result = fxmerge.merge([shallow, deep], batches, method="zip", quiet=True)
     directory = tmp_path_factory.mktemp("saved") / "merged"
     result.save(directory)
