@@ -1207,6 +1207,8 @@ def _stale_files(out: Path, keep: Mapping[str, bytes]) -> list[Path]:
     if not out.is_dir():
         return []
     previous = _previous_files(out)
+    if previous:
+        previous.add("code.py")  # saves before format 1.2 wrote it unlisted
     ours = previous | set(_MODEL_FILES) | {name + ".tmp" for name in previous | set(_MODEL_FILES) | set(keep)}
     stale, foreign = [], []
     for entry in sorted(out.iterdir()):

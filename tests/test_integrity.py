@@ -175,10 +175,18 @@ def test_a_format_1_1_folder_still_loads_and_is_still_checked(saved, folder: Pat
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with torch.no_grad():
         assert torch.equal(fxmerge.load(folder)(TEST_INPUT), saved[0].module(TEST_INPUT))
+    old = folder.parent / "old"
+    shutil.copytree(folder, old)
     update_folder(folder, extra={"notes.md": b"# checked"})  # lists code.py from now on
     assert "code.py" in json.loads((folder / "manifest.json").read_text())["files"]
     (folder / "code.py").write_text("edited")
     assert_every_reader_refuses(folder, capsys, match=r"code\.py.*modified after saving")
+    save_module(saved[0].module, old)  # saving over a 1.1 folder removes its unlisted code.py (figures stay)
+    assert sorted(p.name for p in old.iterdir()) == [
+        "alignment_0.png", "graph.json", "groups.png", "manifest.json", "weights.safetensors",
+    ]
+    with torch.no_grad():
+        assert torch.equal(fxmerge.load(old)(TEST_INPUT), saved[0].module(TEST_INPUT))
 
 
 @pytest.mark.parametrize("name", ["../graph.json", "/etc/passwd", "manifest.json"])
