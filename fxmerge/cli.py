@@ -313,10 +313,21 @@ def _format_report(report: dict) -> str:
             sim = "" if g.get("similarity") is None else f"{g['similarity']:.3f}"
             lines.append(f"{g['name'][:48]:48s} {str(tuple(g['sizes'])):>14s} {g['width']:>6d} {sim:>10s}  {g.get('source', '')}")
         resized = [g for g in groups if len(set(g["sizes"])) > 1 or g["width"] != g["sizes"][0]]
+        inserted = _inserted(report)
+        counts = ", ".join(f"model {model}: {len(units)}" for model, units in inserted.items())
+        total = sum(len(units) for units in inserted.values())
         lines.append("")
-        lines.append(f"layer diff: {len(resized)} groups changed width" + (":" if resized else ""))
+        lines.append(
+            f"layer diff: {len(resized)} groups changed width, {total} identity units inserted"
+            + (f" ({counts})" if counts else "") + (":" if resized or total else "")
+        )
         for g in resized:
             lines.append(f"  {g['name']}: {tuple(g['sizes'])} -> {g['width']}")
+        for model, units in inserted.items():
+            for unit in units:
+                where = f"after {unit['after']}" if unit.get("after") else "at the input"
+                modules = f" ({_module_list(unit['modules'])})" if unit.get("modules") else ""
+                lines.append(f"  model {model}: identity unit {unit['unit']}{modules} inserted {where}")
     for alignment in report.get("alignment") or []:
         lines.append("")
         lines.append(f"depth alignment of model {alignment['model']} (objective {alignment.get('objective_value', 0):.3f}):")
@@ -332,6 +343,32 @@ def _format_report(report: dict) -> str:
         lines.append("")
         lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return "\n".join(lines)
+
+
+def _inserted(report: dict) -> dict[int, list[dict]]:
+    """Per shallower model, the identity units the depth pass inserted (report.json's
+    ``alignment[k]["inserted"]``; derived from the segments for a report written before it)."""
+    from types import SimpleNamespace
+
+    from fxmerge.io import inserted_units
+
+    out = {}
+    for alignment in report.get("alignment") or []:
+        units = alignment.get("inserted")
+        if units is None:
+            units = inserted_units(SimpleNamespace(**alignment))
+        if units:
+            out[alignment["model"]] = units
+    return out
+
+
+def _module_list(modules: Sequence[str]) -> str:
+    """``stage1.0.{conv1, bn1}`` for modules under one parent, else the names joined."""
+    parents = {m.rpartition(".")[0] for m in modules}
+    if len(modules) > 1 and len(parents) == 1 and "" not in parents:
+        (parent,) = parents
+        return f"{parent}.{{{', '.join(m.rpartition('.')[2] for m in modules)}}}"
+    return ", ".join(modules)
 
 
 def _maybe_svg(module, path: str | None) -> None:

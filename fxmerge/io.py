@@ -32,14 +32,23 @@ torch.nn (a leaf such as ``BatchNormAct2d``, a user's RMSNorm) is stored by its 
 ``module.qualname`` with its constructor arguments, and rebuilt only when the loader is given the
 class: ``fxmerge.load(directory, modules=[BatchNormAct2d])``.
 
-Format ``fxmerge.graphmodule``, version 1.1 (1.1 adds ``codegen`` and ATen targets) — a directory holding:
+Format ``fxmerge.graphmodule``, version 1.2 (1.1 adds ``codegen`` and ATen targets; 1.2 lists every
+file and hashes the manifest itself) — a directory holding:
 
 ``manifest.json``
-    ``{"format": "fxmerge.graphmodule", "format_version": "1.0", "fxmerge_version",
-    "torch_version", "files": {name: {"sha256", "bytes"}}}`` for ``graph.json``,
-    ``weights.safetensors`` and, when present, ``report.json``. A reader refuses an unknown format,
-    a newer major version, a missing file, and any file whose sha256 differs (corruption or
-    tampering). The hashes detect damage; safety does not rest on them but on the allowlists.
+    ``{"format": "fxmerge.graphmodule", "format_version": "1.2", "fxmerge_version",
+    "torch_version", "safetensors_version", "files": {name: {"sha256", "bytes"}}, "manifest_sha256"}``
+    for every other file of the folder (``graph.json``, ``weights.safetensors``, ``report.json``
+    when present, and what ``MergeResult.save`` adds for people: ``code.py``, ``groups.png``,
+    ``alignment_<k>.png``); ``manifest_sha256`` is the sha256 of the manifest's canonical JSON
+    (sorted keys, no spaces) without that entry. Written last. Every reader (``load_module`` =
+    ``fxmerge.load``, ``load_report``, ``fxmerge inspect``) verifies the whole folder before using
+    any of it, and refuses (``LoadError`` naming the file and the folder) an unknown format, a newer
+    major version, an edited manifest, a listed file that is missing or whose size or sha256 differs,
+    and an unlisted file unless it ends in .png, .svg, .pdf, .txt or .md (figures and notes: no reader
+    opens them; an unlisted ``.json``, ``.safetensors``, ``.py``, ``.tmp``... could be taken for part
+    of the model). The hashes detect damage and edits; safety does not rest on them (an editor can
+    rewrite them) but on the allowlists.
 ``graph.json``
     ``{"class_name", "modules": [...], "tensors": {...}, "nodes": [...]}``:
 
@@ -70,7 +79,8 @@ Format ``fxmerge.graphmodule``, version 1.1 (1.1 adds ``codegen`` and ATen targe
 ``weights.safetensors``
     every tensor named in ``tensors`` (tied aliases once), as contiguous CPU copies.
 ``report.json``
-    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment).
+    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment: per shallower
+    model its units, CKA, segments and the ``inserted`` identity units with their modules).
 """
 
 from __future__ import annotations
@@ -105,10 +115,13 @@ from fxmerge.errors import ConfigError, FxMergeError, LoadError, SaveError
 from fxmerge.passes.tails import ChannelMap
 
 FORMAT = "fxmerge.graphmodule"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safetensors", "report.json"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "InputGuards", "load_module", "load_report", "result_to_dict", "save_module"]
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "HUMAN_SUFFIXES", "InputGuards", "load_module", "load_report", "result_to_dict",
+    "save_module", "update_folder",
+]
 
 # ------------------------------------------------------------------------------------ allowlists
 
@@ -1158,18 +1171,79 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
-def save_module(gm: GraphModule, directory: str | os.PathLike, *, report: Mapping[str, Any] | None = None) -> Path:
-    """Write ``gm`` to ``directory`` (created if needed) as graph.json + weights.safetensors +
-    manifest.json (+ report.json when ``report`` is given). Returns the directory.
+# Suffixes of files a reader never opens (figures, notes): tolerated in a folder when the manifest
+# does not list them. Any other unlisted file — a second graph or weights file, code, a half-written
+# ``.tmp`` — is refused, since a person or a tool could take it for part of the model.
+HUMAN_SUFFIXES = frozenset({".png", ".svg", ".pdf", ".txt", ".md"})
+_MODEL_FILES = (MANIFEST, GRAPH, WEIGHTS, REPORT)
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name directly inside the folder: no separators, no '.', '..' or hidden tricks."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\x00" not in name
+
+
+def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` entry: an edit
+    of any value of manifest.json is detected like an edit of the files it lists."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+
+
+def _previous_files(out: Path) -> set[str]:
+    """The plain file names an earlier manifest in ``out`` lists (empty when there is none or it is
+    unreadable): files a new save replaces or removes."""
+    try:
+        files = json.loads((out / MANIFEST).read_bytes()).get("files")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return set()
+    return {name for name in files if _plain_name(name)} if isinstance(files, dict) else set()
+
+
+def _stale_files(out: Path, keep: Mapping[str, bytes]) -> list[Path]:
+    """The files of an earlier save in ``out`` that the new one does not write (removed, so that no
+    unlisted model file stays behind). Raises SaveError when ``out`` holds a file that fxmerge did
+    not write there and a reader would refuse (see ``HUMAN_SUFFIXES``)."""
+    if not out.is_dir():
+        return []
+    previous = _previous_files(out)
+    if previous:
+        previous.add("code.py")  # saves before format 1.2 wrote it unlisted
+    ours = previous | set(_MODEL_FILES) | {name + ".tmp" for name in previous | set(_MODEL_FILES) | set(keep)}
+    stale, foreign = [], []
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        if name in keep or name == MANIFEST:
+            continue
+        if name in ours and entry.is_file():
+            stale.append(entry)
+        elif not (entry.is_file() and entry.suffix.lower() in HUMAN_SUFFIXES):
+            foreign.append(name)
+    if foreign:
+        raise SaveError(
+            f"{out} holds {', '.join(foreign)}, which fxmerge did not write there: fxmerge.load would refuse "
+            f"the folder (it reads only the files its {MANIFEST} lists); remove them or save to an empty folder"
+        )
+    return stale
+
+
+def save_module(
+    gm: GraphModule, directory: str | os.PathLike, *, report: Mapping[str, Any] | None = None,
+    extra: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write ``gm`` to ``directory`` (created if needed) as graph.json + weights.safetensors
+    (+ report.json when ``report`` is given, + the ``extra`` files, name -> bytes, such as code.py
+    and figures, which no reader opens) and, last, manifest.json listing the sha256 of every file
+    written. Files of an earlier save in ``directory`` that this one does not write are removed.
+    Returns the directory.
 
     Raises SaveError, before writing anything, when the module cannot be stored as data: a module
     class outside the allowlist, a call_function target that is not an allowlisted function
     (lambdas, user functions, custom operators), an argument value without an encoding, or hooks
-    (other than those ``ExportedProgram.module()`` installs). Warns when torch.export input guards
+    (other than those ``ExportedProgram.module()`` installs); and when ``directory`` holds a file
+    fxmerge did not write there that a reader would refuse. Warns when torch.export input guards
     are not kept (see the module docstring).
     """
-    from fxmerge import __version__
-
     graph, tensors = graph_to_dict(gm)
     report_bytes = _json_bytes(_jsonable(report)) if report is not None else None
     graph_bytes = _json_bytes(graph)
@@ -1177,22 +1251,64 @@ def save_module(gm: GraphModule, directory: str | os.PathLike, *, report: Mappin
         weights_bytes = safetensors.torch.save(tensors, metadata={"format": "pt", "fxmerge_format": FORMAT})
     except Exception as error:  # noqa: BLE001
         raise SaveError(f"safetensors cannot store the weights: {error}") from error
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     files = {GRAPH: graph_bytes, WEIGHTS: weights_bytes}
     if report_bytes is not None:
         files[REPORT] = report_bytes
-    elif (out / REPORT).exists():
-        (out / REPORT).unlink()  # a stale report would describe another model
+    files |= _extra_files(extra)
+    out = Path(directory)
+    return _write_folder(out, files, _stale_files(out, files))
+
+
+def _write_folder(out: Path, files: Mapping[str, bytes], stale: Sequence[Path], *, kept: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``files`` into ``out`` and remove ``stale``, then write the manifest over them and the
+    ``kept`` files already there (last: a folder left half-written by a crash fails its hashes)."""
+    from fxmerge import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        path.unlink()
     for name, data in files.items():
         _write(out / name, data)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fxmerge_version": __version__,
         "torch_version": torch.__version__, "safetensors_version": safetensors.__version__,
-        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in ({**(kept or {}), **files}).items()},
     }
-    _write(out / MANIFEST, _json_bytes(manifest))  # last: a half-written folder fails its hashes
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    _write(out / MANIFEST, _json_bytes(manifest))
     return out
+
+
+def update_folder(directory: str | os.PathLike, *, report: Mapping[str, Any] | None = None, extra: Mapping[str, bytes] | None = None) -> Path:
+    """Replace report.json and/or add or replace ``extra`` files (name -> bytes, never read) in a
+    folder written by :func:`save_module`, after verifying every file it holds; the manifest is
+    rewritten last, over every file. For steps that add to a saved merge (an evaluation's results,
+    a figure) without saving the model again. Raises LoadError when the folder fails verification,
+    SaveError for a bad extra file name."""
+    directory = Path(directory)
+    manifest, kept = _verified_folder(directory)
+    if _minor(manifest) < 2 and (directory / "code.py").is_file():  # 1.1 left it unlisted: list it now
+        kept["code.py"] = (directory / "code.py").read_bytes()
+    changed = _extra_files(extra)
+    if report is not None:
+        changed[REPORT] = _json_bytes(_jsonable(report))
+    return _write_folder(directory, changed, (), kept=kept)
+
+
+def _extra_files(extra: Mapping[str, bytes] | None) -> dict[str, bytes]:
+    """``extra`` checked: bytes under plain file names that are not the model files'."""
+    out = {}
+    for name, data in (extra or {}).items():
+        if not _plain_name(name) or name in _MODEL_FILES or name.endswith(".tmp"):
+            raise SaveError(f"extra file {name!r}: give a plain file name other than {', '.join(_MODEL_FILES)}")
+        if not isinstance(data, bytes):
+            raise SaveError(f"extra file {name!r}: expected bytes, got {type(data).__name__}")
+        out[name] = data
+    return out
+
+
+def _modified(directory: Path, what: str) -> LoadError:
+    return LoadError(f"{directory}: {what}: the folder was modified after saving (save the model again)")
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -1204,7 +1320,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as error:
-        raise LoadError(f"{path}: not valid JSON: {error}") from error
+        raise LoadError(f"{path}: not valid JSON ({error}): the folder {directory} was modified after saving") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise LoadError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
@@ -1217,27 +1333,63 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: format version {version} is not readable by this fxmerge (reads {FORMAT_VERSION.split('.')[0]}.x); "
             f"it was written by fxmerge {manifest.get('fxmerge_version')!r}"
         )
-    if not isinstance(manifest.get("files"), dict):
+    if int(match.group(2)) >= 2 and manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise LoadError(
+            f"tampered or corrupted: {path} (its manifest_sha256 does not match its contents): "
+            f"the folder {directory} was modified after saving"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        _plain_name(name) and name != MANIFEST and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+        and type(entry.get("bytes", 0)) is int
+        for name, entry in files.items()
+    ):
         raise LoadError(f"{path}: malformed 'files' entry")
     return manifest
 
 
-def _verified(directory: Path, manifest: Mapping[str, Any], name: str) -> bytes:
-    """The bytes of ``name`` (one of the fixed file names), checked against the manifest's sha256."""
-    entry = manifest["files"].get(name)
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+def _minor(manifest: Mapping[str, Any]) -> int:
+    """The minor format version of a manifest ``_read_manifest`` accepted (1.1 manifests carry no
+    hash of their own and left code.py unlisted)."""
+    return int(manifest["format_version"].split(".")[1])
+
+
+def _verified_folder(directory: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and the bytes of every file it lists, each checked for presence, size and
+    sha256, and the folder checked for unlisted files a reader could take for part of the model.
+    Every reader calls this before using any file, so no reader trusts a file another would refuse.
+    Raises LoadError naming the file and the folder."""
+    manifest = _read_manifest(directory)
+    listed = manifest["files"]
+    tolerated = {"code.py"} if _minor(manifest) < 2 else set()  # written unlisted before format 1.2
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name in listed or name == MANIFEST or name in tolerated:
+            continue
+        if entry.is_file() and entry.suffix.lower() in HUMAN_SUFFIXES:
+            continue  # a figure or a note: no reader opens it
+        raise _modified(directory, f"{name} is not listed in {MANIFEST} (fxmerge reads only the files the manifest lists; remove {name})")
+    contents = {}
+    for name, entry in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise _modified(directory, f"{name} is missing (the manifest lists it)")
+        data = path.read_bytes()
+        digest = _sha256(data)
+        if digest != entry["sha256"] or len(data) != entry.get("bytes", len(data)):
+            raise LoadError(
+                f"tampered or corrupted: {path} (sha256 {digest[:16]}... does not match the manifest's "
+                f"{entry['sha256'][:16]}...): the folder {directory} was modified after saving"
+            )
+        contents[name] = data
+    return manifest, contents
+
+
+def _listed(directory: Path, contents: Mapping[str, bytes], name: str) -> bytes:
+    """The verified bytes of ``name``, one of the model files every folder has."""
+    if name not in contents:
         raise LoadError(f"{directory}: {MANIFEST} does not list {name}")
-    path = directory / name
-    if not path.is_file():
-        raise LoadError(f"{directory}: {name} is missing")
-    data = path.read_bytes()
-    digest = _sha256(data)
-    if digest != entry["sha256"]:
-        raise LoadError(
-            f"tampered or corrupted: {path} (sha256 {digest[:16]}... does not match the manifest's "
-            f"{entry['sha256'][:16]}...)"
-        )
-    return data
+    return contents[name]
 
 
 def _parse_json(data: bytes, name: str) -> Any:
@@ -1248,12 +1400,13 @@ def _parse_json(data: bytes, name: str) -> Any:
 
 
 def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The report.json saved next to a model (checked against the manifest), or None if none was."""
+    """The report.json saved next to a model, or None if none was. The whole folder is verified
+    first, as by :func:`load_module`: a report is never read from a folder the loader would refuse."""
     directory = Path(directory)
-    manifest = _read_manifest(directory)
-    if REPORT not in manifest["files"]:
+    _, contents = _verified_folder(directory)
+    if REPORT not in contents:
         return None
-    return _parse_json(_verified(directory, manifest, REPORT), REPORT)
+    return _parse_json(contents[REPORT], REPORT)
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -1430,7 +1583,8 @@ def _build_graph(gm: GraphModule, nodes: Any, tensor_names: set[str]) -> Graph:
 def load_module(directory: str | os.PathLike, *, modules: Sequence[type[nn.Module]] = ()) -> GraphModule:
     """Load a GraphModule written by :func:`save_module`, in eval mode.
 
-    The manifest is checked first (format, version, sha256 of every file); the module tree is
+    The whole folder is verified first (format, version, presence and sha256 of every file the
+    manifest lists, no unlisted model-like file: see the module docstring); the module tree is
     rebuilt from allowlisted classes only (on the meta device, then the weights are assigned with
     ``load_state_dict(strict=True, assign=True)``), and every call_function target must be an
     allowlisted function: nothing from the folder is evaluated, executed, imported or unpickled.
@@ -1449,9 +1603,8 @@ def load_module(directory: str | os.PathLike, *, modules: Sequence[type[nn.Modul
     """
     trusted = _trusted_classes(modules)
     directory = Path(directory)
-    manifest = _read_manifest(directory)
-    graph_bytes = _verified(directory, manifest, GRAPH)
-    weights_bytes = _verified(directory, manifest, WEIGHTS)
+    _, contents = _verified_folder(directory)
+    graph_bytes, weights_bytes = _listed(directory, contents, GRAPH), _listed(directory, contents, WEIGHTS)
     data = _parse_json(graph_bytes, GRAPH)
     if not isinstance(data, dict):
         raise LoadError(f"{GRAPH}: malformed")
@@ -1531,8 +1684,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def inserted_units(alignment: Any) -> list[dict[str, Any]]:
+    """The identity units the depth pass inserted into one shallower model, in deep-graph order:
+    ``{"unit": deep unit name, "index": its deep unit index, "after": the unit before it (the
+    model's input: None), "modules": the modules / tensors it uses}`` (segments' non-first units)."""
+    deep, modules = list(alignment.deep_units), list(getattr(alignment, "deep_modules", ()) or ())
+    return [
+        {"unit": deep[j], "index": int(j), "after": deep[j - 1] if j > 0 else None,
+         "modules": list(modules[j]) if j < len(modules) else []}
+        for segment in alignment.segments for j in segment[1:]
+    ]
+
+
 def result_to_dict(result: Any) -> dict[str, Any]:
-    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment."""
+    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment (with
+    the identity units inserted per shallower model)."""
     from fxmerge import __version__
 
     alignment = None
@@ -1549,6 +1715,7 @@ def result_to_dict(result: Any) -> dict[str, Any]:
                 "first_units": list(getattr(segmentation, "first_units", ())),
                 "objective": getattr(segmentation, "objective", None),
                 "objective_value": _jsonable(float(item.objective_value)),
+                "inserted": inserted_units(item),
             })
     return _jsonable({
         "fxmerge_version": __version__,

@@ -8,6 +8,7 @@ a machine without a display.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from fxmerge.errors import ConfigError
 
-__all__ = ["plot_accuracy", "plot_alignment", "plot_groups"]
+__all__ = ["GroupsPlot", "groups_plot", "plot_accuracy", "plot_alignment", "plot_groups"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -117,48 +118,124 @@ def plot_alignment(alignment: Any, path: str | Path, *, title: str | None = None
     return _save(figure, path)
 
 
-def plot_groups(result: Any, path: str | Path, *, title: str | None = None) -> Path:
-    """Bar charts of ``result.groups``: merged width per group (with the models' input widths
-    marked) and the mean similarity of the merged units (fixed groups have none: shown grey).
+MAX_GROUP_BARS = 40  # groups drawn as bars; beyond it, the most changed ones plus histograms of all
 
-    result: a ``MergeResult`` (or any object with ``groups``: GroupReport-like items with
-        ``name``, ``sizes``, ``width``, ``fixed``, ``similarity``). Returns the path written.
+
+@dataclass(frozen=True)
+class GroupsPlot:
+    """What ``plot_groups`` draws, computed from the groups alone (testable without a figure).
+
+    ``rows``: indices (into the groups) of the groups drawn as bars, top to bottom: every group in
+    graph order when there are at most ``MAX_GROUP_BARS``, else the ``MAX_GROUP_BARS`` with the
+    largest width change |merged width - widest model|, then the lowest similarity (the groups
+    merged most), then graph order. ``labels``: their names (shortened), ``widths``: merged widths,
+    ``sizes``: the models' widths per row, ``similarities``: per row, None for fixed groups.
+    ``changes``: width change of every group (merged width - widest model), ``all_similarities``:
+    similarity of every merged group with one, for the histograms drawn when groups are left out
+    (``omitted`` > 0). ``sorted``: whether rows are ranked rather than in graph order.
     """
-    groups: Sequence[Any] = list(getattr(result, "groups", result))
+
+    rows: tuple[int, ...]
+    labels: tuple[str, ...]
+    widths: tuple[int, ...]
+    sizes: tuple[tuple[int, ...], ...]
+    similarities: tuple[float | None, ...]
+    fixed: tuple[bool, ...]
+    changes: tuple[int, ...]
+    all_similarities: tuple[float, ...]
+    omitted: int
+    sorted: bool
+
+    def __repr__(self) -> str:
+        return f"GroupsPlot({len(self.rows)} groups drawn, {self.omitted} omitted{', ranked' if self.sorted else ''})"
+
+
+def groups_plot(groups: Sequence[Any], limit: int = MAX_GROUP_BARS) -> GroupsPlot:
+    """The data of ``plot_groups`` for GroupReport-like ``groups`` (``name``, ``sizes``, ``width``,
+    ``fixed``, ``similarity``); see :class:`GroupsPlot`."""
     if not groups:
         raise ConfigError("plot_groups: the result has no groups")
-    count = len(groups)
-    positions = np.arange(count)
-    widths = np.array([g.width for g in groups], dtype=float)
-    similarities = np.array([np.nan if g.similarity is None else float(g.similarity) for g in groups])
-    fixed = np.array([bool(g.fixed) for g in groups])
+    changes = tuple(int(g.width) - max(int(s) for s in g.sizes) for g in groups)
+    similarity = [None if g.fixed or g.similarity is None else float(g.similarity) for g in groups]
+    ranked = len(groups) > limit
+    if ranked:
+        key = lambda i: (-abs(changes[i]), np.inf if similarity[i] is None else similarity[i], i)  # noqa: E731
+        rows = tuple(sorted(range(len(groups)), key=key)[:limit])
+    else:
+        rows = tuple(range(len(groups)))
+    return GroupsPlot(
+        rows=rows,
+        labels=tuple(_short(groups[i].name, 40) for i in rows),
+        widths=tuple(int(groups[i].width) for i in rows),
+        sizes=tuple(tuple(int(s) for s in groups[i].sizes) for i in rows),
+        similarities=tuple(similarity[i] for i in rows),
+        fixed=tuple(bool(groups[i].fixed) for i in rows),
+        changes=changes,
+        all_similarities=tuple(s for s in similarity if s is not None),
+        omitted=len(groups) - len(rows),
+        sorted=ranked,
+    )
 
-    figure = _figure(max(6.0, 1.5 + 0.32 * count), 5.2)
-    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.1, 1.0]})
-    colours = np.where(fixed, "#b0b0b0", "#3a78c2")
-    top.bar(positions, widths, color=colours, width=0.75, label="merged width")
-    num_models = max(len(g.sizes) for g in groups)
+
+def plot_groups(result: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Horizontal bars, one row per group (names readable on the left): the merged width with each
+    model's width marked, and the mean similarity of the merged units (fixed groups: none, grey).
+    With more than ``MAX_GROUP_BARS`` groups (densenet121 has 120) only the most changed ones are
+    drawn (see :func:`groups_plot`) and histograms of every group's width change and similarity are
+    added below, so the figure stays within about 1000 x 1250 px at any group count.
+
+    result: a ``MergeResult`` (or any object with ``groups``, or the groups themselves:
+        GroupReport-like items with ``name``, ``sizes``, ``width``, ``fixed``, ``similarity``).
+    Returns the path written.
+    """
+    groups: Sequence[Any] = list(getattr(result, "groups", result))
+    return _save(_groups_figure(groups_plot(groups), len(groups), title), path)
+
+
+def _groups_figure(data: GroupsPlot, count: int, title: str | None) -> Any:
+    """The figure of ``plot_groups``: axes[0] widths, axes[1] similarities (rows as y ticks,
+    top to bottom), then, when groups were left out, axes[2] / axes[3] the histograms."""
+    n = len(data.rows)
+    bars = max(2.0, 0.9 + 0.19 * n)
+    figure = _figure(9.0, bars + (2.4 if data.omitted else 0.0))
+    figure.set_layout_engine("constrained")
+    grid = figure.add_gridspec(2 if data.omitted else 1, 2, width_ratios=[1.6, 1.0], height_ratios=[bars, 2.2] if data.omitted else [1])
+    widths_axes = figure.add_subplot(grid[0, 0])
+    similarity_axes = figure.add_subplot(grid[0, 1], sharey=widths_axes)
+    positions = np.arange(n)
+    fixed = np.array(data.fixed, dtype=bool)
+    widths_axes.barh(positions, data.widths, color=np.where(fixed, "#b0b0b0", "#3a78c2"), height=0.7, label="merged width")
     markers = ["v", "^", "s", "D", "P"]
-    for k in range(num_models):
-        sizes = [g.sizes[k] if k < len(g.sizes) else np.nan for g in groups]
-        top.plot(positions, sizes, linestyle="none", marker=markers[k % len(markers)], markersize=4,
-                 color="black", alpha=0.7, label=f"model {k} width")
-    top.set_ylabel("channels")
-    top.set_ylim(0, 1.3 * float(np.nanmax([widths.max(), *[s for g in groups for s in g.sizes]])))
-    top.legend(fontsize=7, loc="upper left", ncols=min(4, num_models + 1))
-    top.set_title(title or "Merged groups (grey: fixed groups, kept as they are)", fontsize=9)
-
-    shown = ~np.isnan(similarities)
-    bottom.bar(positions[shown], similarities[shown], color="#e08a2c", width=0.75)
-    bottom.set_ylabel("mean similarity\nof merged units")
-    finite = similarities[shown]
-    bottom.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0), 1.0)
-    for x in positions[~shown]:
-        bottom.text(x, 0.02, "fixed" if fixed[x] else "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
-    bottom.set_xticks(positions)
-    bottom.set_xticklabels([_short(g.name, 28) for g in groups], rotation=60, ha="right", fontsize=7)
-    figure.tight_layout()
-    return _save(figure, path)
+    for k in range(max((len(s) for s in data.sizes), default=0)):
+        values = [s[k] if k < len(s) else np.nan for s in data.sizes]
+        widths_axes.plot(values, positions, linestyle="none", marker=markers[k % len(markers)], markersize=4,
+                         color="black", alpha=0.7, label=f"model {k} width")
+    widths_axes.set_yticks(positions, data.labels, fontsize=7)
+    widths_axes.set_ylim(n - 0.5, -0.5)  # first row on top
+    widths_axes.set_xlabel("channels")
+    widths_axes.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=4, frameon=False)  # above the bars
+    shown = [i for i, s in enumerate(data.similarities) if s is not None]
+    similarity_axes.barh([positions[i] for i in shown], [data.similarities[i] for i in shown], color="#e08a2c", height=0.7)
+    for i in range(n):
+        if data.similarities[i] is None:
+            similarity_axes.text(0.02, i, "fixed" if data.fixed[i] else "n/a", va="center", fontsize=6, color="grey")
+    low = min([0.0, *data.all_similarities])
+    similarity_axes.set_xlim(low, 1.0)
+    similarity_axes.set_xlabel("mean similarity of merged units")
+    similarity_axes.tick_params(axis="y", labelleft=False)
+    heading = title or "Merged groups (grey: fixed groups, kept as they are)"
+    if data.sorted:
+        heading += f"\n{n} of {count} groups: the largest width change |merged - widest model|, then the lowest similarity"
+    figure.suptitle(heading, fontsize=9)
+    if data.omitted:
+        change_axes = figure.add_subplot(grid[1, 0])
+        change_axes.hist(data.changes, bins=min(30, max(1, len(set(data.changes)))), color="#3a78c2")
+        change_axes.set_xlabel(f"width change (merged - widest model), all {count} groups")
+        change_axes.set_ylabel("groups")
+        histogram_axes = figure.add_subplot(grid[1, 1])
+        histogram_axes.hist(data.all_similarities, bins=20, range=(low, 1.0), color="#e08a2c")
+        histogram_axes.set_xlabel(f"similarity, all {len(data.all_similarities)} merged groups")
+    return figure
 
 
 def plot_accuracy(rows: Sequence[Any], path: str | Path, *, title: str | None = None) -> Path:

@@ -3,7 +3,7 @@
 ``relative_error`` is THE relative-error measure of the tests (max-abs by default, ``norm="l2"``
 for the Frobenius ratio); ``random_batches``, ``output_of``, ``same_state`` and the ``one_thread``
 fixture are shared by the merge tests; ``tiny_bert``, ``tiny_vit`` and ``token_batches`` by the
-HuggingFace (torch.export) tests.
+HuggingFace (torch.export) tests; ``small_resnets`` and ``rehash`` by the saved-folder tests.
 
 The central check of the analysis / invariance tests is ``assert_invariant``: permute every free group of a model (with
 permutations that are never the identity), then require
@@ -233,3 +233,36 @@ def assert_invariant(
 def invariant():
     """The ``assert_invariant`` helper as a fixture (tests may also import it from conftest)."""
     return assert_invariant
+
+
+def rehash(directory, name: str) -> None:
+    """Rewrite the manifest of a saved folder so it vouches for ``name`` as it is now (its sha256
+    and size) and for itself (``manifest_sha256``), as an editor who knows the format would: the
+    refusals that must not rest on the hashes (allowlists) are tested behind this."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from fxmerge.io import _manifest_digest
+
+    directory = Path(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if name != "manifest.json":
+        data = (directory / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def small_resnets(*blocks: tuple[int, ...], width: int = 4) -> tuple[list[nn.Module], list[torch.Tensor]]:
+    """Zoo ResNets on (1, 8, 8) inputs, one per ``blocks`` (blocks per stage; model k seeded k), in
+    eval mode, and 3 calibration batches of 16: the smallest depth-heterogeneous merges."""
+    from fxmerge import zoo
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 1, 8, 8, generator=generator) for _ in range(3)]
+    models = []
+    for seed, stage_blocks in enumerate(blocks):
+        torch.manual_seed(seed)
+        models.append(zoo.resnet(stage_blocks, width, in_channels=1, image_size=8).eval())
+    return models, batches

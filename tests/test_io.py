@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import hashlib
 import json
 import os
 import subprocess
@@ -43,6 +42,8 @@ import fxmerge.passes.repair
 from fxmerge.errors import ConfigError, LoadError, SaveError
 from fxmerge.io import load_module, load_report, save_module
 from fxmerge.passes.tails import ChannelMap
+
+from conftest import rehash
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -312,15 +313,12 @@ def saved(merged, tmp_path: Path) -> Path:
 
 
 def _edit(directory: Path, name: str, edit: Callable[[dict], None]) -> None:
-    """Edit a JSON file of a saved folder and update its sha256 in the manifest, as an attacker would."""
+    """Edit a JSON file of a saved folder and update the manifest's hashes, as an attacker would."""
     path = directory / name
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
-    if name != "manifest.json":
-        manifest = json.loads((directory / "manifest.json").read_text())
-        manifest["files"][name]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        (directory / "manifest.json").write_text(json.dumps(manifest))
+    rehash(directory, name)
 
 
 def _node(graph: dict, op: str, target: str | None = None) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -40,6 +39,8 @@ from torch import nn
 import fxmerge
 from fxmerge.errors import LoadError, SaveError
 from fxmerge.io import InputGuards, load_module, save_module
+
+from conftest import rehash
 
 transformers = pytest.importorskip("transformers")  # the test extra installs it
 
@@ -277,14 +278,12 @@ def saved_bert(exported, tmp_path: Path) -> Path:
 
 
 def _edit(directory: Path, edit: Callable[[dict], None]) -> None:
-    """Edit graph.json and update its sha256 in the manifest, as an attacker would."""
+    """Edit graph.json and update the manifest's hashes, as an attacker would."""
     path = directory / "graph.json"
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["files"]["graph.json"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    rehash(directory, "graph.json")
 
 
 def _guards(graph: dict) -> dict:

@@ -50,6 +50,8 @@ class DepthAlignment:
 
     ``cka``: (m, n) CKA between deep unit outputs (rows) and shallow unit outputs (columns).
     ``segmentation``: the optimal segments (deep unit indices per shallow unit).
+    ``deep_modules``: per deep unit, the modules and get_attr tensors it uses (the paths that
+    become identities when it is inserted; for reports).
     """
 
     model: int
@@ -57,6 +59,7 @@ class DepthAlignment:
     shallow_units: tuple[str, ...]
     cka: np.ndarray
     segmentation: Segmentation
+    deep_modules: tuple[tuple[str, ...], ...] = ()
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
@@ -185,7 +188,8 @@ def align_depth(
         shallow_names=[u.end for u in shallow_units],
     )
     return DepthAlignment(
-        model, tuple(u.end for u in deep_units), tuple(u.end for u in shallow_units), cka, segmentation
+        model, tuple(u.end for u in deep_units), tuple(u.end for u in shallow_units), cka, segmentation,
+        tuple(tuple(target for _, target in _unit_targets(deep, u)) for u in deep_units),
     )
 
 
