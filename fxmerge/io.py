@@ -108,7 +108,7 @@ FORMAT = "fxmerge.graphmodule"
 FORMAT_VERSION = "1.1"
 MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safetensors", "report.json"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "InputGuards", "load_module", "load_report", "result_to_dict", "save_module"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "InputGuards", "load_module", "load_report", "result_to_dict", "save_module", "update_report"]
 
 # ------------------------------------------------------------------------------------ allowlists
 
@@ -1254,6 +1254,24 @@ def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
     if REPORT not in manifest["files"]:
         return None
     return _parse_json(_verified(directory, manifest, REPORT), REPORT)
+
+
+def update_report(directory: str | os.PathLike, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Set the top-level keys ``changes`` in the folder's report.json (created when there is
+    none) and its manifest entry (sha256, bytes), the report first and the manifest last, as
+    ``save_module`` writes them. The report is read through the manifest check first, so a
+    tampered report is refused rather than re-signed. Returns the new report."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    report = _parse_json(_verified(directory, manifest, REPORT), REPORT) if REPORT in manifest["files"] else {}
+    if not isinstance(report, dict):
+        raise LoadError(f"{directory / REPORT}: expected a JSON object")
+    report.update(_jsonable(dict(changes)))
+    data = _json_bytes(report)
+    _write(directory / REPORT, data)
+    manifest["files"][REPORT] = {"sha256": _sha256(data), "bytes": len(data)}
+    _write(directory / MANIFEST, _json_bytes(manifest))
+    return report
 
 
 # -------------------------------------------------------------------------------------- loading
