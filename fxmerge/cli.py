@@ -443,6 +443,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     named = {"merged": module, **{f"model {k}": m for k, m in enumerate(source_models)}}
     table = evaluate_models(named, data, tasks=tasks)
     print(table.format())
+    if not sources.get("models"):
+        print("(no source models: report.json records none; folders written by 'fxmerge merge' do)")
     update_report(args.directory, {"evaluation": {"data": args.data, "tasks": tasks, **table.to_dict()}})
     print(f"written into {os.path.join(args.directory, 'report.json')} under 'evaluation'")
     if args.landscape:

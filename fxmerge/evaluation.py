@@ -403,7 +403,7 @@ def load_labelled(spec: str, *, batch_size: int = DEFAULT_BATCH_SIZE, keys: Sequ
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class Plane:
     """A 2-D affine plane in weight space: ``point(x, y) = origin + x * basis[0] + y * basis[1]``.
 
@@ -476,7 +476,7 @@ def grid_axis(low: float, high: float, steps: int) -> np.ndarray:
     return np.array([(start + i) * spacing for i in range(steps)], dtype=np.float64)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class Landscape:
     """Losses over a grid of a :class:`Plane`.
 

@@ -232,7 +232,13 @@ def loss_landscape(source: Any, path: str | Path, *, data: Any = None, title: st
             for name, (x, y) in view.points.items():
                 marker, colour, size = styles.get(name, ("D", "white", 7))
                 ax.plot([x], [y], marker=marker, color=colour, markeredgecolor="black", markersize=size, linestyle="none")
-                ax.annotate(f"{name} {view.point_losses[name][col]:.2f}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=6,
+                # labels inwards, so they stay inside the panel; the merged model's below its mark, the
+                # sources' above theirs, so that three points on one line (permute) keep apart
+                right = name != "merged" and x > (view.xs[0] + view.xs[-1]) / 2
+                below = name == "merged"
+                ax.annotate(f"{name} {view.point_losses[name][col]:.2f}", (x, y), textcoords="offset points",
+                            xytext=(-6 if right else 6, -7 if below else 6), ha="right" if right else "left",
+                            va="top" if below else "bottom", fontsize=6,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
             ax.set_title(f"{view.label or 'merge'}: loss on {'task ' + view.panels[col] if view.panels[col] != 'all' else 'all classes'}", fontsize=8)
             ax.tick_params(labelsize=6)

@@ -312,3 +312,23 @@ def test_merge_then_eval_round_trip(tmp_path, capsys):
     assert main(["eval", str(out), "--data", str(tmp_path / "test.safetensors"), "--no-sources"]) == 1
     with pytest.raises(LoadError):
         fxmerge.io.load_report(out)
+
+
+def test_eval_command_errors(tmp_path, capsys):
+    models, calibration, (inputs, labels) = _tiny_pair()
+    fxmerge.merge(models, calibration, method="zip", quiet=True).save(tmp_path / "saved")  # the Python API: no sources
+    save_file({"inputs": inputs, "labels": labels}, tmp_path / "data.safetensors")
+    data = ["--data", str(tmp_path / "data.safetensors")]
+    assert main(["eval", str(tmp_path / "missing"), *data]) == 1
+    assert "fxmerge eval: error: " + str(tmp_path / "missing") + ": no such directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "saved"), *data, "--task", "A:0,1"]) == 1
+    assert "--task 'A:0,1': expected NAME=ID,ID,..." in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "saved"), "--data", str(tmp_path / "data.safetensors"), "--keys", "x,y"]) == 1
+    assert "needs the tensors ['x', 'y']" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "saved"), *data, "--task", "A=0,1", "--task", "B=2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "(no source models: report.json records none" in out and out.splitlines()[1].split()[0] == "merged"
+    assert fxmerge.io.load_report(tmp_path / "saved")["evaluation"]["models"]["merged"] == evaluate(
+        fxmerge.load(tmp_path / "saved"), (inputs, labels), tasks=TASKS).to_dict()
+    assert main(["eval", str(tmp_path / "saved"), *data, "--landscape", str(tmp_path / "x.png")]) == 1
+    assert "--landscape needs the two source models and the calibration data" in capsys.readouterr().err
