@@ -431,6 +431,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.directory):
         raise ConfigError(f"{args.directory}: no such directory")
+    if args.landscape:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--landscape needs matplotlib: pip install 'fxmerge[plot]'") from None
     module = load_module(args.directory)
     report = load_report(args.directory) or {}
     tasks = _parse_tasks(args.task) or None

@@ -244,8 +244,7 @@ def test_landscape_points_are_the_models(method, tmp_path):
         assert view.point_losses[f"model {k}"] == pytest.approx([t.loss for t in aligned.tasks], rel=1e-5)
     if method == "permute":  # two-model permute: the merge is the midpoint of the aligned pair
         assert view.points["model 1"] == pytest.approx((-view.points["model 0"][0], 0.0), abs=1e-6)
-    pytest.importorskip("matplotlib")
-    from fxmerge.plots import loss_landscape
+    from fxmerge.plots import loss_landscape  # matplotlib is in the test extra
 
     path = loss_landscape([view, view], tmp_path / f"{method}.png")
     assert path.stat().st_size > 1000
