@@ -378,6 +378,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         help="a task as its class ids, e.g. A=0,1,2,3,4 (repeat per task; default: no tasks, joint accuracy only)",
     )
     eval_.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size (default 256)")
+    eval_.add_argument(
+        "--weights", action="append", default=[], metavar="FILE",
+        help="a source model's weights file instead of the path report.json records (repeat per model, in order; default: the recorded paths)",
+    )
     eval_.add_argument("--no-sources", action="store_true", help="evaluate the merged model only (default: also the sources report.json records)")
     eval_.add_argument("--landscape", metavar="FILE.png", help="draw the per-task loss landscape into FILE.png (needs matplotlib; default: none)")
     eval_.add_argument("--steps", type=_positive_int, default=11, help="landscape grid points per axis (default 11)")
@@ -443,7 +447,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if len(keys) != 2:
         raise ConfigError(f"--keys {args.keys!r}: expected two names INPUTS,LABELS")
     data = load_labelled(args.data, batch_size=args.batch_size, keys=keys)
-    sources = report.get("sources") or {}
+    sources = dict(report.get("sources") or {})
+    if args.weights:
+        recorded = sources.get("models") or []
+        if len(args.weights) != len(recorded):
+            raise ConfigError(f"--weights: give one file per source model ({len(recorded)} recorded in report.json), got {len(args.weights)}")
+        sources["models"] = [{**spec, "weights": weights} for spec, weights in zip(recorded, args.weights)]
     source_models = [] if args.no_sources else [load_model(spec) for spec in sources.get("models", ())]
     named = {"merged": module, **{f"model {k}": m for k, m in enumerate(source_models)}}
     table = evaluate_models(named, data, tasks=tasks)

@@ -305,6 +305,14 @@ def test_merge_then_eval_round_trip(tmp_path, capsys):
         assert report["evaluation"]["models"][name] == evaluate(module, data, tasks=task_dict).to_dict(), name
     assert report["evaluation"]["tasks"] == task_dict and report["sources"]["models"][0]["factory"] == "fxmerge.zoo:resnet"
     assert report["groups"]  # the merge's own report is kept
+    # --weights replaces the recorded paths: model b's weights for both sources give model 1's row twice
+    b = str(tmp_path / "b.safetensors")
+    assert main(["eval", str(out), "--data", str(tmp_path / "test.safetensors"), *tasks, "--weights", b, "--weights", b]) == 0
+    rows = fxmerge.io.load_report(out)["evaluation"]["models"]
+    assert rows["model 0"] == rows["model 1"] == report["evaluation"]["models"]["model 1"]
+    assert main(["eval", str(out), "--data", str(tmp_path / "test.safetensors"), "--weights", b]) == 1
+    assert "--weights: give one file per source model (2 recorded in report.json), got 1" in capsys.readouterr().err
+    report = fxmerge.io.load_report(out)
     assert png.stat().st_size > 1000
     # a tampered report is refused, not re-signed
     (out / "report.json").write_text(json.dumps({**report, "groups": []}))
