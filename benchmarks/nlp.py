@@ -205,16 +205,10 @@ def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return _logits(model(**inputs) if isinstance(inputs, dict) else model(inputs))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[tuple[Any, torch.Tensor]]) -> tuple[float, float]:
-    """(mean cross-entropy, error = 1 - accuracy) of ``model`` over ``batches``."""
-    total_loss, wrong, count = 0.0, 0, 0
-    for inputs, labels in batches:
-        logits = _call(model, inputs)
-        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        wrong += int((logits.argmax(dim=1) != labels).sum())
-        count += len(labels)
-    return total_loss / count, wrong / count
+    """(mean cross-entropy, error = 1 - accuracy) of ``model`` over ``batches`` (``fxmerge.evaluation.evaluate``)."""
+    result = fxmerge.evaluation.evaluate(model, batches)
+    return result.loss, 1.0 - result.joint
 
 
 def _barrier(losses: Sequence[float]) -> float:

@@ -1,6 +1,6 @@
 """fxmerge: merge independently trained PyTorch networks into one torch.fx GraphModule."""
 
-from fxmerge import errors, metrics, ops, testing, zoo
+from fxmerge import errors, evaluation, metrics, ops, testing, zoo
 from fxmerge.api import GroupReport, MergeResult, merge
 from fxmerge.config import MergeConfig
 from fxmerge.groups import AxisRef, ChannelSpace, ShapeLiteral, Tap
@@ -13,6 +13,7 @@ __all__ = [
     "MergeConfig",
     "MergeResult",
     "merge",
+    "evaluation",
     "metrics",
     "ops",
     "zoo",

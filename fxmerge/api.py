@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 
 from fxmerge.config import MergeConfig
 from fxmerge.errors import ConfigError, IncompatibleModelsError
+from fxmerge.evaluation import EvaluationTable, evaluate_models
 from fxmerge.inputs import checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend, inert_groups
@@ -109,6 +110,19 @@ class MergeResult:
         if len(config.model_weights) != count:
             raise ConfigError(f"weights={tuple(weights)!r}: give one weight per model ({count})")
         return self._rebuild(config.model_weights)
+
+    def evaluate(self, data: Any, *, tasks: Any = None, models: Sequence[nn.Module] | None = None,
+                 head: nn.Module | None = None) -> EvaluationTable:
+        """The merged model and, when ``models`` are given (the source models), each of them on
+        the same labelled ``data``: an ``fxmerge.evaluation.EvaluationTable`` with rows "merged",
+        "model 0", "model 1", ... (joint and per-task accuracy when ``tasks`` — a mapping name ->
+        class ids, or a list of class-id lists — are given; mean cross-entropy, or MSE for float
+        labels). ``data``: (inputs, labels) batches or one (inputs, labels) pair of tensors
+        (``fxmerge.evaluation.labelled_batches``); ``head`` is applied to every model's outputs.
+        ``report["evaluation"] = table.to_dict()`` puts it into a report dict.
+        """
+        named = {"merged": self.module, **{f"model {k}": m for k, m in enumerate(models or ())}}
+        return evaluate_models(named, data, tasks=tasks, head=head)
 
     def __repr__(self) -> str:
         free = [g for g in self.groups if not g.fixed]

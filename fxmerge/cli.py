@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_merge(commands)
     _add_inspect(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -262,6 +263,9 @@ def _run_merge(args: argparse.Namespace) -> int:
     config = settings["config"]
     result = merge(models, batches, **{spec.name: getattr(config, spec.name) for spec in fields(config)})
     result.save(settings["out"])
+    from fxmerge.io import update_report
+
+    update_report(settings["out"], {"sources": _sources_record(settings)})  # lets `fxmerge eval` rebuild them
     free = sum(1 for g in result.groups if not g.fixed)
     print(f"merged {len(models)} models into {settings['out']}: {len(result.groups)} groups ({free} merged), "
           f"{sum(p.numel() for p in result.module.parameters())} parameters")
@@ -381,6 +385,162 @@ def _maybe_svg(module, path: str | None) -> None:
         print(f"graph drawn to {path}")
     except Exception as error:  # pydot/graphviz are optional
         print(f"cannot draw the graph ({type(error).__name__}: {error}); install pydot and graphviz")
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    eval_ = commands.add_parser(
+        "eval",
+        help="accuracy and loss of a saved merge and its source models on labelled data (written into report.json)",
+        description=(
+            "Load a folder written by 'fxmerge merge' and evaluate the merged model and, when report.json "
+            "records them (fxmerge merge does), the source models on labelled data: joint accuracy, per-task "
+            "accuracy (argmax within the task's classes, on the task's samples) and mean cross-entropy, or the "
+            "MSE for float labels. Prints a table and stores it in report.json under 'evaluation' (the "
+            "manifest is updated). --landscape draws the loss over the plane through the merged model and "
+            "the aligned source models (re-running the recorded merge to get them)."
+        ),
+    )
+    eval_.add_argument("directory", help="a folder written by 'fxmerge merge'")
+    eval_.add_argument(
+        "--data", required=True, metavar="SPEC",
+        help="labelled data: a .safetensors/.pt file with tensors 'inputs' (N, ...) and 'labels' (N,), or "
+             "'package.module:callable' returning (inputs, labels) or an iterable of (x, y) batches",
+    )
+    eval_.add_argument(
+        "--keys", default=",".join(_data_keys()), metavar="INPUTS,LABELS",
+        help=f"the tensor names in a data file (default {','.join(_data_keys())})",
+    )
+    eval_.add_argument(
+        "--task", action="append", default=[], metavar="NAME=IDS",
+        help="a task as its class ids, e.g. A=0,1,2,3,4 (repeat per task; default: no tasks, joint accuracy only)",
+    )
+    eval_.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size (default 256)")
+    eval_.add_argument(
+        "--weights", action="append", default=[], metavar="FILE",
+        help="a source model's weights file instead of the path report.json records (repeat per model, in order; default: the recorded paths)",
+    )
+    eval_.add_argument("--no-sources", action="store_true", help="evaluate the merged model only (default: also the sources report.json records)")
+    eval_.add_argument("--landscape", metavar="FILE.png", help="draw the per-task loss landscape into FILE.png (needs matplotlib; default: none)")
+    eval_.add_argument("--steps", type=_positive_int, default=11, help="landscape grid points per axis (default 11)")
+    eval_.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's setting)")
+    eval_.set_defaults(handler=_run_eval)
+
+
+def _data_keys() -> tuple[str, ...]:
+    from fxmerge.evaluation import DATA_KEYS
+
+    return DATA_KEYS
+
+
+def _sources_record(settings: dict) -> dict:
+    """The models and calibration of a merge as report.json records them: file paths made
+    absolute, so `fxmerge eval` finds them from any working directory."""
+    import os
+
+    def absolute(value: object) -> object:
+        return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+    models = [{**spec, "weights": absolute(spec.get("weights"))} for spec in settings["models"]]
+    calibration = {key: absolute(value) if key in ("path", "tensor", "image_folder") else value
+                   for key, value in settings["calibration"].items()}
+    return {"models": models, "calibration": calibration}
+
+
+def _parse_tasks(texts: Sequence[str]) -> dict[str, list[int]]:
+    from fxmerge.errors import ConfigError
+
+    tasks: dict[str, list[int]] = {}
+    for text in texts:
+        name, sep, ids = text.partition("=")
+        try:
+            classes = [int(i) for i in ids.split(",") if i.strip()]
+        except ValueError:
+            classes = []
+        if not sep or not name or not classes or name in tasks:
+            raise ConfigError(f"--task {text!r}: expected NAME=ID,ID,... with a new name and integer class ids, e.g. A=0,1,2")
+        tasks[name] = classes
+    return tasks
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from fxmerge.errors import ConfigError
+    from fxmerge.evaluation import evaluate_models, load_labelled
+    from fxmerge.io import load_module, load_report, update_report
+    from fxmerge.loading import load_model
+
+    if not os.path.isdir(args.directory):
+        raise ConfigError(f"{args.directory}: no such directory")
+    if args.landscape:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--landscape needs matplotlib: pip install 'fxmerge[plot]'") from None
+    module = load_module(args.directory)
+    report = load_report(args.directory) or {}
+    tasks = _parse_tasks(args.task) or None
+    keys = tuple(k.strip() for k in args.keys.split(","))
+    if len(keys) != 2:
+        raise ConfigError(f"--keys {args.keys!r}: expected two names INPUTS,LABELS")
+    data = load_labelled(args.data, batch_size=args.batch_size, keys=keys)
+    sources = dict(report.get("sources") or {})
+    if args.weights:
+        recorded = sources.get("models") or []
+        if len(args.weights) != len(recorded):
+            raise ConfigError(f"--weights: give one file per source model ({len(recorded)} recorded in report.json), got {len(args.weights)}")
+        sources["models"] = [{**spec, "weights": weights} for spec, weights in zip(recorded, args.weights)]
+    source_models = [] if args.no_sources else [load_model(spec) for spec in sources.get("models", ())]
+    named = {"merged": module, **{f"model {k}": m for k, m in enumerate(source_models)}}
+    table = evaluate_models(named, data, tasks=tasks)
+    print(table.format())
+    if not sources.get("models"):
+        print("(no source models: report.json records none; folders written by 'fxmerge merge' do)")
+    update_report(args.directory, {"evaluation": {"data": args.data, "tasks": tasks, **table.to_dict()}})
+    print(f"written into {os.path.join(args.directory, 'report.json')} under 'evaluation'")
+    if args.landscape:
+        from fxmerge.evaluation import landscape
+        from fxmerge.plots import loss_landscape
+
+        result, calibration = _remerge(report, module, source_models or [load_model(s) for s in sources.get("models", ())])
+        view = landscape(result, data, tasks=tasks, calibration=calibration, steps=args.steps)
+        loss_landscape(view, args.landscape)
+        print(f"loss landscape ({view.batchnorm}) drawn to {args.landscape}")
+    return 0
+
+
+def _remerge(report: dict, module, models: list):
+    """The saved merge, re-run from the sources report.json records (a merge is deterministic),
+    for the aligned source models; refused when it does not reproduce the saved weights."""
+    from dataclasses import fields, replace
+
+    import torch
+
+    from fxmerge.api import merge
+    from fxmerge.config import MergeConfig
+    from fxmerge.errors import ConfigError
+    from fxmerge.loading import load_calibration
+
+    sources = report.get("sources") or {}
+    if len(models) != 2 or "calibration" not in sources or "config" not in report:
+        raise ConfigError(
+            "--landscape needs the two source models and the calibration data, which report.json records "
+            "when the folder was written by 'fxmerge merge'"
+        )
+    calibration = load_calibration(sources["calibration"])
+    config = replace(MergeConfig.from_dict(report["config"], where="report.json config"), quiet=True)
+    result = merge(models, calibration, **{spec.name: getattr(config, spec.name) for spec in fields(config)})
+    saved, rebuilt = module.state_dict(), result.module.state_dict()
+    same = saved.keys() == rebuilt.keys() and all(
+        saved[k].shape == rebuilt[k].shape and torch.allclose(saved[k].float(), rebuilt[k].float(), rtol=1e-5, atol=1e-6)
+        for k in saved
+    )
+    if not same:
+        raise ConfigError(
+            "re-running the recorded merge does not reproduce the saved weights (the source weights or the "
+            "calibration data changed since the merge): cannot place the aligned source models"
+        )
+    return result, calibration
 
 
 def _digits(classes: Sequence[int]) -> str:

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxmerge import data
+from fxmerge import data, evaluation
 from fxmerge.api import merge
 from fxmerge.data import TaskSplit, TextHead
-from fxmerge.metrics import task_report
 from fxmerge.zoo import resnet, vgg, vgg_cfg
 
 __all__ = [
@@ -100,9 +99,10 @@ def train_task_models(
 
 
 def evaluate(model: nn.Module, head: nn.Module, split: TaskSplit) -> dict[str, Any]:
-    """``task_report`` on the test set: {"joint", "tasks": [task a, task b], "average"}, in [0, 1]."""
-    logits = data.evaluate_logits(model, split.x_test, head)
-    return task_report(logits, split.y_test, [split.classes_a, split.classes_b])
+    """``fxmerge.evaluation.evaluate`` on the test set, as ``{"joint", "tasks": [task a, task b],
+    "average"}`` (fractions in [0, 1])."""
+    tasks = {"A": split.classes_a, "B": split.classes_b}
+    return evaluation.evaluate(model, (split.x_test, split.y_test), tasks=tasks, head=head).task_report()
 
 
 def calibration_data(split: TaskSplit, *, seed: int = 0, batch_size: int = 64, num_batches: int | None = None) -> list[Tensor]:

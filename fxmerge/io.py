@@ -120,7 +120,7 @@ MANIFEST, GRAPH, WEIGHTS, REPORT = "manifest.json", "graph.json", "weights.safet
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HUMAN_SUFFIXES", "InputGuards", "load_module", "load_report", "result_to_dict",
-    "save_module", "update_folder",
+    "save_module", "update_folder", "update_report",
 ]
 
 # ------------------------------------------------------------------------------------ allowlists
@@ -1407,6 +1407,16 @@ def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
     if REPORT not in contents:
         return None
     return _parse_json(contents[REPORT], REPORT)
+
+
+def update_report(directory: str | os.PathLike, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Set the top-level keys ``changes`` in the folder's report.json (created when there is
+    none) through :func:`update_folder`: the folder is verified first, so a tampered report is
+    refused rather than re-signed. Returns the new report."""
+    report = dict(load_report(directory) or {})
+    report.update(_jsonable(dict(changes)))
+    update_folder(directory, report=report)
+    return report
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fxmerge.errors import CalibrationError, ConfigError
+from fxmerge.evaluation import score
 
 __all__ = [
     "cka",
@@ -259,23 +260,12 @@ def correlation(cov: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
-    if logits.dim() != 2:
-        raise ConfigError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ConfigError(f"labels must have shape (N,) = ({logits.shape[0]},), got {tuple(labels.shape)}")
-    if logits.shape[0] == 0:
-        raise ConfigError("cannot compute an accuracy over zero samples")
-
-
 def joint_accuracy(logits: Tensor, labels: Tensor) -> float:
     """Fraction in [0, 1] of samples whose argmax over all classes equals the label.
 
-    logits: (N, C); labels: (N,) integer class ids.
+    logits: (N, C); labels: (N,) integer class ids. (``fxmerge.evaluation.score``'s ``joint``.)
     """
-    _check_logits_labels(logits, labels)
-    predictions = logits.argmax(dim=1)
-    return float((predictions == labels.to(predictions.device)).to(torch.float64).mean())
+    return score(logits, labels).joint
 
 
 def per_task_accuracy(logits: Tensor, labels: Tensor, task_classes: Sequence[Sequence[int]]) -> list[float]:
@@ -285,37 +275,17 @@ def per_task_accuracy(logits: Tensor, labels: Tensor, task_classes: Sequence[Seq
     task. For task t, only the samples whose label is one of its classes count, and the
     prediction is the argmax over the task's classes only (the task identity is given).
     A task with no class, a class id outside [0, C), or a task with no sample is a ConfigError.
+    (``fxmerge.evaluation.score``'s ``tasks``.)
     """
-    _check_logits_labels(logits, labels)
-    num_classes = logits.shape[1]
-    labels = labels.to(logits.device)
-    accuracies: list[float] = []
-    for task_index, classes in enumerate(task_classes):
-        class_ids = torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)
-        if class_ids.numel() == 0:
-            raise ConfigError(f"task {task_index} has no classes")
-        if int(class_ids.min()) < 0 or int(class_ids.max()) >= num_classes:
-            raise ConfigError(f"task {task_index} has class ids outside [0, {num_classes}): {list(classes)}")
-        in_task = torch.isin(labels, class_ids)
-        if not bool(in_task.any()):
-            raise ConfigError(f"task {task_index} (classes {list(classes)}) has no sample among the labels")
-        restricted = logits[in_task][:, class_ids]  # (N_t, |task|)
-        predictions = class_ids[restricted.argmax(dim=1)]
-        accuracies.append(float((predictions == labels[in_task]).to(torch.float64).mean()))
-    return accuracies
+    return [t.accuracy for t in score(logits, labels, task_classes).tasks]
 
 
 def task_report(logits: Tensor, labels: Tensor, task_classes: Sequence[Sequence[int]]) -> dict[str, Any]:
     """{"joint": float, "tasks": list[float], "average": float}, all fractions in [0, 1].
 
-    ``average`` is the unweighted mean of the per-task accuracies.
+    ``average`` is the unweighted mean of the per-task accuracies (``fxmerge.evaluation.score``).
     """
-    tasks = per_task_accuracy(logits, labels, task_classes)
-    return {
-        "joint": joint_accuracy(logits, labels),
-        "tasks": tasks,
-        "average": float(np.mean(tasks)) if tasks else float("nan"),
-    }
+    return score(logits, labels, task_classes).task_report()
 
 
 # --------------------------------------------------------------------------------------------

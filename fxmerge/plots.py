@@ -16,7 +16,7 @@ import numpy as np
 
 from fxmerge.errors import ConfigError
 
-__all__ = ["GroupsPlot", "groups_plot", "plot_accuracy", "plot_alignment", "plot_groups"]
+__all__ = ["GroupsPlot", "groups_plot", "loss_landscape", "plot_accuracy", "plot_alignment", "plot_groups"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -262,5 +262,65 @@ def plot_accuracy(rows: Sequence[Any], path: str | Path, *, title: str | None = 
     axes.set_ylim(0, 105)
     axes.legend(fontsize=7, ncols=4, loc="upper left")
     axes.set_title(title or "Accuracy per model", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def loss_landscape(source: Any, path: str | Path, *, data: Any = None, title: str | None = None, **options: Any) -> Path:
+    """Contour plots of the loss over the plane through the merged model and the two aligned
+    source models (the MuDSC paper's picture), the three models marked.
+
+    source: a ``fxmerge.evaluation.Landscape``, a sequence of them (one row each, e.g. zip /
+        mudsc / permute of one pair), or a two-model ``MergeResult`` with labelled ``data``, for
+        which ``fxmerge.evaluation.landscape(source, data, **options)`` computes it (options:
+        ``tasks``, ``calibration``, ``steps``, ``margin``, ``head``...; see there for what the
+        plane and the grid are, and how BatchNorm statistics are set at every point).
+    One panel per task (column) and landscape (row); axes are plane coordinates (Euclidean
+    distances in weight space); colours clip at three times the largest loss of the three models
+    so that the low basin stays readable. Returns the path written.
+    """
+    from fxmerge.evaluation import Landscape, landscape
+
+    if isinstance(source, Landscape):
+        views = [source]
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(v, Landscape) for v in source):
+        views = list(source)
+    else:
+        if data is None:
+            raise ConfigError("loss_landscape: give a Landscape, or a MergeResult with data=(labelled data)")
+        views = [landscape(source, data, **options)]
+    columns = max(len(v.panels) for v in views)
+    figure = _figure(3.6 * columns, 3.1 * len(views))
+    axes = np.asarray(figure.subplots(len(views), columns, squeeze=False))
+    styles = {"merged": ("*", "#d62728", 13), "model 0": ("o", "white", 8), "model 1": ("s", "white", 8)}
+    for row, view in enumerate(views):
+        for col in range(columns):
+            ax = axes[row, col]
+            if col >= len(view.panels):
+                ax.set_visible(False)
+                continue
+            losses = view.losses[col]
+            ceiling = 3.0 * max(float(view.point_losses[n][col]) for n in view.points)
+            top = min(float(losses.max()), ceiling) if ceiling > float(losses.min()) else float(losses.max())
+            levels = np.linspace(float(losses.min()), max(top, float(losses.min()) + 1e-9), 16)
+            filled = ax.contourf(view.xs, view.ys, np.minimum(losses, levels[-1]), levels=levels, cmap="viridis")
+            ax.contour(view.xs, view.ys, np.minimum(losses, levels[-1]), levels=levels[::3], colors="black", linewidths=0.4, alpha=0.5)
+            figure.colorbar(filled, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+            for name, (x, y) in view.points.items():
+                marker, colour, size = styles.get(name, ("D", "white", 7))
+                ax.plot([x], [y], marker=marker, color=colour, markeredgecolor="black", markersize=size, linestyle="none")
+                # labels inwards, so they stay inside the panel; the merged model's below its mark, the
+                # sources' above theirs, so that three points on one line (permute) keep apart
+                right = name != "merged" and x > (view.xs[0] + view.xs[-1]) / 2
+                below = name == "merged"
+                ax.annotate(f"{name} {view.point_losses[name][col]:.2f}", (x, y), textcoords="offset points",
+                            xytext=(-6 if right else 6, -7 if below else 6), ha="right" if right else "left",
+                            va="top" if below else "bottom", fontsize=6,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
+            ax.set_title(f"{view.label or 'merge'}: loss on {'task ' + view.panels[col] if view.panels[col] != 'all' else 'all classes'}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.set_aspect("equal", adjustable="box")
+    if title:
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
