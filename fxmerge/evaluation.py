@@ -45,6 +45,7 @@ from fxmerge.errors import ConfigError
 
 __all__ = [
     "DATA_KEYS",
+    "Ensemble",
     "Evaluation",
     "EvaluationTable",
     "Landscape",
@@ -368,6 +369,25 @@ def evaluate(model: nn.Module, data: Any, *, tasks: Any = None, head: nn.Module 
         for m, flag in zip(parts, flags):
             m.train(flag)
     return tally.result()
+
+
+class Ensemble(nn.Module):
+    """The upper reference of a merge: every model run on the input, outputs (through ``head``,
+    when given: logits) averaged. ``forward``: input -> (N, C) mean of the models' outputs. The
+    models are held, not copied; nothing is shared between them."""
+
+    def __init__(self, models: Sequence[nn.Module], head: nn.Module | None = None) -> None:
+        super().__init__()
+        if len(models) < 1:
+            raise ConfigError("Ensemble: give at least one model")
+        self.members = nn.ModuleList(models)
+        self.head = head
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        outputs = [_logits(m(*args, **kwargs)) for m in self.members]
+        if self.head is not None:
+            outputs = [self.head(o) for o in outputs]
+        return torch.stack(outputs).mean(dim=0)
 
 
 def evaluate_models(models: Mapping[str, nn.Module], data: Any, *, tasks: Any = None, head: nn.Module | None = None,

@@ -32,6 +32,7 @@ __all__ = [
     "calibration_data",
     "compare",
     "evaluate",
+    "evaluate_ensemble",
     "format_table",
     "train_task_models",
 ]
@@ -103,6 +104,13 @@ def evaluate(model: nn.Module, head: nn.Module, split: TaskSplit) -> dict[str, A
     "average"}`` (fractions in [0, 1])."""
     tasks = {"A": split.classes_a, "B": split.classes_b}
     return evaluation.evaluate(model, (split.x_test, split.y_test), tasks=tasks, head=head).task_report()
+
+
+def evaluate_ensemble(task_models: TaskModels) -> dict[str, Any]:
+    """``evaluate`` of the ensemble of model A and model B (``fxmerge.evaluation.Ensemble``: their
+    logits under the shared head averaged): the upper reference for a merge of the pair."""
+    tm = task_models
+    return evaluate(evaluation.Ensemble([tm.model_a, tm.model_b], tm.head), nn.Identity(), tm.split)
 
 
 def calibration_data(split: TaskSplit, *, seed: int = 0, batch_size: int = 64, num_batches: int | None = None) -> list[Tensor]:

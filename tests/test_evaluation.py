@@ -18,6 +18,7 @@ from fxmerge.cli import main
 from fxmerge.data import digits_tasks, train_classifier
 from fxmerge.errors import ConfigError, LoadError
 from fxmerge.evaluation import (
+    Ensemble,
     Evaluation,
     evaluate,
     evaluate_models,
@@ -127,6 +128,21 @@ def test_evaluate_streams_batches_and_equals_one_score():
     assert doubled.joint == expected.joint and doubled.loss == pytest.approx(score(2 * LOGITS, LABELS).loss, rel=1e-12)
     with pytest.raises(ConfigError, match="expected \\(inputs, labels\\)"):
         labelled_batches([LOGITS])
+
+
+def test_ensemble_averages_the_members_logits_under_the_head():
+    torch.manual_seed(0)
+    members = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    head = nn.Linear(3, 5)
+    x = torch.randn(7, 4)
+    with torch.no_grad():
+        expected = (head(members[0](x)) + head(members[1](x))) / 2
+        assert torch.allclose(Ensemble(members, head)(x), expected, atol=1e-7)
+        assert torch.allclose(Ensemble(members)(x), (members[0](x) + members[1](x)) / 2, atol=1e-7)
+    labels = expected.argmax(1)
+    assert evaluate(Ensemble(members, head), (x, labels)).joint == 1.0
+    with pytest.raises(ConfigError, match="at least one model"):
+        Ensemble([])
 
 
 def test_evaluate_restores_training_flags():
