@@ -517,8 +517,8 @@ def merge(
             ``result.interpolate``): an int >= 1; "auto" (default): torch's setting, lowered to the
             CPUs this process may use minus the other load (``os.sched_getaffinity`` and the
             1-minute ``os.getloadavg``, at least 1; ``fxmerge.threads.auto_threads``) — OpenMP
-            threads competing with other work for the cores slow a merge down many times
-            (3 min 23 s instead of 10 s on a busy 2-core machine); None: torch's setting as it is.
+            threads competing with other work for the cores slow a merge down
+            (``benchmarks/results/threads.md``); None: torch's setting as it is.
             The caller's ``torch.get_num_threads()`` is restored afterwards, also when the merge
             raises. The inter-op threads cannot be changed once torch has started: they are left
             alone. Several merging processes on one machine: give each ``cores // processes``.

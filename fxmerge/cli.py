@@ -187,9 +187,9 @@ def _inspect_target(text: str) -> str:
     """The ``inspect`` target as given; a path that names no folder is refused here, with the
     path in the message, instead of being read as a malformed 'package.module:callable'.
 
-    A folder is what exists as one, ends with a path separator or has no ':' (a factory's form)
-    and no importable top-level module ('merged', 'runs/zip'; a dotted 'package.module.callable'
-    stays a factory)."""
+    A folder is what exists as one, ends with a path separator, is an absolute path, or has no ':'
+    (a factory's form) and no importable top-level module ('merged', 'runs/zip'; a dotted
+    'package.module.callable' stays a factory)."""
     import importlib.util
     import os
 
@@ -198,7 +198,7 @@ def _inspect_target(text: str) -> str:
     if os.path.exists(text):
         raise argparse.ArgumentTypeError(f"not a directory: {text}")
     top = text.split(".")[0]
-    looks_like_folder = text.endswith(("/", os.sep)) or (
+    looks_like_folder = text.endswith(("/", os.sep)) or os.path.isabs(text) or (
         ":" not in text
         and ("/" in text or os.sep in text or not top.isidentifier() or importlib.util.find_spec(top) is None)
     )
@@ -449,9 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fxmerge.errors import FxMergeError
     from fxmerge.threads import intra_op_threads
 
-    # demo's --threads holds for the whole command; merge's --threads is a merge option (merge() sets it)
+    # a command's --threads holds for the whole command (demo); merge's is a merge option, which merge() sets
+    threads = getattr(args, "threads", None) if args.command != "merge" else None
     try:
-        with intra_op_threads(args.threads if args.command == "demo" else None):
+        with intra_op_threads(threads):
             return args.handler(args)
     except FxMergeError as error:
         print(f"fxmerge {args.command}: error: {error}", file=sys.stderr)

@@ -3,11 +3,16 @@
 Why "auto" is the default: torch starts with one intra-op thread per physical core, and OpenMP
 threads spin while they wait for each other. On a machine whose cores are busy with other work
 (a laptop, a shared box, tests running beside the merge) that turns a merge into a fight for
-the cores: ``fxmerge merge`` on two digits ResNets took 3 min 23 s with torch's default threads
-on a busy 2-core machine and 10 s with one thread; training a width-16 digits ResNet for 10 epochs
-took 2.4 s of CPU with one thread and 50-70 s with two on a busy 2-core machine. "auto" keeps torch's setting but lowers it to
-the cores that are free now, so a merge never oversubscribes more than torch itself would, and
-an idle machine still gets every core torch would use.
+the cores. On a shared 2-core machine at a load average of about 4.5, ``fxmerge merge`` on two
+digits ResNets took 11.0 s with "auto" (one thread) and 17.1 s with torch's 2 threads
+(``benchmarks/threads.py``); the report behind this option measured 3 min 23 s against 10 s, and
+training a width-16 digits ResNet for 10 epochs took 2.4 s of CPU with one thread against 50-70 s
+with two. "auto" keeps torch's setting but lowers it to the cores that are free now, so a merge
+never oversubscribes more than torch itself would, and an idle machine still gets every core
+torch would use. The count "auto" picks depends on the load of the moment; the weights do not
+depend on it on the tested models (threads=1 and 2 give bit-identical merges of the digits ResNets), but float reductions
+split over threads may round differently elsewhere, so pass an int for bit-for-bit
+reproducibility across machines.
 
 Only the intra-op threads (``torch.set_num_threads``) are set: the inter-op pool
 (``torch.set_num_interop_threads``) cannot be changed once torch has run parallel work, so it
