@@ -4,8 +4,8 @@ default (issue 14).
 Usage:
     python benchmarks/threads.py [--busy N] [--repeats 2] [--out benchmarks/results]
 
-Trains two digits ResNets (width 16, 2 epochs, seeds 0 and 1), writes their weights, 256
-calibration images and a config like the README's, then runs ``fxmerge merge CONFIG.yaml --quiet
+Trains the demo's two digits ResNets (``fxmerge.experiments.train_task_models``, 2 epochs),
+writes their weights, 256 calibration images and a config like the README's, then runs ``fxmerge merge CONFIG.yaml --quiet
 --overwrite`` in fresh processes, interleaved, ``--repeats`` times each, with ``--threads auto``
 (the default) and ``--threads T`` for T = torch's default thread count on this machine (what the
 command used before). ``--busy N`` starts N processes that spin on a core for the whole
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KWARGS = {"in_channels": 1, "image_size": 8, "num_outputs": 10, "width": 16}
+KWARGS = {"in_channels": 1, "image_size": 8, "num_outputs": 32, "width": 16}  # the demo's ResNet (FAMILIES["resnet"])
 
 
 def _spin() -> None:
@@ -40,19 +40,14 @@ def _spin() -> None:
 
 
 def _prepare(folder: Path) -> Path:
-    import torch
     from safetensors.torch import save_file
 
-    from fxmerge import zoo
-    from fxmerge.data import digits_tasks, train_classifier
+    from fxmerge.experiments import FAMILIES, train_task_models
 
-    split = digits_tasks(seed=0)
+    trained = train_task_models(FAMILIES["resnet"], FAMILIES["resnet"], seed=0, epochs=2)
+    split = trained.split
     lines = ["models:"]
-    for k, task in enumerate(("a", "b")):
-        torch.manual_seed(k)
-        model = zoo.resnet(**KWARGS)
-        x, y = split.task(task, "train")
-        train_classifier(model, x, y, epochs=2, seed=k)
+    for task, model in (("a", trained.model_a), ("b", trained.model_b)):
         save_file({key: value.contiguous() for key, value in model.state_dict().items()}, folder / f"{task}.safetensors")
         lines.append(f"  - {{factory: 'fxmerge.zoo:resnet', kwargs: {KWARGS}, weights: '{folder / f'{task}.safetensors'}'}}")
     save_file({"inputs": split.x_train[:256].contiguous()}, folder / "calib.safetensors")
@@ -121,7 +116,7 @@ def main() -> None:
     lines = [
         "# `fxmerge merge CONFIG.yaml` on a busy machine: threads",
         "",
-        f"Two digits ResNets (width 16), 256 calibration images, zip; wall seconds of the whole command, median of "
+        f"The demo's two digits ResNets (width 16, 2 epochs), 256 calibration images, zip; wall seconds of the whole command, median of "
         f"{args.repeats} interleaved runs. {os.cpu_count()} CPUs, torch's default {default} threads, {args.busy} extra "
         f"spinning processes, 1-minute load average {load_before:.1f} before and {load_after:.1f} after. "
         f"`python benchmarks/threads.py --busy {args.busy} --repeats {args.repeats}`.",

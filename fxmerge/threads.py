@@ -3,8 +3,8 @@
 Why "auto" is the default: torch starts with one intra-op thread per physical core, and OpenMP
 threads spin while they wait for each other. On a machine whose cores are busy with other work
 (a laptop, a shared box, tests running beside the merge) that turns a merge into a fight for
-the cores. On a shared 2-core machine at a load average of about 4.5, ``fxmerge merge`` on two
-digits ResNets took 11.0 s with "auto" (one thread) and 17.1 s with torch's 2 threads
+the cores. On a shared 2-core machine at a load average of about 4, ``fxmerge merge`` on two
+digits ResNets took 7.8 s with "auto" (one thread) and 11.3 s with torch's 2 threads
 (``benchmarks/threads.py``); the report behind this option measured 3 min 23 s against 10 s, and
 training a width-16 digits ResNet for 10 epochs took 2.4 s of CPU with one thread against 50-70 s
 with two. "auto" keeps torch's setting but lowers it to the cores that are free now, so a merge
