@@ -5,8 +5,8 @@ Usage:
     python benchmarks/threads.py [--busy N] [--repeats 2] [--out benchmarks/results]
 
 Trains the demo's two digits ResNets (``fxmerge.experiments.train_task_models``, 2 epochs),
-writes their weights, 256 calibration images and a config like the README's, then runs ``fxmerge merge CONFIG.yaml --quiet
---overwrite`` in fresh processes, interleaved, ``--repeats`` times each, with ``--threads auto``
+writes their weights, 256 calibration images and a config like the README's, then runs
+``fxmerge merge CONFIG.yaml --quiet --overwrite`` in fresh processes, interleaved, ``--repeats`` times each, with ``--threads auto``
 (the default) and ``--threads T`` for T = torch's default thread count on this machine (what the
 command used before). ``--busy N`` starts N processes that spin on a core for the whole
 measurement (0: measure the machine as it is; the load average before and after is recorded).

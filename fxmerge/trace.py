@@ -151,7 +151,7 @@ def _fx_failure(model: nn.Module, copied: nn.Module, tracer: _LeafTracer, error:
     """The TraceError for a failed torch.fx trace: what failed (the exception, the module, the last
     traced node, the line of model code), why, and the fix. Only a branch on a traced value is
     called control flow; everything else torch.fx's Proxy objects cannot do (be iterated, become
-    Python numbers, pass through a wrapped forward: HuggingFace's ``co_varnames is too small``)
+    Python numbers, or rewrite a forward with ``**kwargs``: HuggingFace's ``co_varnames is too small``)
     points to torch.export, which runs the real Python code on fake tensors."""
     name = type(model).__name__
     where = tracer.failed_path
@@ -181,8 +181,8 @@ def _fx_failure(model: nn.Module, copied: nn.Module, tracer: _LeafTracer, error:
         ]
     else:
         why = ("torch.fx's symbolic tracing runs the forward on Proxy objects, and this Python code cannot "
-               "run on them (iterating one, turning it into a Python number, or a forward wrapped in a way "
-               "torch.fx cannot patch)")
+               "run on them (iterating one, turning it into a Python number, or rewriting the code of a forward "
+               "that takes *args/**kwargs, which fails for some, e.g. HuggingFace's)")
         fixes = [export + ", which runs the forward's real Python code on fake tensors"] + ([leaf] if leaf else [])
     return TraceError(
         f"cannot trace {name}: failed {place} ({'; '.join(details)}). Why: {why}. Fix: {'; or '.join(fixes)}."

@@ -66,7 +66,8 @@ def test_iterating_a_proxy_names_the_failure_and_points_to_export() -> None:
     assert f"at test_trace_errors.py:{_line(code)} in forward: `{code}`" in message
     assert (
         "Why: torch.fx's symbolic tracing runs the forward on Proxy objects, and this Python code cannot run on "
-        "them (iterating one, turning it into a Python number, or a forward wrapped in a way torch.fx cannot patch). "
+        "them (iterating one, turning it into a Python number, or rewriting the code of a forward that takes "
+        "*args/**kwargs, which fails for some, e.g. HuggingFace's). "
         "Fix: capture='export' (command line: --capture export), which runs the forward's real Python code on fake "
         "tensors."
     ) in message
