@@ -89,9 +89,11 @@ def parse_bytes(text: Any) -> Any:
 
 
 def parse_threads(text: Any) -> Any:
-    """'auto' -> 'auto' | '4' -> 4; non-strings are returned as they are."""
+    """'auto' -> 'auto' | '4' -> 4 | 'none' -> None; non-strings are returned as they are."""
     if isinstance(text, str) and text.strip().isdigit():
         return int(text)
+    if isinstance(text, str) and text.strip().lower() == "none":
+        return None
     return text
 
 
@@ -195,7 +197,7 @@ class MergeConfig:
     threads: int | str | None = _option(
         "auto", "torch intra-op CPU threads while merging: an int, 'auto' (torch's setting lowered "
         "to the CPUs not busy with other work: CPUs this process may use minus the 1-minute load "
-        "average, at least 1) or none in a YAML config (torch's setting as it is)",
+        "average, at least 1) or 'none' (torch's setting as it is)",
         parse=parse_threads, metavar="N",
     )
 

@@ -10,9 +10,9 @@ training a width-16 digits ResNet for 10 epochs took 2.4 s of CPU with one threa
 with two. "auto" keeps torch's setting but lowers it to the cores that are free now, so a merge
 never oversubscribes more than torch itself would, and an idle machine still gets every core
 torch would use. The count "auto" picks depends on the load of the moment; the weights do not
-depend on it on the tested models (threads=1 and 2 give bit-identical merges of the digits ResNets), but float reductions
-split over threads may round differently elsewhere, so pass an int for bit-for-bit
-reproducibility across machines.
+depend on it on the tested models (threads=1 and 2 give bit-identical merges of the digits
+ResNets), but float reductions split over threads may round differently elsewhere, so pass an
+int for bit-for-bit reproducibility across machines.
 
 Only the intra-op threads (``torch.set_num_threads``) are set: the inter-op pool
 (``torch.set_num_interop_threads``) cannot be changed once torch has run parallel work, so it

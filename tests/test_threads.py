@@ -135,6 +135,7 @@ def test_threads_option_values() -> None:
     assert MergeConfig().threads == "auto"
     assert MergeConfig.from_dict({"threads": "4"}).threads == 4
     assert MergeConfig.from_dict({"threads": None}).threads is None
+    assert MergeConfig.from_dict({"threads": "none"}).threads is None  # the flag's spelling of None
     assert MergeConfig.from_dict(MergeConfig(threads=2).as_dict()) == MergeConfig(threads=2)
     for bad in ("many", 0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="must be an int >= 1, 'auto' or None"):
