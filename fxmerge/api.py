@@ -34,6 +34,7 @@ from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
 from fxmerge.passes.units import analysis_for_units, find_units
 from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
+from fxmerge.threads import intra_op_threads
 from fxmerge.trace import capture_of, trace
 
 
@@ -461,6 +462,12 @@ def _stage_runner(timings: dict[str, float]) -> Callable[..., Any]:
     return run
 
 
+def _threaded(threads: int | str | None, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with torch's intra-op threads set from ``threads`` (then restored)."""
+    with intra_op_threads(threads):
+        return function(*args)
+
+
 def merge(
     models: Sequence[nn.Module],
     calibration: Iterable[Any],
@@ -482,6 +489,7 @@ def merge(
     model_weights: Sequence[float] | None = None,
     process_group: Any = None,
     max_memory: int | str | None = None,
+    threads: int | str | None = "auto",
 ) -> MergeResult:
     """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
 
@@ -536,6 +544,15 @@ def merge(
             correlations kept for matching (on a GPU the finished ones go to host memory); not the
             models, the taps' features of one batch or the later stages. A budget too small for
             one group's covariance raises ``ConfigError`` with the size it needs.
+        threads: torch's intra-op CPU threads while merging (every stage, and
+            ``result.interpolate``): an int >= 1; "auto" (default): torch's setting, lowered to the
+            CPUs this process may use minus the other load (``os.sched_getaffinity`` and the
+            1-minute ``os.getloadavg``, at least 1; ``fxmerge.threads.auto_threads``) — OpenMP
+            threads competing with other work for the cores slow a merge down
+            (``benchmarks/results/threads.md``); None: torch's setting as it is.
+            The caller's ``torch.get_num_threads()`` is restored afterwards, also when the merge
+            raises. The inter-op threads cannot be changed once torch has started: they are left
+            alone. Several merging processes on one machine: give each ``cores // processes``.
 
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
@@ -543,8 +560,13 @@ def merge(
         method=method, depth=depth, inserted=inserted, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
-        max_memory=max_memory,
+        max_memory=max_memory, threads=threads,
     )
+    return _threaded(config.threads, _merged, models, calibration, config, process_group)
+
+
+def _merged(models: Sequence[nn.Module], calibration: Iterable[Any], config: MergeConfig, process_group: Any) -> MergeResult:
+    """``merge`` once its options are checked (under their thread count)."""
     models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
     if config.model_weights is not None and len(config.model_weights) != len(models):
         raise ConfigError(f"model_weights={config.model_weights!r}: give one weight per model ({len(models)})")
@@ -570,5 +592,5 @@ def merge(
         module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches,
         capture=tuple(capture_of(s.graph) for s in states),
         # re-weighting repeats the last stages; their seconds are not this merge's
-        _rebuild=lambda weights: build(replace(config, model_weights=weights), _stage_runner({})),
+        _rebuild=lambda weights: _threaded(config.threads, build, replace(config, model_weights=weights), _stage_runner({})),
     )

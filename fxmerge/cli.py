@@ -15,6 +15,7 @@ from fxmerge.config import CAPTURES
 __all__ = ["build_parser", "main"]
 
 _DEMO_METHODS = ("average", "permute", "zip")
+_GRAPH_INSTALL = "pip install 'fxmerge[graph]'"
 _DEMO_ARCHITECTURE = {
     "resnet": "ResNets (3 stages of 1 BasicBlock, width 16)",
     "vgg": "VGGs (3 conv layers of 16/32/64 channels, 2-layer classifier)",
@@ -48,14 +49,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
             "per-task (5-class) test accuracy of every model."
         ),
     )
-    demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default 0)")
-    demo.add_argument("--family", choices=sorted(_DEMO_ARCHITECTURE), default="resnet", help="model family (default resnet)")
-    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default: 0)")
+    demo.add_argument("--family", choices=sorted(_DEMO_ARCHITECTURE), default="resnet", help="model family (default: resnet)")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default: 10)")
     demo.add_argument(
         "--threads", type=_positive_int, default=1,
-        help="torch CPU threads (default 1: the models are tiny, more threads mostly add contention)",
+        help="torch CPU threads (default: 1; the models are tiny, more threads mostly add contention)",
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
     demo.set_defaults(handler=_run_demo)
 
 
@@ -82,15 +83,35 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("config", nargs="?", help="YAML config file (flags override its values)")
-    merge.add_argument("--model", action="append", default=[], metavar="FACTORY", help="'package.module:callable' (repeat per model)")
-    merge.add_argument("--kwargs", action="append", default=[], metavar="YAML", help="factory keyword arguments, e.g. '{num_outputs: 10}' (repeat per model, or once for all)")
-    merge.add_argument("--weights", action="append", default=[], metavar="FILE", help="weights file per model")
-    merge.add_argument("--calib", metavar="PATH", help="calibration tensor file, image folder, or 'package.module:callable'")
+    merge.add_argument("config", nargs="?", help="YAML config file; flags override its values (default: none, flags only)")
+    merge.add_argument(
+        "--model", action="append", default=[], metavar="FACTORY",
+        help="'package.module:callable' (repeat per model; default: the config's 'models:')",
+    )
+    merge.add_argument(
+        "--kwargs", action="append", default=[], metavar="YAML",
+        help="factory keyword arguments, e.g. '{num_outputs: 10}' (repeat per model, or once for all; default: none)",
+    )
+    merge.add_argument(
+        "--weights", action="append", default=[], metavar="FILE",
+        help="weights file per model (repeat per model; default: none, an error unless --random-init)",
+    )
+    merge.add_argument(
+        "--random-init", action="store_true", default=None,
+        help="allow models without weights: merge their random initialisations on purpose "
+        "(or 'random_init: true' in the config; default: off)",
+    )
+    merge.add_argument(
+        "--calib", metavar="PATH",
+        help="calibration tensor file, image folder, or 'package.module:callable' (default: the config's 'calibration:')",
+    )
     merge.add_argument("--batch-size", type=_positive_int, default=None, help="calibration batch size (default: 64)")
     _add_config_flags(merge)
-    merge.add_argument("--out", help="output directory (or 'out:' in the config; required)")
-    merge.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's setting)")
+    merge.add_argument("--out", help="output directory (required: this flag or 'out:' in the config; default: none)")
+    merge.add_argument(
+        "--overwrite", action="store_true", default=None,
+        help="write into an existing, non-empty output directory (or 'overwrite: true' in the config; default: off)",
+    )
     merge.set_defaults(handler=_run_merge)
 
 
@@ -143,20 +164,48 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
             "analysis of that model."
         ),
     )
-    inspect_.add_argument("target", help="a merge directory or a model factory 'package.module:callable'")
-    inspect_.add_argument("--kwargs", default=None, metavar="YAML", help="factory keyword arguments")
-    inspect_.add_argument("--input-shape", default="1,3,32,32", help="example input shape for a factory (default 1,3,32,32)")
+    inspect_.add_argument("target", type=_inspect_target, help="a merge directory or a model factory 'package.module:callable'")
+    inspect_.add_argument("--kwargs", default=None, metavar="YAML", help="factory keyword arguments (default: none)")
+    inspect_.add_argument("--input-shape", default="1,3,32,32", help="example input shape for a factory (default: 1,3,32,32)")
     inspect_.add_argument(
         "--token-ids", type=_positive_int, default=None, metavar="VOCAB",
-        help="the example input is random int64 token ids in [0, VOCAB) of --input-shape (a text model), not N(0, 1)",
+        help="the example input is random int64 token ids in [0, VOCAB) of --input-shape (a text model) "
+        "(default: none, N(0, 1) floats)",
     )
     inspect_.add_argument(
         "--capture", choices=CAPTURES, default="auto",
-        help="'fx', 'export' (torch.export, e.g. HuggingFace transformers) or 'auto' (fx, else export; default)",
+        help="'fx', 'export' (torch.export, e.g. HuggingFace transformers) or 'auto' (fx, else export) (default: auto)",
     )
-    inspect_.add_argument("--graph", action="store_true", help="also print the whole graph code")
-    inspect_.add_argument("--svg", metavar="FILE", help="draw the graph with Graphviz (needs pydot) into FILE")
+    inspect_.add_argument("--graph", action="store_true", help="also print the whole graph code (default: off)")
+    inspect_.add_argument(
+        "--svg", metavar="FILE",
+        help=f"draw the graph with Graphviz into FILE (needs pydot: {_GRAPH_INSTALL}; default: none)",
+    )
     inspect_.set_defaults(handler=_run_inspect)
+
+
+def _inspect_target(text: str) -> str:
+    """The ``inspect`` target as given; a path that names no folder is refused here, with the
+    path in the message, instead of being read as a malformed 'package.module:callable'.
+
+    A folder is what exists as one, ends with a path separator, is an absolute path, or has no ':'
+    (a factory's form) and no importable top-level module ('merged', 'runs/zip'; a dotted
+    'package.module.callable' stays a factory)."""
+    import importlib.util
+    import os
+
+    if os.path.isdir(text):
+        return text
+    if os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    top = text.split(".")[0]
+    looks_like_folder = text.endswith(("/", os.sep)) or os.path.isabs(text) or (
+        ":" not in text
+        and ("/" in text or os.sep in text or not top.isidentifier() or importlib.util.find_spec(top) is None)
+    )
+    if looks_like_folder:
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -202,6 +251,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONFIG_KEYS = ("models", "calibration", "merge", "out", "random_init", "overwrite")
+
+
 def _merge_settings(args: argparse.Namespace) -> dict:
     """The YAML config (if any) with command-line flags on top, checked for unknown keys."""
     import yaml
@@ -215,9 +267,9 @@ def _merge_settings(args: argparse.Namespace) -> dict:
             config = yaml.safe_load(handle) or {}
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config}: expected a mapping at the top level")
-        unknown = set(config) - {"models", "calibration", "merge", "out"}
+        unknown = set(config) - set(_CONFIG_KEYS)
         if unknown:
-            raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)} (allowed: models, calibration, merge, out)")
+            raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)} (allowed: {', '.join(_CONFIG_KEYS)})")
     models = list(config.get("models") or [])
     if args.model:
         kwargs = [yaml.safe_load(k) or {} for k in args.kwargs] or [{}]
@@ -248,7 +300,38 @@ def _merge_settings(args: argparse.Namespace) -> dict:
         raise ConfigError("no calibration data: give 'calibration:' in the config or --calib")
     if not out:
         raise ConfigError("no output directory: give 'out:' in the config or --out")
-    return {"models": models, "calibration": calibration, "config": merge_config, "out": out}
+    switches = {}
+    for key in ("random_init", "overwrite"):  # a flag turns it on; else the config's value; else off
+        value = True if getattr(args, key, None) else config.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{args.config}: '{key}:' must be true or false, got {value!r}")
+        switches[key] = value
+    return {"models": models, "calibration": calibration, "config": merge_config, "out": out, **switches}
+
+
+def _check_safe(settings: dict) -> None:
+    """Refuse what would silently give a useless or destroy an earlier result: a model without
+    weights (a random initialisation) unless ``random_init``; an existing, non-empty output
+    directory unless ``overwrite``."""
+    import os
+
+    from fxmerge.errors import ConfigError
+
+    if not settings["random_init"]:
+        for k, spec in enumerate(settings["models"]):
+            if not spec.get("weights"):
+                raise ConfigError(
+                    f"model {k} ({spec.get('factory')}) has no weights: give --weights (or 'weights:' in the "
+                    "config), or pass --random-init to merge random initialisations on purpose"
+                )
+    out = str(settings["out"])
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output directory {out} is a file")
+    if not settings["overwrite"] and os.path.isdir(out) and os.listdir(out):
+        raise ConfigError(
+            f"output directory {out} exists and is not empty: pass --overwrite (or 'overwrite: true' in the "
+            "config) to write the merge into it, or choose another --out"
+        )
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -258,6 +341,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from fxmerge.loading import load_calibration, load_model
 
     settings = _merge_settings(args)
+    _check_safe(settings)
     models = [load_model(spec) for spec in settings["models"]]
     batches = load_calibration(settings["calibration"])
     config = settings["config"]
@@ -378,13 +462,22 @@ def _module_list(modules: Sequence[str]) -> str:
 def _maybe_svg(module, path: str | None) -> None:
     if not path:
         return
-    try:
-        from torch.fx.passes.graph_drawer import FxGraphDrawer
+    from fxmerge.errors import MissingDependencyError
 
+    try:
+        import pydot  # noqa: F401  (torch's FxGraphDrawer needs it)
+    except ImportError as error:
+        raise MissingDependencyError(f"--svg needs pydot ({error}): {_GRAPH_INSTALL}, and Graphviz's 'dot' program") from None
+    from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+    try:
         FxGraphDrawer(module, "merged").get_dot_graph().write_svg(path)
-        print(f"graph drawn to {path}")
-    except Exception as error:  # pydot/graphviz are optional
-        print(f"cannot draw the graph ({type(error).__name__}: {error}); install pydot and graphviz")
+    except Exception as error:  # pydot runs Graphviz's 'dot' program, which pip does not install
+        raise MissingDependencyError(
+            f"cannot draw the graph into {path} ({type(error).__name__}: {error}); is Graphviz's 'dot' program "
+            "installed (e.g. apt install graphviz, brew install graphviz)?"
+        ) from error
+    print(f"graph drawn to {path}")
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
@@ -550,17 +643,14 @@ def _digits(classes: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fxmerge`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
-    import torch
-
     from fxmerge.errors import FxMergeError
+    from fxmerge.threads import intra_op_threads
 
-    threads = torch.get_num_threads()
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    # a command's --threads holds for the whole command (demo); merge's is a merge option, which merge() sets
+    threads = getattr(args, "threads", None) if args.command != "merge" else None
     try:
-        return args.handler(args)
+        with intra_op_threads(threads):
+            return args.handler(args)
     except FxMergeError as error:
         print(f"fxmerge {args.command}: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        torch.set_num_threads(threads)

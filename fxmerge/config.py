@@ -89,6 +89,15 @@ def parse_bytes(text: Any) -> Any:
     return int(size) if math.isfinite(size) else text
 
 
+def parse_threads(text: Any) -> Any:
+    """'auto' -> 'auto' | '4' -> 4 | 'none' -> None; non-strings are returned as they are."""
+    if isinstance(text, str) and text.strip().isdigit():
+        return int(text)
+    if isinstance(text, str) and text.strip().lower() == "none":
+        return None
+    return text
+
+
 def parse_leaf(text: Any) -> Any:
     """'package.module:Class' -> the class; another string is a qualified module name ('layer1.0')."""
     if isinstance(text, str) and ":" in text:
@@ -191,6 +200,12 @@ class MergeConfig:
         "covariances do not fit together are observed over several passes over the calibration data "
         "(the same merge, bit for bit)", parse=parse_bytes, metavar="BYTES",
     )
+    threads: int | str | None = _option(
+        "auto", "torch intra-op CPU threads while merging: an int, 'auto' (torch's setting lowered "
+        "to the CPUs not busy with other work: CPUs this process may use minus the 1-minute load "
+        "average, at least 1) or 'none' (torch's setting as it is)",
+        parse=parse_threads, metavar="N",
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -251,6 +266,8 @@ class MergeConfig:
             if not _is_number(budget) or not math.isfinite(budget) or budget < 1:
                 raise ConfigError(f"max_memory={self.max_memory!r} must be a number of bytes >= 1 (an int, or e.g. '4GB'), or None")
             object.__setattr__(self, "max_memory", int(budget))
+        if self.threads is not None and self.threads != "auto" and not (_is_int(self.threads) and self.threads >= 1):
+            raise ConfigError(f"threads={self.threads!r} must be an int >= 1, 'auto' or None")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any], where: str = "merge options") -> MergeConfig:

@@ -9,8 +9,7 @@ two models share an output space and can be merged with a shared output.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fxmerge.threads import intra_op_threads
 
 __all__ = [
     "TaskName",
@@ -203,23 +204,6 @@ class TextHead(nn.Module):
         return f"num_classes={self.num_classes}, dim={self.dim}, temperature={self.temperature}"
 
 
-@contextmanager
-def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count; ``None`` leaves it alone.
-
-    The zoo models are so small that splitting one op over threads buys little, while a busy
-    2-core machine (parallel test runs) turns OpenMP's spin-waiting into a 10-30x slowdown:
-    measured 2.4 s vs 50-70 s of CPU for 10 epochs of a width-16 resnet on ~700 digits.
-    """
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -269,7 +253,7 @@ def train_classifier(
         generator=torch.Generator().manual_seed(seed),
     )
     model.train()
-    with _intra_op_threads(num_threads):
+    with intra_op_threads(num_threads):
         for _ in range(epochs):
             for x_batch, y_batch in data:
                 x_batch, y_batch = x_batch.to(device), y_batch.to(device)

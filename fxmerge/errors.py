@@ -39,3 +39,7 @@ class SaveError(FxMergeError):
 class LoadError(FxMergeError):
     """A saved model folder was refused: a file is missing, corrupted or tampered with, the format is
     unknown or newer, or the graph names a function or module class outside the allowlist."""
+
+
+class MissingDependencyError(FxMergeError, ImportError):
+    """An optional feature needs a package that is not installed; the message gives the install command."""

@@ -135,22 +135,7 @@ def _fx_capture(model: nn.Module, batch: Batch, leaf_modules: Sequence[LeafSpec]
     try:
         graph = tracer.trace(copied, concrete_args=_unused_defaults(copied, batch))
     except Exception as error:  # torch.fx raises many types: TraceError, TypeError, RuntimeError…
-        where = tracer.failed_path
-        if where:
-            fix = (
-                f"pass leaf_modules=['{where}'] (or its type, {type(copied.get_submodule(where)).__name__}) "
-                f"to keep that module opaque — its channels then stay fixed —, rewrite the "
-                f"data-dependent branch, or capture='export'."
-            )
-            place = f"inside module '{where}'"
-        else:
-            fix = "move the data-dependent branch into a submodule passed as leaf_modules=, rewrite it, or capture='export'."
-            place = f"in the forward of {type(model).__name__} itself"
-        raise TraceError(
-            f"cannot trace {type(model).__name__}: failed {place} "
-            f"({type(error).__name__}: {_first_line(error)}). torch.fx needs control flow that does not "
-            f"depend on tensor values. Fix: {fix}"
-        ) from error
+        raise _fx_failure(model, copied, tracer, error) from error
     # torch.fx creates the node of a proxy attribute (``x.shape``) lazily, when it is first used.
     # Formatting it into an assert message (torchvision's ViT) creates it, but the generated code
     # of the resulting GraphModule never uses it, so re-tracing a GraphModule would drop it and
@@ -160,6 +145,76 @@ def _fx_capture(model: nn.Module, batch: Batch, leaf_modules: Sequence[LeafSpec]
             graph.erase_node(node)
     gm = GraphModule(tracer.root, graph, type(model).__name__)
     return _with_shapes(gm, batch, "fx", type(model).__name__)
+
+
+def _fx_failure(model: nn.Module, copied: nn.Module, tracer: _LeafTracer, error: Exception) -> TraceError:
+    """The TraceError for a failed torch.fx trace: what failed (the exception, the module, the last
+    traced node, the line of model code), why, and the fix. Only a branch on a traced value is
+    called control flow; everything else torch.fx's Proxy objects cannot do (be iterated, become
+    Python numbers, or rewrite a forward with ``**kwargs``: HuggingFace's ``co_varnames is too small``)
+    points to torch.export, which runs the real Python code on fake tensors."""
+    name = type(model).__name__
+    where = tracer.failed_path
+    place = (
+        f"inside module '{where}' ({type(copied.get_submodule(where)).__name__})" if where
+        else f"in the forward of {name} itself"
+    )
+    details = [f"{type(error).__name__}: {_first_line(error)}"]
+    graph = getattr(tracer, "graph", None)
+    nodes = list(graph.nodes) if graph is not None else []
+    if nodes:
+        details.append(f"after graph node '{nodes[-1].name}'")
+    line = _model_code_line(error)
+    if line:
+        details.append(f"at {line}")
+    export = "capture='export' (command line: --capture export)"
+    leaf = (
+        f"leaf_modules=['{where}'] (or its type, {type(copied.get_submodule(where)).__name__}) keeps that "
+        "module opaque — its channels then stay fixed" if where else None
+    )
+    if isinstance(error, torch.fx.proxy.TraceError) and "cannot be used as inputs to control flow" in str(error):
+        why = ("the forward branches on a traced value (an if/while on a tensor's data or shape): torch.fx "
+               "needs control flow that does not depend on tensor values")
+        fixes = [
+            leaf or "move the branch into a submodule passed as leaf_modules=", "rewrite the branch",
+            export + " when the branch depends on shapes only",
+        ]
+    else:
+        why = ("torch.fx's symbolic tracing runs the forward on Proxy objects, and this Python code cannot "
+               "run on them (iterating one, turning it into a Python number, or rewriting the code of a forward "
+               "that takes *args/**kwargs, which fails for some, e.g. HuggingFace's)")
+        fixes = [export + ", which runs the forward's real Python code on fake tensors"] + ([leaf] if leaf else [])
+    return TraceError(
+        f"cannot trace {name}: failed {place} ({'; '.join(details)}). Why: {why}. Fix: {'; or '.join(fixes)}."
+    )
+
+
+def _model_code_line(error: BaseException) -> str | None:
+    """'file.py:12 in forward: `code`' for the innermost frame of ``error``'s traceback outside torch,
+    fxmerge and the standard library (the model's code), or None."""
+    import sysconfig
+    import traceback
+    from pathlib import Path
+
+    paths = sysconfig.get_paths()
+    libraries = [Path(p).resolve() for p in (Path(torch.__file__).parent, Path(__file__).parent)]
+    stdlib = Path(paths["stdlib"]).resolve()
+    installed = [Path(paths[key]).resolve() for key in ("purelib", "platlib")]  # may lie under stdlib
+
+    def model_code(filename: str) -> bool:
+        if filename.startswith("<"):
+            return False
+        path = Path(filename).resolve()
+        if any(path.is_relative_to(root) for root in libraries):
+            return False
+        return not path.is_relative_to(stdlib) or any(path.is_relative_to(root) for root in installed)
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if model_code(f.filename)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}{code}"
 
 
 def _unused_defaults(model: nn.Module, batch: Batch) -> dict[str, Any] | None:
@@ -215,11 +270,13 @@ def _export_capture(model: nn.Module, batch: Batch) -> GraphModule:
                 copied, tuple(batch.args), dict(batch.kwargs), dynamic_shapes=dynamic, strict=False
             )
     except Exception as error:  # torch.export raises UserError, GuardOnDataDependentSymNode, …
-        raise TraceError(
-            f"cannot export {name} ({type(error).__name__}: {_first_line(error)}). torch.export needs a "
-            "forward without data-dependent Python control flow; fix: rewrite the branch with torch.cond, "
-            "or capture='fx' with leaf_modules=."
-        ) from error
+        if "data-dependent" in str(error) or "DataDependent" in type(error).__name__:
+            why = ("torch.export needs a forward without data-dependent Python control flow; fix: rewrite the "
+                   "branch with torch.cond, or capture='fx' with leaf_modules=")
+        else:
+            why = ("torch.export could not run the forward on fake tensors; fix: capture='fx' (with "
+                   "leaf_modules= for a module it cannot trace either), or make that code export-friendly")
+        raise TraceError(f"cannot export {name} ({type(error).__name__}: {_first_line(error)}). {why}.") from error
     exported = program.module()
     # ExportedProgram.module() refuses .eval()/.train(); a plain GraphModule over the same graph
     # and submodules keeps the input/output structure (the graph's pytree codegen) and the weights.

@@ -36,6 +36,7 @@ NON_DEFAULT = {
     "capture": ("fx", "fx"),
     "model_weights": ((0.25, 0.75), "[0.25, 0.75]"),
     "max_memory": (4 * 10**9, "4GB"),
+    "threads": (2, "2"),
 }
 
 
