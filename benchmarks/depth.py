@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fxmerge  # noqa: E402
-from fxmerge.experiments import TaskModels, calibration_data, evaluate, train_task_models  # noqa: E402
+from fxmerge.experiments import TaskModels, calibration_data, evaluate, evaluate_ensemble, train_task_models  # noqa: E402
 from fxmerge.metrics import loss_barrier, loss_curve  # noqa: E402
 from fxmerge.passes.depth import align_depth, compatibility, extend  # noqa: E402
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
@@ -53,36 +53,52 @@ from fxmerge.testing import permute_model  # noqa: E402
 from fxmerge.zoo import resnet, vgg, vgg_cfg  # noqa: E402
 from homogeneous import machine_info, source_info  # noqa: E402
 
-# family -> (shallow factory, deep factory, description); factories as in fxmerge.experiments.
-PAIRS: dict[str, tuple[Any, Any, str]] = {
-    "resnet": (
-        functools.partial(resnet, (1, 1, 1), 16),
-        functools.partial(resnet, (3, 3, 3), 16),
-        "CIFAR-style ResNet, width 16: 1 vs 3 BasicBlocks per stage (ResNet-8 vs ResNet-20)",
-    ),
-    "vgg": (
-        functools.partial(vgg, vgg_cfg((1, 1, 1), (16, 32, 64))),
-        functools.partial(vgg, vgg_cfg((2, 2, 2), (16, 32, 64))),
-        "VGG with BatchNorm, widths 16/32/64: 1 vs 2 convolutions per stage",
-    ),
-    # A VGG pair whose stages leave the depth DP a choice (1 vs 2 vs 3 convolutions: with 1
-    # shallow convolution per stage, the only feasible segmentation is forced), so SMA and LMA
-    # can differ.
-    "vgg-2v3": (
-        functools.partial(vgg, vgg_cfg((2, 2, 2), (16, 32, 64))),
-        functools.partial(vgg, vgg_cfg((3, 3, 3), (16, 32, 64))),
-        "VGG with BatchNorm, widths 16/32/64: 2 vs 3 convolutions per stage",
-    ),
-    "resnet-2v3": (
-        functools.partial(resnet, (2, 2, 2), 16),
-        functools.partial(resnet, (3, 3, 3), 16),
-        "CIFAR-style ResNet, width 16: 2 vs 3 BasicBlocks per stage (ResNet-14 vs ResNet-20)",
-    ),
-}
+# family -> (shallow factory, deep factory, description) at width multiplier m; factories as in
+# fxmerge.experiments. The papers merge x4-x16 nets; narrow (x1) ones merge badly with every method.
+def pairs(m: int) -> dict[str, tuple[Any, Any, str]]:
+    widths = tuple(w * m for w in (16, 32, 64))
+    return {
+        "resnet": (
+            functools.partial(resnet, (1, 1, 1), 16, width_multiplier=m),
+            functools.partial(resnet, (3, 3, 3), 16, width_multiplier=m),
+            f"CIFAR-style ResNet x{m} (stage widths {'/'.join(map(str, widths))}): 1 vs 3 BasicBlocks per stage (ResNet-8 vs ResNet-20)",
+        ),
+        "vgg": (
+            functools.partial(vgg, vgg_cfg((1, 1, 1), widths)),
+            functools.partial(vgg, vgg_cfg((2, 2, 2), widths)),
+            f"VGG with BatchNorm x{m}, widths {'/'.join(map(str, widths))}: 1 vs 2 convolutions per stage",
+        ),
+        # A VGG pair whose stages leave the depth DP a choice (1 vs 2 vs 3 convolutions: with 1
+        # shallow convolution per stage, the only feasible segmentation is forced), so SMA and LMA
+        # can differ.
+        "vgg-2v3": (
+            functools.partial(vgg, vgg_cfg((2, 2, 2), widths)),
+            functools.partial(vgg, vgg_cfg((3, 3, 3), widths)),
+            f"VGG with BatchNorm x{m}, widths {'/'.join(map(str, widths))}: 2 vs 3 convolutions per stage",
+        ),
+        "resnet-2v3": (
+            functools.partial(resnet, (2, 2, 2), 16, width_multiplier=m),
+            functools.partial(resnet, (3, 3, 3), 16, width_multiplier=m),
+            f"CIFAR-style ResNet x{m}: 2 vs 3 BasicBlocks per stage (ResNet-14 vs ResNet-20)",
+        ),
+    }
+
+
+PAIRS = pairs(4)
 
 HOMO_METHODS = ("average", "permute", "zip")
-HETERO = (("permute", "sma"), ("permute", "lma"), ("zip", "sma"), ("zip", "lma"))
-LABELS = {"average": "Avg", "permute": "Permute", "zip": "Zip"}
+# (method, depth objective, how the inserted units' hidden channels are merged: fxmerge's default
+# "inert", or "matched" as Xu et al.)
+HETERO = (
+    ("permute", "sma", "inert"), ("permute", "lma", "inert"), ("zip", "sma", "inert"), ("zip", "lma", "inert"),
+    ("zip", "lma", "matched"),
+)
+LABELS = {"average": "Avg", "permute": "Permute", "zip": "Zip", "ensemble": "Ensemble"}
+
+
+def hetero_label(method: str, depth: str, inserted: str) -> str:
+    label = f"Hetero {LABELS[method]}+{depth.upper()}"
+    return label if inserted == "inert" else f"{label}, inserted units {inserted} (Xu et al.)"
 COLUMNS = ("joint", "task_a", "task_b", "average")
 HEADERS = ("joint", "task A", "task B", "avg")
 
@@ -93,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", default=["resnet", "vgg", "vgg-2v3"], choices=sorted(PAIRS))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--name", default="depth", help="output file stem (default depth)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--width-multiplier", type=int, default=4, help="every layer's width x this (default 4)")
     parser.add_argument("--embed-dim", type=int, default=32)
     parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -204,7 +221,7 @@ def extension_of(shallow: nn.Module, deep: nn.Module, batches, objective: str, k
 
 
 def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | None) -> dict[str, Any]:
-    make_shallow, make_deep, _ = PAIRS[family]
+    make_shallow, make_deep, _ = pairs(args.width_multiplier)[family]
     start = time.perf_counter()
     shallow = train_task_models(make_shallow, make_shallow, seed=seed, epochs=args.epochs, embed_dim=args.embed_dim)
     deep = train_task_models(make_deep, make_deep, seed=seed, epochs=args.epochs, embed_dim=args.embed_dim)
@@ -222,15 +239,23 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
 
     merges: list[dict[str, Any]] = []
 
-    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None):
+    def ensemble(pair: str, a: str, b: str) -> None:
+        record = {"pair": pair, "models": [a, b], "method": "ensemble", "depth": None, "inserted": None, "seconds": None}
+        record.update(scores(evaluate_ensemble(TaskModels(models[a], models[b], head, split))))
+        merges.append(record)
+
+    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None, inserted: str = "inert"):
         tm = TaskModels(models[a], models[b], head, split)
         began = time.perf_counter()
         result = fxmerge.merge(
-            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma",
+            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma", inserted=inserted,
             calibration_batches=args.calibration_batches, quiet=True, alpha=args.alpha, beta=args.beta,
         )
         seconds = time.perf_counter() - began
-        record: dict[str, Any] = {"pair": pair, "models": [a, b], "method": method, "depth": depth, "seconds": seconds}
+        record: dict[str, Any] = {
+            "pair": pair, "models": [a, b], "method": method, "depth": depth, "inserted": inserted if depth else None,
+            "seconds": seconds,
+        }
         record.update(scores(evaluate(result.module, head, split)))
         if result.alignment:
             alignment = result.alignment[0]
@@ -244,13 +269,17 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
 
     barrier_records: dict[str, dict[str, float]] = {}
     for pair, a, b in (("homo shallow", "shallow A", "shallow B"), ("homo deep", "deep A", "deep B")):
+        ensemble(pair, a, b)
         for method in HOMO_METHODS:
             result = do_merge(pair, a, b, method, None)
             if method == "permute" and not args.no_barrier:
                 barrier_records[pair] = barriers(result, models[a], models[b], head, split, example, args.barrier_steps, calibration[:4])
     for pair, a, b in (("hetero shallow A + deep B", "shallow A", "deep B"), ("hetero deep A + shallow B", "deep A", "shallow B")):
-        for method, depth in HETERO:
-            result = do_merge(pair, a, b, method, depth)
+        ensemble(pair, a, b)
+        for method, depth, inserted in HETERO:
+            result = do_merge(pair, a, b, method, depth, inserted)
+            if inserted != "inert":
+                continue
             alignment = result.alignment[0]
             if figures is not None and seed == args.seeds[0] and pair.startswith("hetero shallow A") and method == "zip":
                 from fxmerge.plots import plot_alignment, plot_groups
@@ -297,11 +326,17 @@ def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[
             chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method]
             rows.setdefault(f"Homo {LABELS[method]}", {})[seed] = mean(chosen)
         for depth in ("shallow", "deep"):  # not in the paper's table: the two pairs behind Homo Zip
-            chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == "zip"]
-            rows.setdefault(f"Homo Zip, {depth} pair only", {})[seed] = mean(chosen)
-        for method, depth in HETERO:
-            chosen = [m for m in merges if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth]
-            rows.setdefault(f"Hetero {LABELS[method]}+{depth.upper()}", {})[seed] = mean(chosen)
+            for method in ("zip", "ensemble"):
+                chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == method]
+                rows.setdefault(f"Homo {LABELS[method]}, {depth} pair only", {})[seed] = mean(chosen)
+        rows.setdefault("Homo Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("homo") and m["method"] == "ensemble"])
+        for method, depth, inserted in HETERO:
+            chosen = [
+                m for m in merges
+                if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth and m.get("inserted", "inert") == inserted
+            ]
+            rows.setdefault(hetero_label(method, depth, inserted), {})[seed] = mean(chosen)
+        rows.setdefault("Hetero Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("hetero") and m["method"] == "ensemble"])
     return rows
 
 
@@ -312,6 +347,7 @@ def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict
             rows.setdefault(f"{name} model", {})[seed] = values
         for m in data["merges"]:
             label = f"{m['pair']}: {LABELS[m['method']]}" + (f"+{m['depth'].upper()}" if m["depth"] else "")
+            label += f", inserted {m['inserted']}" if m.get("inserted") not in (None, "inert") else ""
             rows.setdefault(label, {})[seed] = {c: m[c] for c in COLUMNS}
     return rows
 
@@ -369,6 +405,14 @@ def checks(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> li
     claim("hetero Zip+LMA within 2 points of (or above) homo Zip, joint", within("Hetero Zip+LMA", "Homo Zip", "joint", 2.0))
     claim("hetero Zip+LMA within 2 points of (or above) homo Zip of the deep pair (the merged structure), per-task avg",
           within("Hetero Zip+LMA", "Homo Zip, deep pair only", "average", 2.0))
+    claim("hetero Zip+LMA within 2 points of (or above) homo Zip of the deep pair, joint",
+          within("Hetero Zip+LMA", "Homo Zip, deep pair only", "joint", 2.0))
+    claim("homo Zip within 2 points of (or above) the ensemble of the same pairs, per-task avg",
+          within("Homo Zip", "Homo Ensemble", "average", 2.0))
+    claim("inserted units inert at least as good as matched (Xu et al.), hetero Zip+LMA, per-task avg",
+          at_least("Hetero Zip+LMA", hetero_label("zip", "lma", "matched"), "average"))
+    claim("inserted units inert at least as good as matched (Xu et al.), hetero Zip+LMA, joint",
+          at_least("Hetero Zip+LMA", hetero_label("zip", "lma", "matched"), "joint"))
     claim("hetero Zip+LMA above both single models, per-task avg", above("Hetero Zip+LMA", ["Task A", "Task B"], "average"))
     claim("hetero Zip+LMA above both single models, joint", above("Hetero Zip+LMA", ["Task A", "Task B"], "joint"))
     claim("hetero Zip+LMA above homo Avg, per-task avg", above("Hetero Zip+LMA", ["Homo Avg"], "average"))
@@ -383,11 +427,23 @@ def segment_summary(per_seed: dict[int, dict[str, Any]], seeds: list[int]) -> li
     lines = []
     for seed in seeds:
         for m in per_seed[seed]["merges"]:
-            if m["depth"] and m["method"] == "zip":
+            if m["depth"] and m["method"] == "zip" and m.get("inserted", "inert") == "inert":
                 segments = " ".join("[" + ",".join(map(str, s)) + "]" for s in m["segments"])
                 lines.append(f"| {seed} | {m['pair']} | {m['depth'].upper()} | {segments} | {m['objective_value']:.3f} |")
     return ["| seed | pair | objective | segments (deep unit indices per shallow unit) | objective value |",
             "|---:|---|---|---|---:|", *lines]
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces the tables (defaults left out)."""
+    parts = ["python benchmarks/depth.py", "--seeds", *map(str, args.seeds), "--families", *args.families]
+    if getattr(args, "no_barrier", False):
+        parts.append("--no-barrier")
+    for flag, default in (("epochs", 15), ("width_multiplier", 4), ("name", "depth")):
+        value = getattr(args, flag, default)
+        if value != default:
+            parts += [f"--{flag.replace('_', '-')}", str(value)]
+    return " ".join(parts)
 
 
 def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace, machine: dict, total: float) -> str:
@@ -395,14 +451,15 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
     lines = [
         "# Depth-heterogeneous merging on digits (analogue of Table I, Xu et al.)",
         "",
-        f"Produced by `python benchmarks/depth.py` (seeds {' '.join(map(str, seeds))}, {args.epochs} epochs, "
+        f"Produced by `{command_line(args)}` (seeds {' '.join(map(str, seeds))}, {args.epochs} epochs, "
+        f"width x{getattr(args, 'width_multiplier', 1)}, "
         f"embedding dim {args.embed_dim}, {args.calibration_batches} calibration batches of 64, zip alpha {args.alpha}, "
         f"beta {args.beta}); total {total / 60:.1f} min.",
         "",
         "Protocol (`fxmerge.experiments`, as `benchmarks/homogeneous.py`): scikit-learn digits (8x8), the 10 "
         "classes split into two disjoint 5-class tasks per seed, one fixed CLIP-style class-embedding head; "
         "for every seed a shallow and a deep model are trained on task A, and a shallow and a deep model on "
-        "task B (`train_task_models`, 10 epochs). Test accuracy in %: joint = argmax over all 10 classes, "
+        f"task B (`train_task_models`, {args.epochs} epochs). Test accuracy in %: joint = argmax over all 10 classes, "
         "task A/B = argmax within the task's own 5 classes, avg = mean of task A and B. Mean ± sample std over "
         f"{len(seeds)} seeds. Calibration: the training inputs of both tasks, no labels; BatchNorm statistics "
         "are reset on them after every merge (as in ZipIt!).",
@@ -412,13 +469,18 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
         "merging a shallow model with a deep model trained on the other task (mean of shallow-A + deep-B and "
         "deep-A + shallow-B), depth aligned by SMA (segment-wise: last unit of each segment) or LMA "
         "(layer-wise: every unit of each segment), the shallow model then extended with identity units. "
-        "Permute = Hungarian alignment to one model and averaging; Zip = ZipIt! (full zipping).",
+        "Permute = Hungarian alignment to one model and averaging; Zip = ZipIt! (full zipping). The inserted "
+        "units of a residual net are zero-residual blocks: by default (`inserted=\"inert\"`) their hidden channels, "
+        "which never reach the shallow model's output, take no part in the merge (those groups get the deep model's "
+        "weights); the row marked *inserted units matched (Xu et al.)* merges them like real units, as the paper "
+        "does. **Ensemble** = both models run, their logits under the shared head averaged "
+        "(`fxmerge.evaluation.Ensemble`): the upper reference, with twice the compute.",
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python {machine['python']}, torch "
         f"{machine['torch']}, {machine['torch_threads']} torch thread(s).",
     ]
     for family, per_seed in results.items():
-        _, _, description = PAIRS[family]
+        _, _, description = pairs(getattr(args, "width_multiplier", 1))[family]
         depths = per_seed[seeds[0]]["depths"]
         rows = table_rows(per_seed)
         lines += ["", f"## {family}: {description}", "",
@@ -483,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {
         "config": config,
-        "pairs": {family: PAIRS[family][2] for family in args.families},
+        "pairs": {family: pairs(args.width_multiplier)[family][2] for family in args.families},
         "machine": machine,
         "source": source_info(),
         "total_seconds": total,
