@@ -374,7 +374,7 @@ def collect_statistics(
     observed = observed_groups([s.analysis for s in states], region.groups)
     return feature_statistics(
         [s.graph for s in states], observed, batches, num_batches=len(batches), quiet=config.quiet,
-        process_group=process_group, max_memory=config.max_memory,
+        process_group=process_group, max_memory=config.max_memory, taps=config.taps,
     )
 
 
@@ -475,6 +475,7 @@ def merge(
     method: str = "zip",
     depth: str = "lma",
     inserted: str = "inert",
+    taps: str = "consumers",
     width: str | int | float | Mapping[str, int] = "max",
     alpha: float = 0.5,
     beta: float = 1.0,
@@ -512,6 +513,9 @@ def merge(
             model are merged: "inert" (they never reach that model's output, so the groups are
             matched over the other models and take their weights) or "matched" (matched and
             averaged with the deeper model's real units like any others, as in Xu et al.).
+        taps: where a group's channels are observed: "consumers" (up to 4 of the places layers
+            read them — a residual stream is read by every block — correlations averaged) or
+            "last" (the last of them only, as ZipIt!).
         width: merged width per group: "max", "min", an int, a float multiple of the largest
             width, or a dict from group name to int.
         alpha, beta: zip budgets (decay of a merged feature's score; within-model merge budget).
@@ -557,7 +561,7 @@ def merge(
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
     config = MergeConfig(
-        method=method, depth=depth, inserted=inserted, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
+        method=method, depth=depth, inserted=inserted, taps=taps, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
         max_memory=max_memory, threads=threads,

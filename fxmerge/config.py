@@ -21,6 +21,7 @@ from fxmerge.errors import ConfigError
 METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
 INSERTED_UNITS = ("inert", "matched")
+TAP_CHOICES = ("consumers", "last")  # fxmerge.passes.features.choose_taps
 OUTPUT_POLICIES = ("shared", "concat")
 CAPTURES = ("auto", "fx", "export")
 
@@ -160,6 +161,11 @@ class MergeConfig:
         "lma", "depth-alignment objective when depths differ: 'lma' (every position) or 'sma' "
         "(segment outputs)", choices=DEPTH_OBJECTIVES,
     )
+    taps: str = _option(
+        "consumers", "where a group's channels are observed for matching: 'consumers' (up to 4 of the "
+        "places layers read them, correlations averaged; a residual stream is read by every block) or "
+        "'last' (the last such place only, as ZipIt!)", choices=TAP_CHOICES,
+    )
     inserted: str = _option(
         "inert", "hidden channels of the zero-residual units inserted into a shallower model: 'inert' "
         "(they never reach its output, so those groups take the deeper models' weights) or 'matched' "
@@ -211,6 +217,7 @@ class MergeConfig:
         _choice("method", self.method, METHODS)
         _choice("depth", self.depth, DEPTH_OBJECTIVES)
         _choice("inserted", self.inserted, INSERTED_UNITS)
+        _choice("taps", self.taps, TAP_CHOICES)
         _choice("output", self.output, OUTPUT_POLICIES)
         _choice("capture", self.capture, CAPTURES)
         if self.model_weights is not None:

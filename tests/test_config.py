@@ -23,6 +23,7 @@ NON_DEFAULT = {
     "method": ("mudsc", "mudsc"),
     "depth": ("sma", "sma"),
     "inserted": ("matched", "matched"),
+    "taps": ("last", "last"),
     "width": (0.5, "0.5"),
     "alpha": (0.25, "0.25"),
     "beta": (2.0, "2.0"),

@@ -276,3 +276,23 @@ def test_taps_are_the_values_the_consumers_read_despite_in_place_ops() -> None:
     assert "tanh" in tapped  # the value the in-place ReLU overwrites
     for name, expected in statistics[False].items():
         assert np.array_equal(statistics[True][name].correlation, expected.correlation), name
+
+
+def test_taps_last_observes_only_the_last_place_a_layer_reads_the_channels() -> None:
+    """taps="last" (ZipIt!'s choice): a residual stream read by several blocks is observed at its
+    last reader only, and its correlation is that tap's alone — the same numbers as "consumers"
+    gives for a group read in one place."""
+    models, batches = _resnets(), random_batches((16, 1, 8, 8), 3)
+    every = _statistics(models, batches)
+    last = _statistics(models, batches, taps="last")
+    assert every.keys() == last.keys()
+    many = [name for name, s in every.items() if len(s.taps) > 1]
+    assert many  # the residual streams
+    for name, stats in every.items():
+        assert last[name].taps == stats.taps[-1:]
+        if len(stats.taps) == 1:
+            np.testing.assert_array_equal(last[name].correlation, stats.correlation)
+    for name in many:  # one tap's correlation, not the average over the readers
+        assert not np.allclose(last[name].correlation, every[name].correlation)
+    with pytest.raises(ConfigError, match="taps='first'"):
+        _statistics(models, batches, taps="first")

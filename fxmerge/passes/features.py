@@ -26,6 +26,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from fxmerge import ops
 from fxmerge.distributed import check_group, collect_errors, raise_together, sum_
+from fxmerge.config import TAP_CHOICES
 from fxmerge.errors import CalibrationError, ConfigError
 from fxmerge.groups import ChannelSpace, Tap
 from fxmerge.inputs import as_batch, module_device
@@ -331,12 +332,16 @@ class GroupStatistics:
     constant: np.ndarray  # (N,) bool: units constant at every tap (dead on the calibration data)
 
 
-def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4) -> list[Tap]:
-    """The taps whose values a layer reads (the features the next layer sees), at most ``limit``.
+def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4, choice: str = "consumers") -> list[Tap]:
+    """The taps whose values a layer reads (the features the next layer sees), at most ``limit``
+    spread over the group's taps; ``choice="last"``: only the last of them (ZipIt!'s choice for a
+    residual stream, which many blocks read).
 
     Conv output and its BatchNorm output have the same correlations (a per-channel affine map), so
     observing where a consumer reads the channels is both cheaper and what ZipIt! observes.
     """
+    if choice not in TAP_CHOICES:
+        raise ConfigError(f"taps={choice!r}: expected one of {TAP_CHOICES}")
     nodes = {node.name: node for node in gm.graph.nodes}
     modules = dict(gm.named_modules())
 
@@ -345,6 +350,8 @@ def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4) -> list[Ta
         return any(ops.consumes(user, modules) for user in nodes[tap.node].users)
 
     chosen = [tap for tap in group.taps if consumed(tap)] or list(group.taps[-1:])
+    if choice == "last":
+        return chosen[-1:]
     if len(chosen) > limit:
         picks = np.linspace(0, len(chosen) - 1, limit).round().astype(int)
         chosen = [chosen[i] for i in sorted(set(picks.tolist()))]
@@ -609,19 +616,22 @@ def _observe(
     return moments
 
 
-def _tap_keys(models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]]) -> tuple[list[Key], dict[Key, int]]:
+def _tap_keys(
+    models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]], taps: str = "consumers"
+) -> tuple[list[Key], dict[Key, int]]:
     """Every observed (group, tap), in the order their moments are folded into the groups'
-    correlations, and the channel dim of each tap."""
-    taps = [(g.name, tap) for g in groups[0] for tap in choose_taps(models[0], g)]
+    correlations, and the channel dim of each tap (``taps``: see ``choose_taps``)."""
+    taps = [(g.name, tap) for g in groups[0] for tap in choose_taps(models[0], g, choice=taps)]
     return [(name, tap.node) for name, tap in taps], {(name, tap.node): tap.dim for name, tap in taps}
 
 
 def statistics_footprint(
-    models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]], batches: Iterable[Any]
+    models: Sequence[GraphModule], groups: Sequence[Sequence[ChannelSpace]], batches: Iterable[Any],
+    taps: str = "consumers",
 ) -> tuple[list[Key], Footprint]:
     """The (group, tap) keys ``feature_statistics`` observes, in order, and what their statistics
     take (``plan_passes``, ``smallest_max_memory``)."""
-    keys, tap_dims = _tap_keys(models, groups)
+    keys, tap_dims = _tap_keys(models, groups, taps)
     device, dtype = module_device(models[0]), _floating_dtype(models[0])
     dims = {g.name: sum(model_groups[i].size for model_groups in groups) for i, g in enumerate(groups[0])}
     return keys, Footprint(
@@ -639,6 +649,7 @@ def feature_statistics(
     quiet: bool = False,
     process_group: Any = None,
     max_memory: int | None = None,
+    taps: str = "consumers",
 ) -> dict[str, GroupStatistics]:
     """Correlation of every listed group's units across all models, from passes over ``batches``.
 
@@ -656,6 +667,8 @@ def feature_statistics(
             over several passes over all batches, each within the budget. The result is the same,
             bit for bit: every (group, tap) gets the same updates in the same order, and the
             taps are folded into the groups' correlations in the same order.
+        taps: which of a group's taps are observed (``choose_taps``): "consumers" (up to 4 of
+            the places a layer reads the channels, averaged) or "last".
 
     Memory: one float64 (d, d) scatter matrix per (group, tap) observed in a pass, d = the
     group's joint width, held for the whole pass; per batch, the taps' features and one update's
@@ -667,8 +680,8 @@ def feature_statistics(
     group = check_group(process_group)
     reference = groups[0]
     sizes = {g.name: tuple(model_groups[i].size for model_groups in groups) for i, g in enumerate(reference)}
-    keys, tap_dims = _tap_keys(models, groups)
-    passes = [keys] if max_memory is None else plan_passes(keys, statistics_footprint(models, groups, batches)[1], max_memory)
+    keys, tap_dims = _tap_keys(models, groups, taps)
+    passes = [keys] if max_memory is None else plan_passes(keys, statistics_footprint(models, groups, batches, taps)[1], max_memory)
     if len(passes) > 1 and not isinstance(batches, Sequence):
         batches = list(batches)  # every pass iterates over them
     folds = {name: _Fold() for name, _ in keys}
