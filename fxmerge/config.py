@@ -161,15 +161,15 @@ class MergeConfig:
         "lma", "depth-alignment objective when depths differ: 'lma' (every position) or 'sma' "
         "(segment outputs)", choices=DEPTH_OBJECTIVES,
     )
-    taps: str = _option(
-        "consumers", "where a group's channels are observed for matching: 'consumers' (up to 4 of the "
-        "places layers read them, correlations averaged; a residual stream is read by every block) or "
-        "'last' (the last such place only, as ZipIt!)", choices=TAP_CHOICES,
-    )
     inserted: str = _option(
         "inert", "hidden channels of the zero-residual units inserted into a shallower model: 'inert' "
         "(they never reach its output, so those groups take the deeper models' weights) or 'matched' "
         "(matched and averaged like real units, as Xu et al.)", choices=INSERTED_UNITS,
+    )
+    taps: str = _option(
+        "consumers", "where a group's channels are observed for matching: 'consumers' (up to 4 of the "
+        "places layers read them, correlations averaged; a residual stream is read by every block) or "
+        "'last' (the last such place only, as ZipIt!)", choices=TAP_CHOICES,
     )
     width: str | int | float | Mapping[str, int] = _option(
         "max", "merged width per group: max | min | an int | a float multiple of the largest width "
