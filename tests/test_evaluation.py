@@ -314,6 +314,8 @@ def test_merge_then_eval_round_trip(tmp_path, capsys):
     assert printed[0].split() == ["model", "joint", "A", "B", "avg", "cross_entropy"]
     assert [line.split()[0] for line in printed[1:4]] == ["merged", "model", "model"]
     loaded = fxmerge.load(out)  # the manifest was re-written with the new report
+    with torch.no_grad():  # the loaded merge compiles and computes the same
+        torch.testing.assert_close(torch.compile(loaded, backend="aot_eager")(split.x_test[:16]), loaded(split.x_test[:16]))
     report = fxmerge.io.load_report(out)
     task_dict = {"A": list(split.classes_a), "B": list(split.classes_b)}
     data = (split.x_test, split.y_test)
