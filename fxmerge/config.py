@@ -22,6 +22,7 @@ METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
 OUTPUT_POLICIES = ("shared", "concat")
 CAPTURES = ("auto", "fx", "export")
+REPAIRS = ("bn", "none", "repair")
 
 # Options that existed once: a config still naming them gets a ConfigError that says why.
 REMOVED_OPTIONS = {
@@ -185,12 +186,19 @@ class MergeConfig:
         "covariances do not fit together are observed over several passes over the calibration data "
         "(the same merge, bit for bit)", parse=parse_bytes, metavar="BYTES",
     )
+    repair: str = _option(
+        "bn", "after the rewrite: 'bn' (BatchNorm statistics recomputed on the calibration data), 'none' "
+        "(the merged statistics of the source models kept; the only choice without calibration data) or "
+        "'repair' (REPAIR: every merged unit rescaled to the interpolated mean and std of the models' "
+        "units on the calibration data; also for LayerNorm and norm-free nets)", choices=REPAIRS,
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("depth", self.depth, DEPTH_OBJECTIVES)
         _choice("output", self.output, OUTPUT_POLICIES)
         _choice("capture", self.capture, CAPTURES)
+        _choice("repair", self.repair, REPAIRS)
         if self.model_weights is not None:
             weights = tuple(self.model_weights) if isinstance(self.model_weights, Iterable) else None
             if (
