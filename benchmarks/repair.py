@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fxmerge.api import merge  # noqa: E402
 from fxmerge.experiments import FAMILIES, calibration_data, evaluate, train_task_models  # noqa: E402
 from fxmerge.zoo import vit  # noqa: E402
+from homogeneous import write_keeping_notes  # noqa: E402
 
 VIT = functools.partial(vit, patch_size=2, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
 MODELS = {"resnet": FAMILIES["resnet"], "vit": VIT}
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/repair.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:]))
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "repair.md").write_text(markdown(results, args, command))
+    write_keeping_notes(args.out / "repair.md", markdown(results, args, command))
     (args.out / "repair.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print((args.out / "repair.md").read_text())
 

@@ -403,3 +403,30 @@ def test_repair_names_a_layer_it_cannot_rescale() -> None:
         fxmerge.merge([a, b], calibration, method="zip", repair="repair", quiet=True)
     with pytest.raises(UnsupportedOpError, match="node 'attn'"):
         fxmerge.merge([a, b], calibration, method="zip", repair="repair", strict=True, quiet=True)
+
+
+class BNAct(nn.BatchNorm2d):
+    """A batch norm followed by its activation in one module (like timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class BNActNet(BNNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = BNAct(6)
+
+
+def test_repair_does_not_fold_into_a_norm_that_computes_more() -> None:
+    """Scaling BNAct's weight and bias would rescale relu's input, not the output REPAIR measured:
+    the node is named and left as "bn" made it (so is the conv before it: BNAct is its norm)."""
+    a, b = randomize_(BNActNet(), 0).eval(), randomize_(BNActNet(), 1).eval()
+    calibration = random_batches((8, 3, 6, 6), count=2)
+    options = dict(method="zip", leaf_modules=[BNAct], quiet=True)
+    with pytest.warns(UserWarning, match=r"node 'bn1': a normalisation whose affine map the registry cannot rescale"):
+        repaired = fxmerge.merge([a, b], calibration, repair="repair", **options).module.state_dict()
+    plain = fxmerge.merge([a, b], calibration, repair="bn", **options).module.state_dict()
+    for key in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_var"):
+        assert torch.equal(repaired[key], plain[key]), key
+    assert not torch.equal(repaired["bn2.weight"], plain["bn2.weight"])  # the plain BatchNorm is rescaled

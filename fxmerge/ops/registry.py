@@ -356,12 +356,15 @@ def rescale_params(node: Node, modules: dict[str, nn.Module]) -> tuple[tuple[str
     also shifts it; see ``OpEntry.rescale``) and whether the node is a normalisation (not a
     layer), or None: a node whose output the registry cannot rescale through its parameters.
 
-    Modules with a ``rescale`` entry, and functional normalisations whose ``affine`` weight and
-    bias are both ``get_attr`` tensors."""
+    Modules of a class an entry with ``rescale`` names (not a subclass: timm's ``BatchNormAct2d``
+    applies an activation after its affine map), and functional normalisations whose ``affine``
+    weight and bias are both ``get_attr`` tensors."""
     entry = node_entry(node, modules)
     if entry is None:
         return None
-    if node.op == "call_module" and entry.rescale:
+    if node.op == "call_module":
+        if not entry.rescale or type(modules.get(str(node.target))) not in entry.targets:
+            return None
         prefix = f"{node.target}." if node.target else ""
         return tuple(prefix + name for name in entry.rescale), not entry.layer
     found = affine_arguments(node, modules)
@@ -371,9 +374,11 @@ def rescale_params(node: Node, modules: dict[str, nn.Module]) -> tuple[tuple[str
 
 
 def normalises(node: Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether a node is a normalisation with an elementwise affine map (batch, layer, group norm)."""
-    found = rescale_params(node, modules)
-    return found is not None and found[1]
+    """Whether a node is a normalisation (batch, layer, group norm; subclasses included)."""
+    entry = node_entry(node, modules)
+    return entry is not None and not entry.layer and bool(
+        entry.rescale or entry.affine or entry.running_stats or entry.batch_norm
+    )
 
 
 def is_user_module(module: nn.Module) -> bool:

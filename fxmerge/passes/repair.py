@@ -374,13 +374,15 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
     """The nodes of ``gm`` whose outputs are merged units' pre-activations, in topological order,
     and the problems (strings naming a node) of the ones that cannot be rescaled.
 
-    A site is a layer (conv, linear: ``fxmerge.ops.is_layer``) or a normalisation with an affine
-    map (``fxmerge.ops.rescale_params``) whose output has one channel axis of a free group
+    A site is a layer (conv, linear: ``fxmerge.ops.is_layer``) or a normalisation
+    (``fxmerge.ops.normalises``) whose output has one channel axis of a free group
     (``analysis.node_layouts``); a node whose every user is a normalisation is left to that norm
     (a conv before its BatchNorm). The correction is folded into the registry's weight and bias
     when both exist, are not shared with another layer and have an output axis laid out as the
     channels; otherwise an affine node is inserted. A layer whose output is not one tensor with one
-    such axis (an attention module's tuple) cannot be rescaled: it is named in the problems.
+    such axis (an attention module's tuple), or a normalisation the registry cannot fold into
+    (``fxmerge.ops.rescale_params``: timm's ``BatchNormAct2d``), cannot be rescaled: it is named
+    in the problems.
     ``until``: sites up to this node only (partial zipping: the tails are not merged units).
     """
     from fxmerge.groups import spaces_in
@@ -395,8 +397,9 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method"):
             found = ops.rescale_params(node, modules)
-            if found is not None or ops.is_layer(node, modules):
-                site = _site(node, found, analysis, free, canonical_count, modules, problems, spaces_in)
+            layer = ops.is_layer(node, modules)
+            if found is not None or layer or ops.normalises(node, modules):
+                site = _site(node, found, layer, analysis, free, canonical_count, modules, problems, spaces_in)
                 if site is not None:
                     sites.append(site)
         if node.name == until:
@@ -404,7 +407,7 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
     return sites, problems
 
 
-def _site(node: Node, found: Any, analysis: Any, free: set[int], canonical_count: dict[str, int],
+def _site(node: Node, found: Any, layer: bool, analysis: Any, free: set[int], canonical_count: dict[str, int],
           modules: dict[str, nn.Module], problems: list[str], spaces_in: Any) -> RepairSite | None:
     layouts = analysis.node_layouts.get(node.name)
     shape = getattr(node.meta.get("tensor_meta"), "shape", None)
@@ -421,6 +424,11 @@ def _site(node: Node, found: Any, analysis: Any, free: set[int], canonical_count
     if users and all(ops.normalises(user, modules) for user in users):
         return None  # the norm after it is the pre-activation
     dim = dims[0]
+    if found is None and not layer:
+        # a normalisation fxmerge cannot fold into (a subclass computing more than its affine map):
+        # an affine node after it would not be its pre-activation
+        problems.append(f"node {node.name!r}: a normalisation whose affine map the registry cannot rescale")
+        return None
     if found is None:
         return RepairSite(node.name, dim)
     names, _ = found
