@@ -307,6 +307,20 @@ def test_a_twin_with_momentum_statistics_is_given_back(method: str, repair: str)
             torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=1e-6, msg=key)
 
 
+def test_repair_interpolated_to_one_model_is_that_model() -> None:
+    """``interpolate((1, 0))`` of a REPAIRed permute merge: the targets are model 0's statistics,
+    so every BatchNorm output is rescaled back to model 0's (after "bn" moved them) — model 0,
+    whose statistics come from training, not from the calibration data."""
+    a, b = _momentum_trained(0), _momentum_trained(1)
+    calibration = random_batches((8, 3, 6, 6), count=3)
+    result = fxmerge.merge([a, b], calibration, method="permute", repair="repair", quiet=True)
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(result.interpolate((1.0, 0.0))(x), a(x), atol=1e-5, rtol=1e-5)
+        bn = fxmerge.merge([a, b], calibration, method="permute", repair="bn", quiet=True)
+        assert (bn.interpolate((1.0, 0.0))(x) - a(x)).abs().max() > 1e-2
+
+
 def test_none_merges_running_variances_as_stds() -> None:
     """method="average" (identity matches): mean = average of means, var = (average of stds)^2."""
     a, b = _momentum_trained(0), _momentum_trained(1)
@@ -396,13 +410,27 @@ class AttentionNet(nn.Module):
         return self.head(self.attn(h, h, h)[0].mean(1))
 
 
-def test_repair_names_a_layer_it_cannot_rescale() -> None:
+def test_repair_rescales_an_attention_output_through_its_getitem() -> None:
+    """``nn.MultiheadAttention`` returns a tuple: its output item gets an inserted affine node, and
+    the statistics the interpolated ones; a twin stays exact."""
     a, b = randomize_(AttentionNet(), 0).eval(), randomize_(AttentionNet(), 1).eval()
     calibration = random_batches((8, 5, 4), count=2)
-    with pytest.warns(UserWarning, match=r"repair='repair': node 'attn'.*not rescaled"):
-        fxmerge.merge([a, b], calibration, method="zip", repair="repair", quiet=True)
-    with pytest.raises(UnsupportedOpError, match="node 'attn'"):
-        fxmerge.merge([a, b], calibration, method="zip", repair="repair", strict=True, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every site can be rescaled
+        result = fxmerge.merge([a, b], calibration, method="zip", repair="repair", quiet=True)
+    match = result.matches["attn.out_proj:out"]
+    sources = [node_moments(torch.fx.symbolic_trace(m), {"getitem": 2}, calibration)["getitem"] for m in (a, b)]
+    expected = [sum(m @ s[i] for m, s in zip(match.merge, sources)) for i in (0, 1)]
+    node = _pre_activation(result.module, "mean")
+    assert node.startswith("add")
+    got_mean, got_std = node_moments(result.module, {node: 2}, calibration)[node]
+    torch.testing.assert_close(got_mean, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_std, expected[1], atol=1e-5, rtol=1e-5)
+    twin = random_permute(a, calibration[0], seed=1)
+    merged = fxmerge.merge([a, twin], calibration, method="zip", repair="repair", quiet=True).module
+    x = random_batches((3, 5, 4), count=1, seed=4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), a(x), atol=1e-5, rtol=1e-5)
 
 
 class BNAct(nn.BatchNorm2d):
@@ -430,3 +458,33 @@ def test_repair_does_not_fold_into_a_norm_that_computes_more() -> None:
     for key in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_var"):
         assert torch.equal(repaired[key], plain[key]), key
     assert not torch.equal(repaired["bn2.weight"], plain["bn2.weight"])  # the plain BatchNorm is rescaled
+
+
+class SharedNormNet(nn.Module):
+    """One BatchNorm module called after both convs (their channels are one group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(5, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv1(x)))
+        x = F.relu(self.bn(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_repair_of_a_norm_called_twice_corrects_each_call_on_its_own() -> None:
+    """Folding a correction into a BatchNorm called twice would change both calls, so each call
+    gets its own inserted affine node, and a twin stays exact."""
+    model = randomize_(SharedNormNet().eval())
+    calibration = _batches(3)
+    twin = random_permute(model, calibration[0], seed=2)
+    result = fxmerge.merge([model, twin], calibration, method="permute", repair="repair", quiet=True)
+    inserted = [n for n in result.module.graph.nodes if n.op == "get_attr" and n.target.startswith("_repair")]
+    assert len(inserted) == 4  # scale and shift after each of the norm's two calls
+    x = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)

@@ -389,22 +389,42 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
 
     modules = dict(gm.named_modules())
     free = {analysis.space_ids[g.name] for g in analysis.groups if not g.fixed}
+    # a parameter under two names, or a module called at two sites, is not one unit's: never folded into
     canonical_count: dict[str, int] = {}
     for name, canonical in analysis.aliases.items():
         canonical_count[canonical] = canonical_count.get(canonical, 0) + 1
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     sites: list[RepairSite] = []
     problems: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method"):
             found = ops.rescale_params(node, modules)
+            if found is not None and node.op == "call_module" and calls[str(node.target)] > 1:
+                found = ((), found[1])  # its affine map, but shared: an inserted node corrects this call
             layer = ops.is_layer(node, modules)
             if found is not None or layer or ops.normalises(node, modules):
-                site = _site(node, found, layer, analysis, free, canonical_count, modules, problems, spaces_in)
-                if site is not None:
-                    sites.append(site)
+                for target, params in _outputs(node, found):
+                    site = _site(target, params, layer, analysis, free, canonical_count, modules, problems, spaces_in)
+                    if site is not None:
+                        sites.append(site)
         if node.name == until:
             break
     return sites, problems
+
+
+def _outputs(node: Node, found: Any) -> list[tuple[Node, Any]]:
+    """The nodes holding a site's output tensors: the node itself, or, for a layer returning a
+    tuple (``nn.MultiheadAttention``: (output, weights)), its ``getitem`` users (corrected by an
+    inserted affine node: no parameter of the layer scales one item alone)."""
+    import operator
+
+    if getattr(node.meta.get("tensor_meta"), "shape", None) is not None:
+        return [(node, found)]
+    items = [user for user in node.users if user.op == "call_function" and user.target is operator.getitem]
+    return [(item, None) for item in items] or [(node, found)]
 
 
 def _site(node: Node, found: Any, layer: bool, analysis: Any, free: set[int], canonical_count: dict[str, int],
@@ -432,6 +452,8 @@ def _site(node: Node, found: Any, layer: bool, analysis: Any, free: set[int], ca
     if found is None:
         return RepairSite(node.name, dim)
     names, _ = found
+    if not names:
+        return RepairSite(node.name, dim)
     scaled = []
     for name in names:
         canonical = analysis.aliases.get(name, name)
