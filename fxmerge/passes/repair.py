@@ -423,7 +423,11 @@ def _outputs(node: Node, found: Any) -> list[tuple[Node, Any]]:
 
     if getattr(node.meta.get("tensor_meta"), "shape", None) is not None:
         return [(node, found)]
-    items = [user for user in node.users if user.op == "call_function" and user.target is operator.getitem]
+    items = [
+        user for user in node.users if user.op == "call_function" and user.target is operator.getitem
+        # an unused item that is no tensor (the None of need_weights=False) is no unit
+        and (getattr(user.meta.get("tensor_meta"), "shape", None) is not None or user.users)
+    ]
     return [(item, None) for item in items] or [(node, found)]
 
 
