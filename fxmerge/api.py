@@ -3,10 +3,10 @@
 ``merge`` validates its inputs (``fxmerge.inputs``), then runs, in order: trace, depth alignment
 (when depths differ: the shallower graphs are extended), analysis (of the possibly extended
 graphs), structure check (and the merged region of a partial merge), feature statistics, width
-matching, rewrite, tails (partial zipping / concat heads), BatchNorm repair. Each stage is a small
+matching, rewrite, tails (partial zipping / concat heads), repair (``repair=``). Each stage is a small
 function over ``ModelState`` objects; its seconds go to ``MergeResult.timings`` under the keys
 "trace", "depth", "dependency", "structure", "features", "width", "rewrite" (rewrite and tails)
-and "repair".
+and "repair". A data-free merge (``calibration=None``) has no "features" stage.
 """
 
 from __future__ import annotations

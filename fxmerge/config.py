@@ -187,8 +187,8 @@ class MergeConfig:
         "(the same merge, bit for bit)", parse=parse_bytes, metavar="BYTES",
     )
     repair: str = _option(
-        "bn", "after the rewrite: 'bn' (BatchNorm statistics recomputed on the calibration data), 'none' "
-        "(the merged statistics of the source models kept; the only choice without calibration data) or "
+        "bn", "after the rewrite: 'bn' (BatchNorm statistics recomputed on the calibration data; without "
+        "calibration data it means 'none'), 'none' (the merged statistics of the source models kept) or "
         "'repair' (REPAIR: every merged unit rescaled to the interpolated mean and std of the models' "
         "units on the calibration data; also for LayerNorm and norm-free nets)", choices=REPAIRS,
     )
