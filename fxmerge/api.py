@@ -460,6 +460,7 @@ def repair_to_models(
         warnings.warn(message, stacklevel=3)
     # every graph matches the reference node for node: a site is the node at the same position
     positions = {n.name: i for i, n in enumerate(reference.graph.graph.nodes)}
+    sites = [site for site in sites if site.node in positions]  # a tail's nodes are no merged units
     per_model = []
     names_per_model = []
     for state in states:
@@ -588,6 +589,8 @@ def merge(
             units merged into it; folded into the layer's weight and bias, or an inserted affine
             node where it has none: for LayerNorm and norm-free nets too. A layer whose output
             cannot be rescaled is left as it is, with a warning naming it (strict: an error).
+            Costs one pass over the calibration data per model, then one per rescaled layer (up
+            to that layer); one process only (``process_group`` raises ``ConfigError``).
         example_input: for ``calibration=None`` only: one model input (a tensor such as
             ``torch.zeros(1, 3, 32, 32)``, a tuple of positional tensors or a dict of keyword
             tensors) whose shapes tracing records; its values are not used to match.
