@@ -98,7 +98,8 @@ class MergeResult:
 
     def interpolate(self, weights: Sequence[float]) -> GraphModule:
         """The merged module with the same matches but the models weighted by ``weights`` (one
-        per model, normalised to sum 1) instead of equally; BatchNorm statistics recomputed.
+        per model, normalised to sum 1) instead of equally; then repaired as ``config.repair``
+        says (REPAIR's targets are re-weighted too).
 
         ``interpolate((1 - t, t))`` for t in [0, 1] walks from model 0 to model 1 in model 0's
         channel order (and depth): with ``method="permute"`` and equal widths, t = 0 and t = 1
