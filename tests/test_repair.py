@@ -488,3 +488,27 @@ def test_repair_of_a_norm_called_twice_corrects_each_call_on_its_own() -> None:
     x = _batches(1, seed=3)[0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class FunctionalBNNet(BNNet):
+    """BNNet with its first norm written with F.batch_norm on get_attr buffers (what fx leaves of
+    timm's BatchNormAct2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = _FunctionalNorm(6)
+
+
+def test_repair_folds_into_a_functional_batch_norm() -> None:
+    model = randomize_(FunctionalBNNet(), 0).eval()
+    calibration = random_batches((8, 3, 6, 6), count=3)
+    twin = random_permute(model, calibration[0], seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fxmerge.merge([model, twin], calibration, method="permute", repair="repair", quiet=True)
+    assert not [n for n in result.module.graph.nodes if n.op == "get_attr" and n.target.startswith("_repair")]
+    x = random_batches((5, 3, 6, 6), count=1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+        bn = fxmerge.merge([model, twin], calibration, method="permute", repair="bn", quiet=True)
+        assert (bn.module(x) - model(x)).abs().max() > 1e-2  # the fold did the work

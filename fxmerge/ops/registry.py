@@ -357,8 +357,8 @@ def rescale_params(node: Node, modules: dict[str, nn.Module]) -> tuple[tuple[str
     layer), or None: a node whose output the registry cannot rescale through its parameters.
 
     Modules of a class an entry with ``rescale`` names (not a subclass: timm's ``BatchNormAct2d``
-    applies an activation after its affine map), and functional normalisations whose ``affine``
-    weight and bias are both ``get_attr`` tensors."""
+    applies an activation after its affine map), and functional normalisations (``affine``, or a
+    batch norm's schema) whose weight and bias are both ``get_attr`` tensors."""
     entry = node_entry(node, modules)
     if entry is None:
         return None
@@ -368,6 +368,9 @@ def rescale_params(node: Node, modules: dict[str, nn.Module]) -> tuple[tuple[str
         prefix = f"{node.target}." if node.target else ""
         return tuple(prefix + name for name in entry.rescale), not entry.layer
     found = affine_arguments(node, modules)
+    if found is None and entry.batch_norm is not None and node.op == "call_function":
+        bound = entry.batch_norm.bind(node.args, node.kwargs)
+        found = (bound["weight"], bound["bias"])
     if found and all(isinstance(v, Node) and v.op == "get_attr" for v in found):
         return tuple(str(v.target) for v in found), True
     return None

@@ -393,16 +393,19 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
     canonical_count: dict[str, int] = {}
     for name, canonical in analysis.aliases.items():
         canonical_count[canonical] = canonical_count.get(canonical, 0) + 1
-    calls: dict[str, int] = {}
+    uses: dict[str, int] = {}  # module path or get_attr target -> the call nodes reading it
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+            uses[str(node.target)] = uses.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
     sites: list[RepairSite] = []
     problems: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method"):
             found = ops.rescale_params(node, modules)
-            if found is not None and node.op == "call_module" and calls[str(node.target)] > 1:
+            reads = [str(node.target)] if node.op == "call_module" else list(found[0] if found else ())
+            if found is not None and any(uses.get(name, 1) > 1 for name in reads):
                 found = ((), found[1])  # its affine map, but shared: an inserted node corrects this call
             layer = ops.is_layer(node, modules)
             if found is not None or layer or ops.normalises(node, modules):
