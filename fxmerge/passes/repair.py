@@ -420,7 +420,7 @@ def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) ->
 
 def _outputs(node: Node, found: Any) -> list[tuple[Node, Any]]:
     """The nodes holding a site's output tensors: the node itself, or, for a layer returning a
-    tuple (``nn.MultiheadAttention``: (output, weights)), its ``getitem`` users (corrected by an
+    tuple (an attention module: (output, weights)), its ``getitem`` users (corrected by an
     inserted affine node: no parameter of the layer scales one item alone)."""
     import operator
 
