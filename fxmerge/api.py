@@ -3,10 +3,10 @@
 ``merge`` validates its inputs (``fxmerge.inputs``), then runs, in order: trace, depth alignment
 (when depths differ: the shallower graphs are extended), analysis (of the possibly extended
 graphs), structure check (and the merged region of a partial merge), feature statistics, width
-matching, rewrite, tails (partial zipping / concat heads), BatchNorm repair. Each stage is a small
+matching, rewrite, tails (partial zipping / concat heads), repair (``repair=``). Each stage is a small
 function over ``ModelState`` objects; its seconds go to ``MergeResult.timings`` under the keys
 "trace", "depth", "dependency", "structure", "features", "width", "rewrite" (rewrite and tails)
-and "repair".
+and "repair". A data-free merge (``calibration=None``) has no "features" stage.
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ from torch.fx import GraphModule
 from fxmerge.config import MergeConfig
 from fxmerge.errors import ConfigError, IncompatibleModelsError
 from fxmerge.evaluation import EvaluationTable, evaluate_models
-from fxmerge.inputs import checked_inputs
+from fxmerge.inputs import checked_example, checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend, inert_groups
 from fxmerge.passes.features import GroupStatistics, feature_statistics, observed_groups
-from fxmerge.passes.repair import reset_batchnorm
+from fxmerge.passes.repair import node_moments, repair_sites, repair_units, reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
 from fxmerge.passes.units import analysis_for_units, find_units
-from fxmerge.passes.width import GroupMatch, match_groups, merged_sizes, merged_state, unmerge_transforms
+from fxmerge.passes.width import (
+    WEIGHT_MATCHING_ROUNDS, GroupMatch, match_groups, merged_channel_vectors, merged_sizes, merged_state,
+    unmerge_transforms,
+)
 from fxmerge.threads import intra_op_threads
 from fxmerge.trace import capture_of, trace
 
@@ -97,7 +100,8 @@ class MergeResult:
 
     def interpolate(self, weights: Sequence[float]) -> GraphModule:
         """The merged module with the same matches but the models weighted by ``weights`` (one
-        per model, normalised to sum 1) instead of equally; BatchNorm statistics recomputed.
+        per model, normalised to sum 1) instead of equally; then repaired as ``config.repair``
+        says (REPAIR's targets are re-weighted too).
 
         ``interpolate((1 - t, t))`` for t in [0, 1] walks from model 0 to model 1 in model 0's
         channel order (and depth): with ``method="permute"`` and equal widths, t = 0 and t = 1
@@ -305,9 +309,13 @@ def trace_models(
 
 
 def align_depths(
-    states: tuple[ModelState, ...], batches: list[torch.Tensor], config: MergeConfig, process_group: Any
+    states: tuple[ModelState, ...], batches: list[torch.Tensor], config: MergeConfig, process_group: Any,
+    data_free: bool = False,
 ) -> tuple[tuple[ModelState, ...], tuple[Any, ...] | None]:
     """Stage "depth": extend every shallower graph to the deepest one's structure.
+
+    ``data_free``: ``batches`` is only the example input; the units are compared by the
+    similarity of their weights (``unit_weight_similarity``) instead of the CKA of their outputs.
 
     Returns the states (a shallower model's ``graph`` and ``source`` become its extended graph)
     and one ``DepthAlignment`` per shallower model, or None when all depths are equal.
@@ -327,7 +335,7 @@ def align_depths(
         try:
             aligned = align_depth(
                 deep.graph, state.graph, batches, config.depth, k, quiet=config.quiet, process_group=process_group,
-                analyses=(unit_analyses[deepest], unit_analyses[k]),
+                analyses=(unit_analyses[deepest], unit_analyses[k]), similarity="weights" if data_free else "cka",
             )
         except IncompatibleModelsError as error:
             raise IncompatibleModelsError(
@@ -379,13 +387,16 @@ def collect_statistics(
 
 
 def match_widths(
-    states: tuple[ModelState, ...], region: Region, statistics: Mapping[str, GroupStatistics], config: MergeConfig
+    states: tuple[ModelState, ...], region: Region, statistics: Mapping[str, GroupStatistics], config: MergeConfig,
+    rounds: int = 1,
 ) -> dict[str, GroupMatch]:
-    """Stage "width": per group of the region, the merge/unmerge matrices (M_k, U_k)."""
+    """Stage "width": per group of the region, the merge/unmerge matrices (M_k, U_k); ``rounds``
+    of re-matching the groups matched on weights (``match_groups``)."""
     return match_groups(
         [s.analysis for s in states], [s.state for s in states], statistics, method=config.method,
         width=config.width, alpha=config.alpha, beta=config.beta, balance=config.balance,
         include=set(region.groups), inert=_inert_models(states) if config.inserted == "inert" else None,
+        rounds=rounds,
     )
 
 
@@ -439,10 +450,66 @@ def attach_tails(
     return merged
 
 
-def repair(merged: GraphModule, batches: list[torch.Tensor], config: MergeConfig, process_group: Any) -> GraphModule:
-    """Stage "repair": BatchNorm running statistics recomputed on the calibration data; eval mode."""
+def repair_stage(
+    merged: GraphModule, batches: list[Any], config: MergeConfig, process_group: Any,
+    states: tuple[ModelState, ...] = (), region: Region | None = None, matches: Mapping[str, GroupMatch] | None = None,
+) -> GraphModule:
+    """Stage "repair" (``config.repair``), then eval mode: "bn" recomputes the BatchNorm running
+    statistics on the calibration data; "none" keeps the merged ones (``merged_state``); "repair"
+    does "bn", then rescales every merged unit to the interpolated statistics of the models'
+    units (``repair_to_models``)."""
+    if config.repair == "none":
+        return merged.eval()
     reset_batchnorm(merged, batches, quiet=config.quiet, process_group=process_group, strict=config.strict)
+    if config.repair == "repair":
+        repair_to_models(merged, states, region, matches or {}, batches, config)
     return merged.eval()
+
+
+def repair_to_models(
+    merged: GraphModule, states: tuple[ModelState, ...], region: Region | None, matches: Mapping[str, GroupMatch],
+    batches: list[Any], config: MergeConfig,
+) -> int:
+    """REPAIR (Jordan et al., 2022, "REPAIR: REnormalizing Permuted Activations for Interpolation
+    Repair"): the merged units' pre-activations (``repair_sites``: outputs of layers and norms) get,
+    per channel, the mean and std over the calibration data that the ``model_weights``-weighted
+    average of the models' corresponding units has (their statistics measured on the same data,
+    averaged through the merge matrices like a bias). Sites that cannot be rescaled are named in
+    a warning (strict: ``UnsupportedOpError``). Returns the number of sites rescaled."""
+    import warnings
+
+    from fxmerge.errors import UnsupportedOpError
+
+    reference = states[0]
+    sites, problems = repair_sites(merged, reference.analysis, until=region.stop if region else None)
+    for problem in problems:
+        message = f"repair='repair': {problem}: its units are not rescaled"
+        if config.strict:
+            raise UnsupportedOpError(message)
+        warnings.warn(message, stacklevel=3)
+    # every graph matches the reference node for node: a site is the node at the same position
+    positions = {n.name: i for i, n in enumerate(reference.graph.graph.nodes)}
+    sites = [site for site in sites if site.node in positions]  # a tail's nodes are no merged units
+    per_model = []
+    names_per_model = []
+    for state in states:
+        nodes = list(state.graph.graph.nodes)
+        names = {site.node: nodes[positions[site.node]].name for site in sites}
+        names_per_model.append(names)
+        per_model.append(node_moments(state.graph, {names[s.node]: s.dim for s in sites}, batches, quiet=config.quiet))
+    targets = {}
+    analyses = [s.analysis for s in states]
+    for site in sites:
+        if not all(names[site.node] in moments for names, moments in zip(names_per_model, per_model)):
+            continue
+        layouts = [s.analysis.node_layouts[names[site.node]][site.dim] for s, names in zip(states, names_per_model)]
+        means = [moments[names[site.node]][0] for names, moments in zip(names_per_model, per_model)]
+        stds = [moments[names[site.node]][1] for names, moments in zip(names_per_model, per_model)]
+        targets[site.node] = (
+            merged_channel_vectors(analyses, means, layouts, matches, config.model_weights),
+            merged_channel_vectors(analyses, stds, layouts, matches, config.model_weights),
+        )
+    return repair_units(merged, sites, targets, batches, quiet=config.quiet)
 
 
 @contextmanager
@@ -470,7 +537,7 @@ def _threaded(threads: int | str | None, function: Callable[..., Any], *args: An
 
 def merge(
     models: Sequence[nn.Module],
-    calibration: Iterable[Any],
+    calibration: Iterable[Any] | None,
     *,
     method: str = "zip",
     depth: str = "lma",
@@ -491,6 +558,8 @@ def merge(
     process_group: Any = None,
     max_memory: int | str | None = None,
     threads: int | str | None = "auto",
+    repair: str = "bn",
+    example_input: Any = None,
 ) -> MergeResult:
     """Merge two or more trained models into one ``torch.fx.GraphModule``, without training.
 
@@ -504,7 +573,11 @@ def merge(
             dropped), or (input, label) tuples whose input is a tensor, tuple or dict; integer
             tensors are token ids. The first ``calibration_batches`` are used for feature
             statistics and BatchNorm reset; every batch has the inputs and per-sample shapes of
-            batch 0.
+            batch 0. None: a data-free merge (lower quality than a merge on data): units are
+            matched on the similarity of their weights (Git Re-Basin's weight matching, iterated
+            over the groups until the matches stop changing, at most ``WEIGHT_MATCHING_ROUNDS``
+            rounds), depths aligned on a weight-space similarity of the units, and BatchNorm
+            statistics kept as merged (``repair="none"``); ``example_input`` is then required.
         method: "average" (plain weight averaging), "permute" (Hungarian alignment to one
             model, then average), "zip" (ZipIt! greedy zipping, within and across models) or
             "mudsc" (zip on balance * weight similarity + (1 - balance) * activation similarity).
@@ -557,36 +630,77 @@ def merge(
             The caller's ``torch.get_num_threads()`` is restored afterwards, also when the merge
             raises. The inter-op threads cannot be changed once torch has started: they are left
             alone. Several merging processes on one machine: give each ``cores // processes``.
+        repair: what follows the rewrite. "bn" (the default): every BatchNorm's running
+            statistics recomputed on the calibration data; without calibration data it means
+            "none" (``result.config.repair`` says "none"). "none": the merged statistics kept — running means
+            averaged through the merge matrices like any bias, running variances as the square
+            of the averaged stds (the variance of an average of perfectly correlated units; see
+            ``fxmerge.passes.width.merged_state``): a model merged with its permuted twin is then
+            the model itself, whatever data its statistics came from. "repair" (REPAIR, Jordan et
+            al. 2022): "bn", then the output of every merged layer or norm (its pre-activation)
+            rescaled per channel, in topological order, so that its mean and std on the
+            calibration data are the ``model_weights``-weighted average of those of the models'
+            units merged into it; folded into the layer's weight and bias, or an inserted affine
+            node where it has none: for LayerNorm and norm-free nets too. A layer whose output
+            cannot be rescaled is left as it is, with a warning naming it (strict: an error).
+            Costs one pass over the calibration data per model, then one per rescaled layer (up
+            to that layer); one process only (``process_group`` raises ``ConfigError``).
+        example_input: for ``calibration=None`` only: one model input (a tensor such as
+            ``torch.zeros(1, 3, 32, 32)``, a tuple of positional tensors or a dict of keyword
+            tensors) whose shapes tracing records; its values are not used to match.
 
     The options are those of ``fxmerge.MergeConfig`` (``result.config``).
     """
+    data_free = calibration is None
+    if data_free and repair == "bn":
+        repair = "none"  # nothing to recompute the statistics on: they are kept (result.config says so)
     config = MergeConfig(
         method=method, depth=depth, inserted=inserted, taps=taps, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
-        max_memory=max_memory, threads=threads,
+        max_memory=max_memory, threads=threads, repair=repair,
     )
-    return _threaded(config.threads, _merged, models, calibration, config, process_group)
+    if data_free and config.repair != "none":
+        raise ConfigError(
+            f"repair={config.repair!r} measures statistics on calibration data, and calibration=None: a data-free "
+            "merge keeps the merged statistics (repair='none'; the default 'bn' means 'none' without data)"
+        )
+    if config.repair == "repair" and process_group is not None:
+        raise ConfigError("repair='repair' runs in one process: pass process_group=None, or use repair='bn'")
+    if not data_free and example_input is not None:
+        raise ConfigError(
+            "example_input= is for data-free merges (calibration=None); with calibration data, tracing uses its "
+            "first batch: drop example_input"
+        )
+    return _threaded(config.threads, _merged, models, calibration, example_input, config, process_group)
 
 
-def _merged(models: Sequence[nn.Module], calibration: Iterable[Any], config: MergeConfig, process_group: Any) -> MergeResult:
-    """``merge`` once its options are checked (under their thread count)."""
-    models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
+def _merged(
+    models: Sequence[nn.Module], calibration: Iterable[Any] | None, example_input: Any, config: MergeConfig,
+    process_group: Any,
+) -> MergeResult:
+    """``merge`` once its options are checked (under their thread count); ``calibration`` None:
+    a data-free merge traced on ``example_input``."""
+    data_free = calibration is None
+    if data_free:
+        models, names, batches = checked_example(models, example_input)
+    else:
+        models, names, batches = checked_inputs(models, calibration, config.calibration_batches)
     if config.model_weights is not None and len(config.model_weights) != len(models):
         raise ConfigError(f"model_weights={config.model_weights!r}: give one weight per model ({len(models)})")
     timings: dict[str, float] = {}
     run = _stage_runner(timings)
     states = run("trace", trace_models, models, names, batches, config)
-    states, alignment = run("depth", align_depths, states, batches, config, process_group)
+    states, alignment = run("depth", align_depths, states, batches, config, process_group, data_free)
     states = run("dependency", analyse, states, config)
     region = run("structure", check_structure, states, config)
-    statistics = run("features", collect_statistics, states, region, batches, config, process_group)
-    matches = run("width", match_widths, states, region, statistics, config)
+    statistics = {} if data_free else run("features", collect_statistics, states, region, batches, config, process_group)
+    matches = run("width", match_widths, states, region, statistics, config, WEIGHT_MATCHING_ROUNDS if data_free else 1)
 
     def build(config: MergeConfig, run: Callable[..., Any] = run) -> GraphModule:
         merged = run("rewrite", rewrite, states, region, matches, config)
         merged = run("rewrite", attach_tails, merged, states, region, matches, config)
-        return run("repair", repair, merged, batches, config, process_group)
+        return run("repair", repair_stage, merged, batches, config, process_group, states, region, matches)
 
     merged = build(config)
     reports = tuple(

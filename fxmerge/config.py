@@ -24,6 +24,7 @@ INSERTED_UNITS = ("inert", "matched")
 TAP_CHOICES = ("consumers", "last")  # fxmerge.passes.features.choose_taps
 OUTPUT_POLICIES = ("shared", "concat")
 CAPTURES = ("auto", "fx", "export")
+REPAIRS = ("bn", "none", "repair")
 
 # Options that existed once: a config still naming them gets a ConfigError that says why.
 REMOVED_OPTIONS = {
@@ -212,6 +213,12 @@ class MergeConfig:
         "average, at least 1) or 'none' (torch's setting as it is)",
         parse=parse_threads, metavar="N",
     )
+    repair: str = _option(
+        "bn", "after the rewrite: 'bn' (BatchNorm statistics recomputed on the calibration data; without "
+        "calibration data it means 'none'), 'none' (the merged statistics of the source models kept) or "
+        "'repair' (REPAIR: every merged unit rescaled to the interpolated mean and std of the models' "
+        "units on the calibration data; also for LayerNorm and norm-free nets)", choices=REPAIRS,
+    )
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -220,6 +227,7 @@ class MergeConfig:
         _choice("taps", self.taps, TAP_CHOICES)
         _choice("output", self.output, OUTPUT_POLICIES)
         _choice("capture", self.capture, CAPTURES)
+        _choice("repair", self.repair, REPAIRS)
         if self.model_weights is not None:
             weights = tuple(self.model_weights) if isinstance(self.model_weights, Iterable) else None
             if (

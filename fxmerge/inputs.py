@@ -159,6 +159,23 @@ def checked_inputs(models: Any, calibration: Iterable[Any], limit: int) -> tuple
     return models, names, batches
 
 
+def checked_example(models: Any, example_input: Any) -> tuple[list[nn.Module], list[str], list[Batch]]:
+    """``checked_inputs`` for a data-free merge: ``example_input`` (a tensor, a tuple of positional
+    tensors, a dict of keyword tensors or a ``Batch``) is the one batch, used for its shapes.
+    ``ConfigError`` when it is missing."""
+    if example_input is None:
+        raise ConfigError(
+            "calibration=None (a data-free merge) needs example_input=: one model input whose shapes tracing "
+            "records, e.g. example_input=torch.zeros(1, 3, 32, 32) (a tuple of tensors or a dict of keyword "
+            "tensors for models with several inputs)"
+        )
+    batch = as_batch(example_input)
+    item: Any = dict(batch.kwargs) if batch.kwargs and not batch.args else (tuple(batch.args),)
+    if batch.kwargs and batch.args:
+        raise ConfigError("example_input: give positional tensors (a tuple) or keyword tensors (a dict), not both")
+    return checked_inputs(models, [item], 1)
+
+
 def _input_of(item: Any, index: int) -> Batch:
     """The model input of calibration item ``index`` (its label, if any, dropped)."""
     if isinstance(item, torch.Tensor):

@@ -38,6 +38,7 @@ NON_DEFAULT = {
     "model_weights": ((0.25, 0.75), "[0.25, 0.75]"),
     "max_memory": (4 * 10**9, "4GB"),
     "threads": (2, "2"),
+    "repair": ("repair", "repair"),
 }
 
 
@@ -153,10 +154,13 @@ def test_as_dict_has_every_option_and_round_trips() -> None:
 
 
 def test_merge_keywords_are_the_options() -> None:
-    """merge()'s keyword arguments (besides process_group) are MergeConfig's fields, with the same
-    defaults, and its docstring explains each."""
+    """merge()'s keyword arguments (besides process_group and example_input, inputs of one call)
+    are MergeConfig's fields, with the same defaults, and its docstring explains each."""
     parameters = inspect.signature(fxmerge.merge).parameters
-    keywords = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "process_group"]
+    keywords = [
+        n for n, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("process_group", "example_input")
+    ]
     assert keywords == list(option_names())
     for spec in fields(MergeConfig):
         assert parameters[spec.name].default == spec.default, spec.name

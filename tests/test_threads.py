@@ -20,7 +20,7 @@ from conftest import random_batches, randomize_
 
 STAGES = (
     "checked_inputs", "trace_models", "align_depths", "analyse", "check_structure", "collect_statistics",
-    "match_widths", "rewrite", "attach_tails", "repair",
+    "match_widths", "rewrite", "attach_tails", "repair_stage",
 )
 
 
@@ -102,7 +102,7 @@ def test_every_stage_runs_under_the_threads_and_the_callers_count_comes_back(cal
     assert torch.get_num_threads() == caller_threads
     seen.clear()
     result.interpolate((0.25, 0.75))  # re-weighting repeats the last stages, under the same option
-    assert {name: set(counts) for name, counts in seen.items()} == {name: {2} for name in ("rewrite", "attach_tails", "repair")}
+    assert {name: set(counts) for name, counts in seen.items()} == {name: {2} for name in ("rewrite", "attach_tails", "repair_stage")}
     assert torch.get_num_threads() == caller_threads
     # the thread count is not part of the result: threads=None (the caller's 3 threads) gives the same weights
     again = fxmerge.merge(models, batches, method="zip", quiet=True, threads=None).module.state_dict()

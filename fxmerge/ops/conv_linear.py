@@ -206,12 +206,12 @@ def resize_every_axis(module: Any, shape: torch.Size, resize: Any) -> torch.Size
 
 builtin(
     nn.Linear, name="Linear", family=FAMILY, rule=_linear_module, layer=True, consumes=True,
-    resize=_resize_linear, identity=_linear_identity, resized_shape=resize_every_axis,
+    resize=_resize_linear, identity=_linear_identity, resized_shape=resize_every_axis, rescale=("weight", "bias"),
 )
 builtin(
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     name="Conv/ConvTranspose", family=FAMILY, rule=_conv_module, layer=True, consumes=True,
-    resize=_resize_conv, identity=_conv_identity, resized_shape=_conv_resized_shape,
+    resize=_resize_conv, identity=_conv_identity, resized_shape=_conv_resized_shape, rescale=("weight", "bias"),
 )
 builtin(F.linear, name="F.linear", family=FAMILY, rule=functional_linear, layer=True, consumes=True)
 for _spatial, _function in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):

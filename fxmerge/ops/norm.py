@@ -149,7 +149,7 @@ def _affine_identity(module: Any, name: str, shape: torch.Size, like: torch.Tens
 builtin(
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
     name="BatchNorm", family=FAMILY, rule=_batch_norm_module, running_stats=("running_mean", "running_var"),
-    resize=_resize_batch_norm, identity=_batch_norm_identity, resized_shape=resize_every_axis,
+    resize=_resize_batch_norm, identity=_batch_norm_identity, resized_shape=resize_every_axis, rescale=("weight", "bias"),
 )
 builtin(
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
@@ -159,11 +159,11 @@ builtin(
 )
 builtin(
     nn.LayerNorm, name="LayerNorm", family=FAMILY, rule=_layer_norm_module,
-    resize=_resize_layer_norm, identity=_affine_identity, resized_shape=resize_every_axis,
+    resize=_resize_layer_norm, identity=_affine_identity, resized_shape=resize_every_axis, rescale=("weight", "bias"),
 )
 builtin(
     nn.GroupNorm, name="GroupNorm", family=FAMILY, rule=_group_norm_module,
-    resize=_resize_group_norm, identity=_affine_identity, resized_shape=resize_every_axis,
+    resize=_resize_group_norm, identity=_affine_identity, resized_shape=resize_every_axis, rescale=("weight", "bias"),
 )
 builtin(F.layer_norm, name="F.layer_norm", family=FAMILY, rule=functional_layer_norm, affine=((2, "weight"), (3, "bias")))
 builtin(F.group_norm, name="F.group_norm", family=FAMILY, rule=functional_group_norm)

@@ -99,7 +99,10 @@ class OpEntry:
     unchanged); ``zero_params`` the parameter name prefixes to zero so that the layer outputs zero
     (None: every floating parameter except running statistics); ``affine`` a normalisation's
     (position, keyword) arguments of its elementwise weight and bias (weight 1 and bias 0 give the
-    normalised input), for the depth pass's identity post-norm units.
+    normalised input), for the depth pass's identity post-norm units. ``rescale`` a module's
+    (scaled..., shift) attribute names for the REPAIR pass: multiplying their entries of output
+    channel c by a scales the layer's output channel c by a, and adding b to the last one's entry c
+    adds b to it (a linear layer's or a norm's ``("weight", "bias")``).
     """
 
     name: str
@@ -115,6 +118,7 @@ class OpEntry:
     resized_shape: Callable[..., torch.Size] | None = None
     zero_params: tuple[str, ...] | None = None
     affine: tuple[tuple[int, str], ...] | None = None
+    rescale: tuple[str, ...] | None = None
     user: bool = False
 
     def __repr__(self) -> str:
@@ -345,6 +349,39 @@ def affine_arguments(node: Node, modules: dict[str, nn.Module] | None = None) ->
     if entry is None or entry.affine is None or node.op == "call_module":
         return None
     return tuple(arg(node.args, node.kwargs, position, name) for position, name in entry.affine)
+
+
+def rescale_params(node: Node, modules: dict[str, nn.Module]) -> tuple[tuple[str, ...], bool] | None:
+    """The qualified names of the parameters that scale a node's output per channel (the last one
+    also shifts it; see ``OpEntry.rescale``) and whether the node is a normalisation (not a
+    layer), or None: a node whose output the registry cannot rescale through its parameters.
+
+    Modules of a class an entry with ``rescale`` names (not a subclass: timm's ``BatchNormAct2d``
+    applies an activation after its affine map), and functional normalisations (``affine``, or a
+    batch norm's schema) whose weight and bias are both ``get_attr`` tensors."""
+    entry = node_entry(node, modules)
+    if entry is None:
+        return None
+    if node.op == "call_module":
+        if not entry.rescale or type(modules.get(str(node.target))) not in entry.targets:
+            return None
+        prefix = f"{node.target}." if node.target else ""
+        return tuple(prefix + name for name in entry.rescale), not entry.layer
+    found = affine_arguments(node, modules)
+    if found is None and entry.batch_norm is not None and node.op == "call_function":
+        bound = entry.batch_norm.bind(node.args, node.kwargs)
+        found = (bound["weight"], bound["bias"])
+    if found and all(isinstance(v, Node) and v.op == "get_attr" for v in found):
+        return tuple(str(v.target) for v in found), True
+    return None
+
+
+def normalises(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node is a normalisation (batch, layer, group norm; subclasses included)."""
+    entry = node_entry(node, modules)
+    return entry is not None and not entry.layer and bool(
+        entry.rescale or entry.affine or entry.running_stats or entry.batch_norm
+    )
 
 
 def is_user_module(module: nn.Module) -> bool:

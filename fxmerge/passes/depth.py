@@ -156,6 +156,49 @@ def unit_cka(
     return accumulator.matrix()
 
 
+def unit_weight_similarity(
+    deep: GraphModule, deep_units: Sequence[Unit], shallow: GraphModule, shallow_units: Sequence[Unit]
+) -> np.ndarray:
+    """(m, n) similarity of units from their weights alone (a data-free merge's stand-in for CKA).
+
+    Linear CKA between two layers' weight features W_a (n_a, F_a) and W_b, seen through their Gram
+    matrices W W^T, depends on how the units of the two models correspond — unknown before
+    matching. Maximised over every orthogonal correspondence (permutations included) it is the
+    cosine of the two Grams' sorted eigenvalue spectra, a similarity invariant to any channel
+    order. A unit's spectrum pools those of its weights (parameters of two or more dims, reshaped
+    to (out, rest)): each normalised to sum 1 / (number of weights), all sorted together; two
+    units' similarity is the cosine of their zero-padded spectra, in [0, 1]. Much weaker than
+    the CKA of activations: it sees how a unit's weights spread their energy, not what they compute.
+    """
+
+    def spectrum(gm: GraphModule, unit: Unit) -> torch.Tensor:
+        values = []
+        for kind, target in _unit_targets(gm, unit):
+            tensors = (
+                [p for _, p in gm.get_submodule(target).named_parameters(recurse=True)]
+                if kind == "module" else [_get_tensor(gm, target)]
+            )
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():
+                    matrix = tensor.detach().to(torch.float64).reshape(tensor.shape[0], -1)
+                    eigen = torch.linalg.svdvals(matrix).square()
+                    if eigen.sum() > 0:
+                        values.append(eigen / eigen.sum())
+        if not values:
+            return torch.zeros(1, dtype=torch.float64)
+        return torch.sort(torch.cat(values) / len(values), descending=True).values
+
+    rows = [spectrum(deep, u) for u in deep_units]
+    cols = [spectrum(shallow, u) for u in shallow_units]
+    out = np.zeros((len(rows), len(cols)))
+    for j, a in enumerate(rows):
+        for i, b in enumerate(cols):
+            common = min(len(a), len(b))  # the zero padding of the shorter adds nothing to the product
+            denominator = float(a.norm() * b.norm())
+            out[j, i] = float(a[:common] @ b[:common]) / denominator if denominator > 0 else 0.0
+    return out
+
+
 def align_depth(
     deep: GraphModule,
     shallow: GraphModule,
@@ -166,19 +209,25 @@ def align_depth(
     quiet: bool = False,
     process_group: Any = None,
     analyses: tuple[Analysis, Analysis] | None = None,
+    similarity: str = "cka",
 ) -> DepthAlignment:
     """Measure CKA between units and solve the depth DP for one shallower model.
 
     ``process_group``: see ``unit_cka`` (every process gets the same alignment).
     ``analyses``: (deep, shallow) dependency analyses of the two graphs, for the units' channel
-    axes (computed when not given).
+    axes (computed when not given). ``similarity``: "cka" (of unit outputs on ``batches``) or
+    "weights" (``unit_weight_similarity``: no data; ``batches`` is not read), stored in the
+    alignment's ``cka``.
     """
     deep_analysis, shallow_analysis = analyses or (None, None)
     deep_units, shallow_units = find_units(deep, deep_analysis), find_units(shallow, shallow_analysis)
     if len(deep_units) < len(shallow_units):
         raise IncompatibleModelsError("align_depth: the first model must be the deeper one")
     first_ok, extra_ok = compatibility(deep, deep_units, shallow, shallow_units)
-    cka = unit_cka(deep, deep_units, shallow, shallow_units, batches, quiet=quiet, process_group=process_group)
+    if similarity == "weights":
+        cka = unit_weight_similarity(deep, deep_units, shallow, shallow_units)
+    else:
+        cka = unit_cka(deep, deep_units, shallow, shallow_units, batches, quiet=quiet, process_group=process_group)
     segmentation = segment(
         cka,
         objective,

@@ -345,3 +345,260 @@ def _check_unread_statistics(
                     "fxmerge can reset reads (a custom layer's own batch norm)"
                 )
                 break
+
+
+# ------------------------------------------------------------------------------------------ REPAIR
+
+
+@dataclass(frozen=True)
+class RepairSite:
+    """A node whose output channels REPAIR rescales (``repair="repair"``).
+
+    ``dim``: the channel axis of the node's output (N, ..., C, ...). ``scaled``: (qualified
+    parameter name, its output-channel axis) of the parameters that scale the output per channel
+    (the registry's ``rescale_params``); ``shift``: the parameter the per-channel shift is added
+    to. Empty ``scaled``: the correction is an inserted ``x * scale + shift`` node instead.
+    """
+
+    node: str
+    dim: int
+    scaled: tuple[tuple[str, int], ...] = ()
+    shift: str | None = None
+
+    def __repr__(self) -> str:
+        how = "folded into " + ", ".join(name for name, _ in self.scaled) if self.scaled else "inserted affine"
+        return f"RepairSite({self.node!r}, dim {self.dim}, {how})"
+
+
+def repair_sites(gm: GraphModule, analysis: Any, *, until: str | None = None) -> tuple[list[RepairSite], list[str]]:
+    """The nodes of ``gm`` whose outputs are merged units' pre-activations, in topological order,
+    and the problems (strings naming a node) of the ones that cannot be rescaled.
+
+    A site is a layer (conv, linear: ``fxmerge.ops.is_layer``) or a normalisation
+    (``fxmerge.ops.normalises``) whose output has one channel axis of a free group
+    (``analysis.node_layouts``); a node whose every user is a normalisation is left to that norm
+    (a conv before its BatchNorm). The correction is folded into the registry's weight and bias
+    when both exist, are not shared with another layer and have an output axis laid out as the
+    channels; otherwise an affine node is inserted. A layer whose output is not one tensor with one
+    such axis (an attention module's tuple), or a normalisation the registry cannot fold into
+    (``fxmerge.ops.rescale_params``: timm's ``BatchNormAct2d``), cannot be rescaled: it is named
+    in the problems.
+    ``until``: sites up to this node only (partial zipping: the tails are not merged units).
+    """
+    from fxmerge.groups import spaces_in
+
+    modules = dict(gm.named_modules())
+    free = {analysis.space_ids[g.name] for g in analysis.groups if not g.fixed}
+    # a parameter under two names, or a module called at two sites, is not one unit's: never folded into
+    canonical_count: dict[str, int] = {}
+    for name, canonical in analysis.aliases.items():
+        canonical_count[canonical] = canonical_count.get(canonical, 0) + 1
+    uses: dict[str, int] = {}  # module path or get_attr target -> the call nodes reading it
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + len(node.users)
+    sites: list[RepairSite] = []
+    problems: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            found = ops.rescale_params(node, modules)
+            reads = [str(node.target)] if node.op == "call_module" else list(found[0] if found else ())
+            if found is not None and any(uses.get(name, 1) > 1 for name in reads):
+                found = ((), found[1])  # its affine map, but shared: an inserted node corrects this call
+            layer = ops.is_layer(node, modules)
+            if found is not None or layer or ops.normalises(node, modules):
+                for target, params in _outputs(node, found):
+                    site = _site(target, params, layer, analysis, free, canonical_count, modules, problems, spaces_in)
+                    if site is not None:
+                        sites.append(site)
+        if node.name == until:
+            break
+    return sites, problems
+
+
+def _outputs(node: Node, found: Any) -> list[tuple[Node, Any]]:
+    """The nodes holding a site's output tensors: the node itself, or, for a layer returning a
+    tuple (an attention module: (output, weights)), its ``getitem`` users (corrected by an
+    inserted affine node: no parameter of the layer scales one item alone)."""
+    import operator
+
+    if getattr(node.meta.get("tensor_meta"), "shape", None) is not None:
+        return [(node, found)]
+    items = [
+        user for user in node.users if user.op == "call_function" and user.target is operator.getitem
+        # an unused item that is no tensor (the None of need_weights=False) is no unit
+        and (getattr(user.meta.get("tensor_meta"), "shape", None) is not None or user.users)
+    ]
+    return [(item, None) for item in items] or [(node, found)]
+
+
+def _site(node: Node, found: Any, layer: bool, analysis: Any, free: set[int], canonical_count: dict[str, int],
+          modules: dict[str, nn.Module], problems: list[str], spaces_in: Any) -> RepairSite | None:
+    layouts = analysis.node_layouts.get(node.name)
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if layouts is None or shape is None or len(layouts) != len(shape):
+        problems.append(f"node {node.name!r}: its output is not one tensor with known channels")
+        return None
+    dims = [d for d, layout in enumerate(layouts) if layout is not None and set(spaces_in(layout)) & free]
+    if not dims:
+        return None  # fixed channels (the logits): nothing was merged
+    if len(dims) > 1 or any(layout is None for layout in layouts):
+        problems.append(f"node {node.name!r}: its output has no single channel axis (axes {dims})")
+        return None
+    users = list(node.users)
+    if users and all(ops.normalises(user, modules) for user in users):
+        return None  # the norm after it is the pre-activation
+    dim = dims[0]
+    if found is None and not layer:
+        # a normalisation fxmerge cannot fold into (a subclass computing more than its affine map):
+        # an affine node after it would not be its pre-activation
+        problems.append(f"node {node.name!r}: a normalisation whose affine map the registry cannot rescale")
+        return None
+    if found is None:
+        return RepairSite(node.name, dim)
+    names, _ = found
+    if not names:
+        return RepairSite(node.name, dim)
+    scaled = []
+    for name in names:
+        canonical = analysis.aliases.get(name, name)
+        param_layouts = analysis.param_layouts.get(canonical)
+        roles = analysis.param_roles.get(canonical)
+        if param_layouts is None or canonical_count.get(canonical, 1) > 1:
+            return RepairSite(node.name, dim)  # absent (bias=False) or tied: insert instead
+        axes = [a for a, (layout, role) in enumerate(zip(param_layouts, roles)) if role == "out" and layout == layouts[dim]]
+        if len(axes) != 1:
+            return RepairSite(node.name, dim)
+        scaled.append((name, axes[0]))
+    return RepairSite(node.name, dim, tuple(scaled), names[-1])
+
+
+class _Moments:
+    """Per-channel float64 sums (count, sum, sum of squares) of a node's output over batches."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.count = 0
+        self.sum: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().movedim(self.dim, -1).reshape(-1, x.shape[self.dim]).to(torch.float64)
+        total, squares = flat.sum(dim=0).cpu(), flat.square().sum(dim=0).cpu()
+        self.sum = total if self.sum is None else self.sum + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += flat.shape[0]
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, population std), each (C,) float64."""
+        mean = self.sum / self.count  # type: ignore[operator]
+        return mean, (self.squares / self.count - mean.square()).clamp_min(0).sqrt()  # type: ignore[operator]
+
+
+class _Reached(Exception):
+    pass
+
+
+class _Observer(Interpreter):
+    """Runs a GraphModule and accumulates the moments of the named nodes' outputs; stops after the
+    last of them (nothing after it is needed)."""
+
+    def __init__(self, gm: GraphModule, moments: dict[str, _Moments]) -> None:
+        super().__init__(gm)
+        self.moments = moments
+        self.last = max((i for i, n in enumerate(gm.graph.nodes) if n.name in moments), default=-1)
+        self.position = 0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.position = 0
+        try:
+            return super().run(*args, **kwargs)
+        except _Reached:
+            return None
+
+    def run_node(self, n: Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.moments:
+            self.moments[n.name].add(value)
+        if self.position == self.last:
+            raise _Reached
+        self.position += 1
+        return value
+
+
+def node_moments(gm: GraphModule, dims: dict[str, int], batches: Sequence[Any], *, quiet: bool = True,
+                 description: str = "unit statistics") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per named node, the (mean, std) (C,) float64 of its output over ``batches``, every
+    position along the axes other than ``dims[name]`` a sample (eval mode, no gradients)."""
+    moments = {name: _Moments(dim) for name, dim in dims.items()}
+    observer = _Observer(gm, moments)
+    forward = _forward_through(observer, gm)
+    with torch.no_grad():
+        for batch in progress(batches, total=len(batches), description=description, quiet=quiet):
+            as_batch(batch).run(forward)
+    return {name: m.mean_std() for name, m in moments.items() if m.count}
+
+
+def repair_units(
+    gm: GraphModule, sites: Sequence[RepairSite], targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Any], *, quiet: bool = False,
+) -> int:
+    """REPAIR (Jordan et al., 2022): rescale every site's output channels, in topological order,
+    so that their mean and std over ``batches`` are ``targets[site.node]`` ((C,) each).
+
+    Each site is measured after the sites before it are corrected (a pass over the batches up to
+    the site), then y -> a * y + b per channel with a = target std / std and b = target mean -
+    a * mean, folded into the site's weight and bias or inserted as an affine node. A channel
+    that is constant on the batches (std 0) is only shifted. Returns the number of sites changed.
+    """
+    import operator
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = 0
+    for index, site in enumerate(sites):
+        if site.node not in targets:
+            continue
+        measured = node_moments(gm, {site.node: site.dim}, batches, quiet=quiet, description=f"repair {site.node}")
+        if site.node not in measured:
+            continue  # never run on these inputs
+        mean, std = measured[site.node]
+        target_mean, target_std = targets[site.node]
+        scale = torch.where(std > 1e-12 * (1 + mean.abs()), target_std / std.clamp_min(1e-300), torch.ones_like(std))
+        shift = target_mean - scale * mean
+        with torch.no_grad():
+            if site.scaled:
+                for name, axis in site.scaled:
+                    tensor = _tensor(gm, name)
+                    view = [1] * tensor.dim()
+                    view[axis] = -1
+                    tensor.mul_(scale.reshape(view).to(tensor))
+                _tensor(gm, site.shift).add_(shift.to(_tensor(gm, site.shift)))  # type: ignore[arg-type]
+            else:
+                node = nodes[site.node]
+                rank = len(node.meta["tensor_meta"].shape)
+                like = next(iter(gm.parameters()), torch.empty(0))
+                view = [-1] + [1] * (rank - site.dim - 1)
+                prefix = f"_repair{index}_{site.node}"
+                gm.register_buffer(f"{prefix}_scale", scale.reshape(view).to(like))
+                gm.register_buffer(f"{prefix}_shift", shift.reshape(view).to(like))
+                with gm.graph.inserting_after(node):
+                    scale_node = gm.graph.get_attr(f"{prefix}_scale")
+                with gm.graph.inserting_after(scale_node):
+                    shift_node = gm.graph.get_attr(f"{prefix}_shift")
+                with gm.graph.inserting_after(shift_node):
+                    scaled = gm.graph.call_function(operator.mul, (node, scale_node))
+                with gm.graph.inserting_after(scaled):
+                    shifted = gm.graph.call_function(operator.add, (scaled, shift_node))
+                node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not scaled)
+                gm.graph.lint()
+        changed += 1
+    gm.recompile()
+    return changed
+
+
+def _tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
+    owner_path, _, attr = qualified.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return getattr(owner, attr)

@@ -35,6 +35,9 @@ _TIE_BREAK = 1e-3
 # (fxmerge.passes.features), so a pair within 1e-5 of collinear may be collinear — e.g. two ReLU
 # units that fire on the same one of 32 samples — and could outrank an exact twin at 1 - 1e-6.
 _COLLINEAR = 1.0 - 1e-5
+# A data-free merge (no activations) re-matches its groups on weights until no match changes, at
+# most this many rounds over all groups (Git Re-Basin's weight matching iterates likewise).
+WEIGHT_MATCHING_ROUNDS = 10
 
 
 @dataclass(frozen=True)
@@ -709,6 +712,7 @@ def match_groups(
     balance: float,
     include: set[str] | None = None,
     inert: Mapping[str, frozenset[int]] | None = None,
+    rounds: int = 1,
 ) -> dict[str, GroupMatch]:
     """Match every group of the reference analysis (``analyses[0]``) across all models.
 
@@ -716,6 +720,9 @@ def match_groups(
     ``inert``: group name -> the models whose units in it do not reach their output (the hidden
     channels of an inserted zero-residual unit, ``depth.inert_groups``): the group is matched
     over the other models only, and the inert models' M_k and U_k are zero.
+    ``rounds``: how many times the groups matched on weights are re-matched with their
+    neighbours' latest matches, in the same deterministic order; it stops earlier at a round that
+    changes no match (Git Re-Basin's weight matching, which a data-free merge iterates).
     """
     inert = inert or {}
     if isinstance(width, Mapping):
@@ -792,17 +799,35 @@ def match_groups(
     # it: match it once more with every other group in the merged basis (one step of Git
     # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper. A group whose
     # neighbours' matches are the very ones it saw would be matched again on the same input.
-    for group in order:
-        if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
-            continue
-        own = {m.name for m in matched[group.name]}
-        done = {k: v for k, v in results.items() if k not in own}
-        now = _neighbour_matches(analyses[0], group.name, structures, done)
-        if len(now) == len(inputs[group.name]) and all(a == b and c is d for (a, c), (b, d) in zip(now, inputs[group.name])):
-            continue
-        matched[group.name] = match_item(group, done)
-        results.update((result.name, result) for result in matched[group.name])
+    for _ in range(rounds):
+        changed = False
+        for group in order:
+            if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
+                continue
+            own = {m.name for m in matched[group.name]}
+            done = {k: v for k, v in results.items() if k not in own}
+            now = _neighbour_matches(analyses[0], group.name, structures, done)
+            if len(now) == len(inputs[group.name]) and all(a == b and c is d for (a, c), (b, d) in zip(now, inputs[group.name])):
+                continue
+            inputs[group.name] = now
+            fresh = match_item(group, done)
+            if len(fresh) == len(matched[group.name]) and all(map(_same_match, fresh, matched[group.name])):
+                continue  # the same matrices: the old objects stay, so the neighbours see no change
+            changed = True
+            matched[group.name] = fresh
+            results.update((result.name, result) for result in fresh)
+        if not changed:
+            break
     return {result.name: result for group in items for result in matched[group.name]}
+
+
+def _same_match(a: GroupMatch, b: GroupMatch) -> bool:
+    """Whether two matches of one group have the same merge and unmerge matrices."""
+    if (a.merge is None) != (b.merge is None):
+        return False
+    if a.merge is None:
+        return True
+    return all(torch.equal(x, y) for x, y in zip(a.merge + a.unmerge, b.merge + b.unmerge))  # type: ignore[operator]
 
 
 def _neighbour_matches(
@@ -853,6 +878,60 @@ def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
+def running_variances(analysis: Analysis) -> set[str]:
+    """Canonical names of the running-variance buffers of every batch norm in the analysed graph."""
+    from fxmerge import ops
+
+    return {analysis.aliases.get(r.var, r.var) for r in ops.running_stats(analysis.graph_module)}
+
+
+def _weighted_merge(
+    tensors: Sequence[torch.Tensor], layouts: Sequence[tuple], roles: Sequence[tuple], analyses: Sequence[Analysis],
+    per_model: Sequence[tuple[dict, dict]], scales: Sequence[float],
+) -> torch.Tensor:
+    """sum_k T_k(tensors[k]) (float64), normalised by the total weight the M_k give each merged
+    entry (see ``merged_state``); ``layouts[k]``/``roles[k]``: the axes of model k's tensor."""
+    total = None
+    weight = None
+    for k, (analysis, tensor) in enumerate(zip(analyses, tensors)):
+        out_t, in_t = per_model[k]
+        term = transform_tensor(tensor, layouts[k], roles[k], out_t, in_t, analysis.space_sizes)
+        # How much each merged "out" entry is weighted in total: M_k applied to ones. One matched
+        # factor per piece gives 1 summed over the models (M's rows average a cluster), no
+        # transformed "out" axis gives count; a product of separately matched factors (a conv's
+        # output read by a grouped conv: groups x in-channels-per-group) gives the product of
+        # their averaging weights, e.g. 1/count**2 each, which must be normalised away.
+        ones_shape = [
+            size if role == "out" and layout is not None else 1
+            for size, layout, role in zip(tensor.shape, layouts[k], roles[k])
+        ]
+        ones = transform_tensor(
+            torch.ones(ones_shape, dtype=torch.float64, device=tensor.device), layouts[k], roles[k], out_t, {},
+            analysis.space_sizes,
+        )
+        term, ones = _scaled(term, scales[k]), _scaled(ones, scales[k])
+        total = term if total is None else total + term
+        weight = ones if weight is None else weight + ones
+    return total / torch.where(weight > 0, weight, torch.ones_like(weight))  # type: ignore[operator]
+
+
+def merged_channel_vectors(
+    analyses: Sequence[Analysis], vectors: Sequence[torch.Tensor], layouts: Sequence[tuple],
+    matches: Mapping[str, GroupMatch], weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Per-channel values of one node in every model, merged like a bias of that node would be:
+    ``vectors[k]`` (n_k,) along model k's channel axis of layout ``layouts[k]`` -> (r,) float64,
+    the ``weights``-weighted average over the models of what M_k gives each merged unit (REPAIR's
+    interpolated statistics)."""
+    count = len(analyses)
+    scales = [1.0] * count if weights is None else [float(w) * count for w in weights]
+    per_model = [_transforms_for(a, matches, k) for k, a in enumerate(analyses)]
+    return _weighted_merge(
+        [v.to(torch.float64) for v in vectors], [(layout,) for layout in layouts], [("out",)] * count,
+        analyses, per_model, scales,
+    )
+
+
 def merged_state(
     analyses: Sequence[Analysis],
     states: Sequence[Mapping[str, torch.Tensor]],
@@ -872,11 +951,20 @@ def merged_state(
     every merged entry is the ``weights``-weighted average of what the models give it instead of
     the plain average (a merge "interpolated" between the models; (1, 0): model 0, (0, 1): model
     1 in model 0's channel order).
+
+    Running variances (``fxmerge.ops.running_stats``) are merged as standard deviations: a merged
+    unit's variance is the square of the (weighted) average of its source units' running stds.
+    That is the variance of an average of perfectly correlated units (what matching pairs), and,
+    for a model merged with its permuted twin, the model's own variance. The average of the
+    variances would be larger than that for any two units of different stds. Units that are not
+    perfectly correlated average to a smaller variance still: ``repair="bn"`` measures it,
+    ``repair="none"`` keeps this estimate.
     """
     count = len(analyses)
     scales = [1.0] * count if weights is None else [float(w) * count for w in weights]
     reference = analyses[0]
     per_model = [_transforms_for(a, matches, k) for k, a in enumerate(analyses)]
+    variances = running_variances(reference)
     merged: dict[str, torch.Tensor] = {}
     for key, value in states[0].items():
         canonical = reference.aliases.get(key, key)
@@ -888,34 +976,23 @@ def merged_state(
             continue
         if canonical not in reference.param_layouts:
             if value.is_floating_point():
-                merged[key] = sum(_scaled(s[key].to(torch.float64), c) for s, c in zip(states, scales)).div(count).to(value.dtype)
+                terms = [s[key].to(torch.float64) for s in states]
+                if canonical in variances:
+                    terms = [t.clamp_min(0).sqrt() for t in terms]
+                total = sum(_scaled(t, c) for t, c in zip(terms, scales)).div(count)
+                merged[key] = (total.square() if canonical in variances else total).to(value.dtype)
             else:
                 merged[key] = value.clone()
             continue
-        total = None
-        weight = None
-        for k, (analysis, state) in enumerate(zip(analyses, states)):
-            layouts = analysis.param_layouts[canonical]
-            roles = analysis.param_roles[canonical]
-            out_t, in_t = per_model[k]
-            tensor = state[canonical].to(torch.float64)
-            term = transform_tensor(tensor, layouts, roles, out_t, in_t, analysis.space_sizes)
-            # How much each merged "out" entry is weighted in total: M_k applied to ones. One matched
-            # factor per piece gives 1 summed over the models (M's rows average a cluster), no
-            # transformed "out" axis gives count; a product of separately matched factors (a conv's
-            # output read by a grouped conv: groups x in-channels-per-group) gives the product of
-            # their averaging weights, e.g. 1/count**2 each, which must be normalised away.
-            ones_shape = [
-                size if role == "out" and layout is not None else 1
-                for size, layout, role in zip(tensor.shape, layouts, roles)
-            ]
-            ones = transform_tensor(
-                torch.ones(ones_shape, dtype=torch.float64, device=tensor.device), layouts, roles, out_t, {}, analysis.space_sizes
-            )
-            term, ones = _scaled(term, scales[k]), _scaled(ones, scales[k])
-            total = term if total is None else total + term
-            weight = ones if weight is None else weight + ones
-        total = total / torch.where(weight > 0, weight, torch.ones_like(weight))  # type: ignore[operator]
-        merged[key] = total.to(value.dtype)  # type: ignore[union-attr]
+        tensors = [state[canonical].to(torch.float64) for state in states]
+        if canonical in variances:
+            tensors = [tensor.clamp_min(0).sqrt() for tensor in tensors]
+        total = _weighted_merge(
+            tensors, [a.param_layouts[canonical] for a in analyses], [a.param_roles[canonical] for a in analyses],
+            analyses, per_model, scales,
+        )
+        if canonical in variances:
+            total = total.square()
+        merged[key] = total.to(value.dtype)
         merged[canonical] = merged[key]
     return {key: merged[key] for key in states[0]}
