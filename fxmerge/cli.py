@@ -191,23 +191,23 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"fxmerge demo: three pairs of models trained for {args.epochs} epochs from different seeds, A on "
         f"digits {_digits(split.classes_a)} and B on {_digits(split.classes_b)}, then merged without training. "
         "Test accuracy (%): joint = argmax over all 10 classes, task A/B = argmax within the task's 5 classes. "
-        f"{ENSEMBLE_LABEL} runs both models and averages their logits (twice the compute): the upper "
+        f"{ENSEMBLE_LABEL} runs both models and averages their logits (the compute of both): the upper "
         "reference for a merge."
     )
     print()
     print(format_demo(results))
     print()
-    same, depth, width = ({row.name: row for row in r.rows} for r in results)
+    same = {row.name: row for row in results[0].rows}
     zip_row, average_row = same[METHOD_LABELS["zip"]], same[METHOD_LABELS["average"]]
     best_single = max(results[0].rows[:2], key=lambda row: row.average)
-    depth_zip, width_zip = results[1].rows[2], results[2].rows[2]
+    (depth_zip, depth_ensemble), (width_zip, width_ensemble) = (r.rows[-2:] for r in results[1:])
     print(
         f"Zip keeps {100 * zip_row.average:.1f}% per-task accuracy (best single model: "
         f"{100 * best_single.average:.1f}%, weight averaging: {100 * average_row.average:.1f}%, ensemble: "
-        f"{100 * same[ENSEMBLE_LABEL].average:.1f}%) and reaches {100 * zip_row.joint:.1f}% joint accuracy where "
-        f"weight averaging gets {100 * average_row.joint:.1f}%; across depths {100 * depth_zip.average:.1f}% "
-        f"(ensemble {100 * depth[ENSEMBLE_LABEL].average:.1f}%), across widths {100 * width_zip.average:.1f}% "
-        f"(ensemble {100 * width[ENSEMBLE_LABEL].average:.1f}%)."
+        f"{100 * results[0].rows[-1].average:.1f}%) and reaches {100 * zip_row.joint:.1f}% joint accuracy where "
+        f"weight averaging gets {100 * average_row.joint:.1f}%. Across depths it keeps {100 * depth_zip.average:.1f}% "
+        f"(ensemble: {100 * depth_ensemble.average:.1f}%), across widths {100 * width_zip.average:.1f}% "
+        f"(ensemble: {100 * width_ensemble.average:.1f}%)."
     )
     return 0
 
