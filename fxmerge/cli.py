@@ -15,7 +15,6 @@ from fxmerge.config import CAPTURES
 __all__ = ["build_parser", "main"]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     from fxmerge import __version__
 
@@ -49,7 +48,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         ),
     )
     demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default 0)")
-    demo.add_argument("--family", choices=sorted(FAMILIES), default="resnet", help="model family (default resnet)")
+    demo.add_argument("--family", choices=sorted(FAMILIES), default="resnet", help="model family of the three pairs (default resnet)")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default 10)")
     demo.add_argument(
         "--threads", type=_positive_int, default=1,
