@@ -47,14 +47,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
             "averaged: the upper reference)."
         ),
     )
-    demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default 0)")
-    demo.add_argument("--family", choices=sorted(FAMILIES), default="resnet", help="model family of the three pairs (default resnet)")
-    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default: 0)")
+    demo.add_argument("--family", choices=sorted(FAMILIES), default="resnet", help="model family of the three pairs (default: resnet)")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default: 10)")
     demo.add_argument(
         "--threads", type=_positive_int, default=1,
-        help="torch CPU threads (default 1: the models are tiny, more threads mostly add contention)",
+        help="torch CPU threads (default: 1; the models are tiny, more threads mostly add contention)",
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
     demo.set_defaults(handler=_run_demo)
 
 
