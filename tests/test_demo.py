@@ -4,6 +4,8 @@ printed tables hold every row. Tiny runs (1 epoch, 2 calibration batches): exact
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -89,9 +91,9 @@ def test_ensemble_row_is_the_ensembles_accuracy(results: tuple[PairResult, ...])
         report = evaluate(Ensemble([tm.model_a, tm.model_b], tm.head), torch.nn.Identity(), tm.split)
         assert _values(ensemble) == [report["joint"], *report["tasks"], report["average"]]
         # ...and recomputed without fxmerge.evaluation: the heads' logits of A and B averaged.
+        a, b = copy.deepcopy(tm.model_a).eval(), copy.deepcopy(tm.model_b).eval()  # the fixture's modes stay
         with torch.no_grad():
-            tm.model_a.eval(), tm.model_b.eval()
-            logits = (tm.head(tm.model_a(tm.split.x_test)) + tm.head(tm.model_b(tm.split.x_test))) / 2
+            logits = (tm.head(a(tm.split.x_test)) + tm.head(b(tm.split.x_test))) / 2
         expected = _accuracies(logits, tm.split.y_test, (tm.split.classes_a, tm.split.classes_b))
         assert _values(ensemble) == pytest.approx(expected, abs=1e-12)
 
