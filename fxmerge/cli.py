@@ -14,12 +14,7 @@ from fxmerge.config import CAPTURES
 
 __all__ = ["build_parser", "main"]
 
-_DEMO_METHODS = ("average", "permute", "zip")
 _GRAPH_INSTALL = "pip install 'fxmerge[graph]'"
-_DEMO_ARCHITECTURE = {
-    "resnet": "ResNets (3 stages of 1 BasicBlock, width 16)",
-    "vgg": "VGGs (3 conv layers of 16/32/64 channels, 2-layer classifier)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,18 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from fxmerge.experiments import FAMILIES
+
     demo = commands.add_parser(
         "demo",
-        help="train two small models on disjoint digit classes and merge them (CPU, under a minute, offline)",
+        help="train small model pairs on disjoint digit classes and merge them (CPU, under a minute, offline)",
         description=(
-            "Train two models of one architecture from different seeds on two disjoint 5-class halves "
-            "of scikit-learn's digits (shared CLIP-style class-embedding head), merge them with weight "
-            "averaging, permutation alignment and ZipIt-style zipping, and print joint (10-class) and "
-            "per-task (5-class) test accuracy of every model."
+            "Train pairs of models from different seeds on two disjoint 5-class halves of scikit-learn's "
+            "digits (shared CLIP-style class-embedding head) and merge them without training: two models "
+            "of one architecture (weight averaging, permutation alignment, ZipIt-style zipping), a "
+            "shallower with a deeper model (zipping, depth aligned by LMA) and a narrower with a wider "
+            "one (zipping to the wider widths). Prints joint (10-class) and per-task (5-class) test "
+            "accuracy of every model, merge and of the ensemble of the pair (both models run, logits "
+            "averaged: the upper reference)."
         ),
     )
     demo.add_argument("--seed", type=int, default=0, help="task split, initialisations and calibration order (default: 0)")
-    demo.add_argument("--family", choices=sorted(_DEMO_ARCHITECTURE), default="resnet", help="model family (default: resnet)")
+    demo.add_argument("--family", choices=sorted(FAMILIES), default="resnet", help="model family of the three pairs (default: resnet)")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs per model (default: 10)")
     demo.add_argument(
         "--threads", type=_positive_int, default=1,
@@ -218,35 +218,45 @@ def _positive_int(text: str) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from fxmerge.experiments import FAMILIES, METHOD_LABELS, compare, format_table, train_task_models
+    from fxmerge.experiments import ENSEMBLE_LABEL, METHOD_LABELS, compare_pair, demo_pairs, format_demo
 
-    factory = FAMILIES[args.family]
-    with tqdm(total=1 + len(_DEMO_METHODS), desc="training A and B", disable=args.quiet, leave=False, file=sys.stderr) as bar:
-        models = train_task_models(factory, factory, seed=args.seed, epochs=args.epochs)
+    pairs = demo_pairs(args.family)
+    steps = sum(1 + len(pair.methods) for pair in pairs)
+    results = []
+    started = False
+    with tqdm(total=steps, disable=args.quiet, leave=False, file=sys.stderr) as bar:
+        def on_step(what: str) -> None:  # called before every step: the previous one is done
+            nonlocal started
+            if started:
+                bar.update()
+            started = True
+            bar.set_description(what)
 
-        def on_merge(method: str) -> None:  # the previous step (training or a merge) is done
-            bar.update()
-            bar.set_description(f"merging: {method}")
-
-        rows = compare(models, _DEMO_METHODS, seed=args.seed, quiet=args.quiet, on_merge=on_merge)
+        for pair in pairs:
+            results.append(compare_pair(pair, seed=args.seed, epochs=args.epochs, quiet=args.quiet, on_step=on_step))
         bar.update()
-    split = models.split
+    split = results[0].task_models.split
     print(
-        f"fxmerge demo: two {_DEMO_ARCHITECTURE[args.family]} trained for {args.epochs} epochs from different "
-        f"seeds, A on digits {_digits(split.classes_a)} and B on {_digits(split.classes_b)}, then merged "
-        "without training. Test accuracy (%): joint = argmax over all 10 classes, task A/B = argmax "
-        "within the task's 5 classes."
+        f"fxmerge demo: three pairs of models trained for {args.epochs} epochs from different seeds, A on "
+        f"digits {_digits(split.classes_a)} and B on {_digits(split.classes_b)}, then merged without training. "
+        "Test accuracy (%): joint = argmax over all 10 classes, task A/B = argmax within the task's 5 classes. "
+        f"{ENSEMBLE_LABEL} runs both models and averages their logits (the compute of both): the upper "
+        "reference for a merge."
     )
     print()
-    print(format_table(rows))
+    print(format_demo(results))
     print()
-    by_name = {row.name: row for row in rows}
-    zip_row, average_row = by_name[METHOD_LABELS["zip"]], by_name[METHOD_LABELS["average"]]
-    best_single = max(rows[:2], key=lambda row: row.average)
+    same = {row.name: row for row in results[0].rows}
+    zip_row, average_row = same[METHOD_LABELS["zip"]], same[METHOD_LABELS["average"]]
+    best_single = max(results[0].rows[:2], key=lambda row: row.average)
+    (depth_zip, depth_ensemble), (width_zip, width_ensemble) = (r.rows[-2:] for r in results[1:])
     print(
         f"Zip keeps {100 * zip_row.average:.1f}% per-task accuracy (best single model: "
-        f"{100 * best_single.average:.1f}%, weight averaging: {100 * average_row.average:.1f}%) and reaches "
-        f"{100 * zip_row.joint:.1f}% joint accuracy where weight averaging gets {100 * average_row.joint:.1f}%."
+        f"{100 * best_single.average:.1f}%, weight averaging: {100 * average_row.average:.1f}%, ensemble: "
+        f"{100 * results[0].rows[-1].average:.1f}%) and reaches {100 * zip_row.joint:.1f}% joint accuracy where "
+        f"weight averaging gets {100 * average_row.joint:.1f}%. Across depths it keeps {100 * depth_zip.average:.1f}% "
+        f"(ensemble: {100 * depth_ensemble.average:.1f}%), across widths {100 * width_zip.average:.1f}% "
+        f"(ensemble: {100 * width_ensemble.average:.1f}%)."
     )
     return 0
 

@@ -10,10 +10,11 @@ per-task accuracy (argmax over the task's own 5 classes), as in the papers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,14 +26,20 @@ from fxmerge.data import TaskSplit, TextHead
 from fxmerge.zoo import resnet, vgg, vgg_cfg
 
 __all__ = [
+    "ENSEMBLE_LABEL",
     "FAMILIES",
     "METHOD_LABELS",
+    "DemoPair",
+    "PairResult",
     "Row",
     "TaskModels",
     "calibration_data",
     "compare",
+    "compare_pair",
+    "demo_pairs",
     "evaluate",
     "evaluate_ensemble",
+    "format_demo",
     "format_table",
     "train_task_models",
 ]
@@ -170,3 +177,119 @@ def format_table(rows: Sequence[Row]) -> str:
         cells = [f"{100 * v:.1f}" for v in (r.joint, r.task_a, r.task_b, r.average)]
         lines.append(f"| {r.name} | {' | '.join(cells)} | {seconds} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- the demo's three pairs
+
+ENSEMBLE_LABEL = "Ensemble A+B"
+
+# How ``fxmerge demo`` names each family's models (the same-architecture pair's A and B).
+_FAMILY_TEXT = {
+    "resnet": "ResNets (3 stages of 1 BasicBlock, width 16)",
+    "vgg": "VGGs (3 conv layers of 16/32/64 channels, 2-layer classifier)",
+}
+
+# Per family: (deeper model B of the depth pair, its words), (wider model B of the width pair, its words).
+_HETERO = {
+    "resnet": (
+        (functools.partial(resnet, (2, 2, 2), 16), "A: 1 BasicBlock per stage, B: 2"),
+        (functools.partial(resnet, (1, 1, 1), 16, width_multiplier=2), "A: x1 (16/32/64 channels), B: x2 (32/64/128)"),
+    ),
+    "vgg": (
+        (functools.partial(vgg, vgg_cfg((2, 2, 2), (16, 32, 64))), "A: 1 conv per stage, B: 2"),
+        (functools.partial(FAMILIES["vgg"], width_multiplier=2), "A: x1 (16/32/64 channels), B: x2 (32/64/128)"),
+    ),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class DemoPair:
+    """One pair of ``fxmerge demo``: the factories of model A and model B, the merge methods
+    compared (``merge_kwargs`` go to every merge; they also label its row) and one line saying
+    what the pair is."""
+
+    name: str
+    about: str
+    factory_a: ModelFactory
+    factory_b: ModelFactory
+    methods: tuple[str, ...]
+    merge_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"DemoPair({self.name!r}, methods={self.methods}, merge_kwargs={dict(self.merge_kwargs)})"
+
+    def label(self, method: str) -> str:
+        """The row name of ``method``'s merge: "Zip", or "Zip (depth=lma)" with the pair's options."""
+        options = ", ".join(f"{k}={v}" for k, v in self.merge_kwargs.items())
+        return f"{METHOD_LABELS.get(method, method)} ({options})" if options else METHOD_LABELS.get(method, method)
+
+
+def demo_pairs(family: str = "resnet") -> tuple[DemoPair, ...]:
+    """The three pairs of ``fxmerge demo`` for a family of :data:`FAMILIES`: the same
+    architecture twice (average, permute, zip), a depth-heterogeneous pair (A shallower than B:
+    zip, depth aligned by LMA, so the merge has B's depth) and a width-heterogeneous pair (A at
+    x1, B at x2 width: zip to the wider, ``width="max"``). Model A is the family's model in all
+    three, so it is trained identically (same seed) in each."""
+    if family not in FAMILIES:
+        raise ValueError(f"demo_pairs: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    base = FAMILIES[family]
+    (deep, deep_text), (wide, wide_text) = _HETERO[family]
+    return (
+        DemoPair("same architecture", f"two {_FAMILY_TEXT[family]}", base, base, ("average", "permute", "zip")),
+        DemoPair(
+            "depth-heterogeneous", f"{deep_text}; A is aligned to B layer by layer (LMA) and extended with "
+            "identity units, so the merge has B's depth", base, deep, ("zip",), {"depth": "lma"},
+        ),
+        DemoPair(
+            "width-heterogeneous", f"{wide_text}; zipped to the wider model's widths",
+            base, wide, ("zip",), {"width": "max"},
+        ),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class PairResult:
+    """A demo pair trained (``task_models``) and compared: ``rows`` are model A, model B, one merge
+    per method, then the ensemble of A and B."""
+
+    pair: DemoPair
+    task_models: TaskModels
+    rows: tuple[Row, ...]
+
+    def __repr__(self) -> str:
+        return f"PairResult({self.pair.name!r}, rows={[r.name for r in self.rows]})"
+
+
+def compare_pair(
+    pair: DemoPair,
+    *,
+    seed: int = 0,
+    epochs: int = 10,
+    calibration_batches: int = 32,
+    quiet: bool = True,
+    on_step: Callable[[str], None] | None = None,
+) -> PairResult:
+    """Train ``pair`` (:func:`train_task_models`), :func:`compare` its methods with its
+    ``merge_kwargs`` and add the ensemble row (:func:`evaluate_ensemble`). ``on_step(what)`` is
+    called before training and before each merge (progress reporting)."""
+    if on_step is not None:
+        on_step(f"{pair.name}: training A and B")
+    models = train_task_models(pair.factory_a, pair.factory_b, seed=seed, epochs=epochs)
+
+    def on_merge(method: str) -> None:
+        if on_step is not None:
+            on_step(f"{pair.name}: merging, {pair.label(method)}")
+
+    rows = compare(
+        models, pair.methods, calibration_batches=calibration_batches, seed=seed, quiet=quiet, on_merge=on_merge,
+        **pair.merge_kwargs,
+    )
+    rows[2:] = [dataclasses.replace(row, name=pair.label(method)) for method, row in zip(pair.methods, rows[2:])]
+    rows.append(_row(ENSEMBLE_LABEL, evaluate_ensemble(models)))
+    return PairResult(pair, models, tuple(rows))
+
+
+def format_demo(results: Sequence[PairResult]) -> str:
+    """One titled :func:`format_table` per pair: "N. name: about", then its table."""
+    parts = [f"{i}. {r.pair.name.capitalize()}: {r.pair.about}.\n\n{format_table(r.rows)}" for i, r in enumerate(results, 1)]
+    return "\n\n".join(parts)

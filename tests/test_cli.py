@@ -42,16 +42,19 @@ def test_python_dash_m_fxmerge_help() -> None:
     assert done.stdout.startswith("usage: fxmerge")
 
 
-def _table(out: str) -> dict[str, list[float]]:
-    """Demo table rows: name -> [joint, task A, task B, avg] in percent."""
-    rows = {}
+def _tables(out: str) -> list[dict[str, list[float]]]:
+    """The demo's tables (one per pair), each: row name -> [joint, task A, task B, avg] in percent."""
+    tables: list[dict[str, list[float]]] = []
     for line in out.splitlines():
+        if line.startswith("| model |"):
+            tables.append({})
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] in DEMO_ROWS:
-            rows[cells[0]] = [float(c) for c in cells[1:5]]
+        if tables and line.startswith("|") and cells[0] not in ("model", "---"):
+            tables[-1][cells[0]] = [float(c) for c in cells[1:5]]
             time_cell = cells[5]
-            assert time_cell == "-" if cells[0].startswith("Task") else re.fullmatch(r"\d+\.\d\d s", time_cell)
-    return rows
+            merged = cells[0] in DEMO_ROWS[2:] or cells[0].startswith("Zip (")
+            assert re.fullmatch(r"\d+\.\d\d s", time_cell) if merged else time_cell == "-"
+    return tables
 
 
 def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,11 +63,16 @@ def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) ->
     assert torch.get_num_threads() == threads  # the process-wide setting is restored
     captured = capsys.readouterr()
     assert captured.err == ""  # --quiet: no progress bars
-    rows = _table(captured.out)
-    assert list(rows) == list(DEMO_ROWS)
-    for name, values in rows.items():
-        assert all(0.0 <= v <= 100.0 for v in values), (name, values)
-        assert values[3] == pytest.approx((values[1] + values[2]) / 2, abs=0.1)
-    assert rows["Task A model"][1] > 80.0  # model A knows its own task
-    assert rows["Task B model"][2] > 80.0
+    tables = _tables(captured.out)
+    assert [list(rows) for rows in tables] == [
+        [*DEMO_ROWS, "Ensemble A+B"],  # same architecture
+        ["Task A model", "Task B model", "Zip (depth=lma)", "Ensemble A+B"],
+        ["Task A model", "Task B model", "Zip (width=max)", "Ensemble A+B"],
+    ]
+    for rows in tables:
+        for name, values in rows.items():
+            assert all(0.0 <= v <= 100.0 for v in values), (name, values)
+            assert values[3] == pytest.approx((values[1] + values[2]) / 2, abs=0.1)
+        assert rows["Task A model"][1] > 80.0  # model A knows its own task
+        assert rows["Task B model"][2] > 80.0
     assert "Zip keeps" in captured.out.splitlines()[-1]
