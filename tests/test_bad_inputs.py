@@ -191,7 +191,7 @@ CALIBRATION_CASES = {
     "empty list": ([], "empty"),
     "empty generator": ((b for b in []), "empty"),
     "single tensor": (BATCHES[0], "not a single tensor"),
-    "not iterable": (None, "NoneType"),
+    "not iterable": (42, "int"),  # None is a data-free merge (tests/test_datafree.py)
     "not tensors": ([1, 2], "batch 0 is of type int"),
     "label tuple of non-tensors": ([(BATCHES[0], 1), ("x", 1)], "batch 1 is of type tuple"),
     "second batch other shape": ([BATCHES[0], torch.randn(16, 1, 9, 8)], "batch 1 has shape (16, 1, 9, 8)"),
