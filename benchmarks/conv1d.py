@@ -129,7 +129,8 @@ def markdown(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace,
         "identity blocks to B's depth (LMA), then zipped with B to width=\"max\" (the paper's r = the "
         "largest width) or width=\"min\"; calibration data = the training inputs of both tasks (no "
         "labels), BatchNorm statistics reset on them. Ensemble = `fxmerge.experiments.evaluate_ensemble` "
-        "(A and B both run, logits under the shared head averaged: the upper reference). Test accuracy "
+        "(A and B both run, logits under the shared head averaged: the upper reference of the per-task "
+        "average; not always of the joint accuracy, see `width.md`). Test accuracy "
         "in %: joint = argmax over all 10 classes, task A/B = argmax within the task's own classes, avg = "
         f"mean of task A and B. Mean ± sample std over {len(seeds)} seeds; per-seed numbers in the JSON file.",
         "",

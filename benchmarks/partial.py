@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "one tail per model), or of A and B together for the ensemble; merge time in seconds. The ensemble "
         "row is `fxmerge.experiments.evaluate_ensemble` (`fxmerge.evaluation.Ensemble`: both models' "
         "logits under the shared head averaged), the one ensemble implementation of the project (this "
-        "script no longer averages the embeddings itself).",
+        "script no longer averages the embeddings itself). It is not an upper bound of partial zipping under "
+        "this cosine head: a partially zipped model averages its tails' embeddings before the head (the "
+        "model with the larger embedding norm, typically the one trained on the input's task, weighs more), "
+        "while the ensemble averages the two models' logits (cosine scores, equal weights); the early stops "
+        "can beat it, most of all on joint accuracy.",
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, python {machine['python']}, "
         f"torch {machine['torch']}, {machine['torch_threads']} torch thread(s).",

@@ -302,7 +302,10 @@ def markdown(results: dict[str, dict[int, list[Row]]], args: argparse.Namespace,
         "file. Zip = elastic neuron zipping of [A, B] to width=\"max\" (the paper's r = the largest width) "
         "or width=\"min\"; calibration data = the training inputs of both tasks (no labels). Ensemble = "
         "`fxmerge.experiments.evaluate_ensemble`: A and B both run, their logits under the shared head "
-        "averaged (nothing merged: the upper reference, at the cost of both models). Width multipliers "
+        "averaged (nothing merged: the upper reference, at the cost of both models). It bounds the per-task "
+        "average, not always the joint accuracy: it weights the two models' cosine scores equally, while a "
+        "merged model averages features before the head, and a zip merge can beat it on joint accuracy. "
+        "Width multipliers "
         "scale every layer of `zoo.resnet((1, 1, 1), 16)` (stage widths 16/32/64 at x1) or of the VGG "
         "(16/32/64 convs, 64 hidden at x1); the papers' widths are x4-x16, Table III's pairs x8,x4 and "
         "x16,x8. The depth+width pair is merged in one call: depth aligned by LMA, then width.",
