@@ -23,17 +23,20 @@ SCRIPTS = {
     "matcher": ["bench_matcher.py", "--sizes", "256", "512", "1024", "2048", "4096", "--naive-max", "2048", "--memory",
                 "--match-sizes", "64", "128", "256", "512", "768", "--cold", "--json", str(HERE / "results" / "matcher.json")],
     "homogeneous": ["homogeneous.py"],
-    "depth": ["depth.py"],
+    "depth": ["depth.py", "--families", "resnet", "vgg", "--no-barrier"],
     "width": ["width.py"],
     "conv1d": ["conv1d.py"],
     "partial": ["partial.py"],
+    "repair": ["repair.py"],
+    "landscape": ["landscape.py"],
+    "threads": ["threads.py", "--busy", "2", "--repeats", "3"],
     "timings": ["timings.py"],
     "speed": ["speed.py", "--cases", "resnet18", "vit-tiny", "resnet50", "vit-b16", "--zipit-model"],
     "memory": ["memory.py"],
     "properties": ["properties.py"],
     "timm": ["timm_models.py"],
 }
-SEEDED = {"homogeneous", "depth", "width", "conv1d", "partial"}
+SEEDED = {"homogeneous", "depth", "width", "conv1d", "partial", "repair"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only
 
 
