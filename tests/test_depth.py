@@ -370,6 +370,26 @@ def test_hidden_channels_of_inserted_residual_units_take_the_deep_models_weights
     assert all(paper.matches[name].merge[0].any() for name in inert)
 
 
+def test_inert_groups_keep_the_width_asked_for():
+    """A shallow x1 with a deep x2 ResNet: at width="max" the inserted units' hidden groups are
+    the deep model's own units; at width="min" they cannot be (that needs merging the deep
+    model's units), so they are matched over both models like any group, to the narrower width."""
+    calibration, _ = calibration_and_test((1, 8, 8), batches=4, batch_size=32)
+    shallow = prepared(resnet((1, 1, 1), 8, in_channels=1, image_size=8), 0, calibration)
+    deep = prepared(resnet((2, 2, 2), 8, width_multiplier=2, in_channels=1, image_size=8), 1, calibration)
+    wide = fxmerge.merge([shallow, deep], calibration, width="max", quiet=True)
+    narrow = fxmerge.merge([shallow, deep], calibration, width="min", quiet=True)
+    inert = {g.name for g in wide.groups if "inert" in g.source}
+    assert len(inert) == 3  # one inserted block per stage
+    for group in wide.groups:
+        if not group.fixed:
+            assert group.width == max(group.sizes), group.name
+    for group in narrow.groups:
+        assert "inert" not in group.source
+        if not group.fixed:
+            assert group.width == min(group.sizes), group.name
+
+
 def test_merge_order_does_not_change_the_alignment(digits_sized_resnets):
     shallow, deep, calibration, _ = digits_sized_resnets
     first = fxmerge.merge([shallow, deep], calibration, method="permute", depth="lma", quiet=True).alignment[0]

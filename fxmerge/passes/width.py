@@ -781,10 +781,12 @@ def match_groups(
             method=method,
             balance=balance,
         )
-        live = [k for k in range(len(sizes)) if k not in inert.get(group.name, ())]
-        if len(live) < len(sizes) and live:
-            return [_match_live(group.name, sizes, live, similarity, source, width, matcher, alpha, beta)]
         target = resolve_width(width, group.name, sizes)
+        live = [k for k in range(len(sizes)) if k not in inert.get(group.name, ())]
+        # one live model keeps its own units: only when that is the width asked for (merging a
+        # model's own units needs the matcher, with every model)
+        if live and len(live) < len(sizes) and (len(live) > 1 or target == sizes[live[0]]):
+            return [_match_live(group.name, sizes, live, similarity, source, width, matcher, alpha, beta)]
         return [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
 
     order = sorted(items, key=tier)
