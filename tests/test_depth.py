@@ -370,6 +370,28 @@ def test_hidden_channels_of_inserted_residual_units_take_the_deep_models_weights
     assert all(paper.matches[name].merge[0].any() for name in inert)
 
 
+def test_the_attention_of_an_inserted_transformer_unit_is_the_deep_models_own():
+    """An inserted attention sub-block (out_proj zeroed) of a shallow ViT: its heads and head
+    channels are the deep model's own (identity M_k; zero for the shallow model), so the merged
+    in_proj rows are the deep model's, bit for bit; the merge is otherwise a normal one."""
+    calibration, test = calibration_and_test((1, 8, 8), batches=2, batch_size=32)
+    torch.manual_seed(0)
+    shallow = vit(patch_size=2, num_layers=2, in_channels=1, image_size=8).eval()
+    deep = vit(patch_size=2, num_layers=3, in_channels=1, image_size=8).eval()
+    result = fxmerge.merge([shallow, deep], calibration, quiet=True)
+    own = [g for g in result.groups if g.source.startswith("the model's own")]
+    layers = {g.name.split(".self_attention")[0] for g in own}
+    assert len(layers) == 1 and {g.name.rsplit(":", 1)[1] for g in own} == {"heads", "qk", "v"}
+    for group in own:
+        match = result.matches[group.name]
+        assert not match.merge[0].any() and torch.equal(match.merge[1], torch.eye(match.width, dtype=torch.float64))
+    (layer,) = layers
+    bias = f"{layer}.self_attention.in_proj_bias"
+    assert torch.equal(result.module.state_dict()[bias], deep.state_dict()[bias])
+    with torch.no_grad():
+        assert torch.isfinite(result.module(test)).all()
+
+
 def test_inert_groups_keep_the_width_asked_for():
     """A shallow x1 with a deep x2 ResNet: at width="max" the inserted units' hidden groups are
     the deep model's own units; at width="min" they cannot be (that needs merging the deep

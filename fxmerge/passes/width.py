@@ -556,6 +556,47 @@ def _match_live(
                    merge=tuple(merge), unmerge=tuple(unmerge))
 
 
+def _own_structure(
+    structure: Structure, analyses: Sequence[Analysis], done: Mapping[str, GroupMatch],
+    inert: Mapping[str, frozenset[int]], width: WidthSpec,
+) -> list[GroupMatch] | None:
+    """A structure (attention heads x head channels) inert in every model but one — the
+    attention of an inserted zero-residual unit — as that model's own blocks and channels
+    (identity M_k and U_k; zero for the others), when those are the widths asked for; else None."""
+    names = (structure.outer, *structure.inners)
+    count = len(analyses)
+    dead = set.intersection(*(set(inert.get(name, ())) for name in names))
+    live = [k for k in range(count) if k not in dead]
+    if not dead or len(live) != 1:
+        return None
+    (k_live,) = live
+    ties = {inner: embedding for outer, inner, embedding in analyses[0].head_ties if outer == structure.outer}
+    blocks = tuple(a.group(structure.outer).size for a in analyses)
+    if len(set(blocks)) != 1:
+        return None
+    h = blocks[0]
+    inner_sizes = {d: tuple(a.group(d).size for a in analyses) for d in structure.inners}
+    for inner, sizes in inner_sizes.items():
+        target = done[ties[inner]].width // h if inner in ties and ties[inner] in done else resolve_width(width, inner, sizes)
+        if target != sizes[k_live]:
+            return None
+    source = f"the model's own; models {sorted(dead)} inert"
+
+    def own(name: str, sizes: tuple[int, ...], factors: tuple[str, ...] = ()) -> GroupMatch:
+        n = sizes[k_live]
+        merge = tuple(torch.eye(n, dtype=torch.float64) if k == k_live else torch.zeros(n, size, dtype=torch.float64)
+                      for k, size in enumerate(sizes))
+        return GroupMatch(name, sizes, n, False, None, source, merge, tuple(m.T.clone() for m in merge), factors=factors)
+
+    results = [own(structure.outer, blocks)]
+    for inner, sizes in inner_sizes.items():
+        if inner in structure.shared:
+            results.append(own(inner, sizes))
+        else:
+            results.append(own(f"{structure.outer}*{inner}", tuple(h * d for d in sizes), (structure.outer, inner)))
+    return results
+
+
 def _warn_too_few_samples(starved: Sequence[GroupStatistics]) -> None:
     """One warning for every group observed on no more samples than it has units per model."""
     if not starved:
@@ -771,7 +812,8 @@ def match_groups(
                 )
             return [GroupMatch(group.name, sizes, sizes[0], True, None, "fixed", None, None)]
         if group.name in structures:
-            return _match_structure(
+            own = _own_structure(structures[group.name], analyses, done, inert, width)
+            return own if own is not None else _match_structure(
                 structures[group.name], analyses, states, done, statistics,
                 method=method, width=width, alpha=alpha, beta=beta, balance=balance,
             )
