@@ -50,7 +50,7 @@ from fxmerge.passes.depth import align_depth, compatibility, extend  # noqa: E40
 from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
 from fxmerge.passes.units import find_units  # noqa: E402
 from fxmerge.testing import permute_model  # noqa: E402
-from fxmerge.zoo import resnet, vgg, vgg_cfg  # noqa: E402
+from fxmerge.zoo import resnet, vgg, vgg_cfg, vit  # noqa: E402
 from homogeneous import machine_info, source_info  # noqa: E402
 
 # family -> (shallow factory, deep factory, description) at width multiplier m; factories as in
@@ -75,6 +75,13 @@ def pairs(m: int) -> dict[str, tuple[Any, Any, str]]:
             functools.partial(vgg, vgg_cfg((2, 2, 2), widths)),
             functools.partial(vgg, vgg_cfg((3, 3, 3), widths)),
             f"VGG with BatchNorm x{m}, widths {'/'.join(map(str, widths))}: 2 vs 3 convolutions per stage",
+        ),
+        # A transformer pair: the units are the attention and MLP sub-blocks (pre-norm residual
+        # branches); an inserted one has its out_proj / last linear zeroed.
+        "vit": (
+            functools.partial(vit, patch_size=2, num_layers=2, num_heads=2, hidden_dim=16 * m, mlp_dim=32 * m),
+            functools.partial(vit, patch_size=2, num_layers=4, num_heads=2, hidden_dim=16 * m, mlp_dim=32 * m),
+            f"ViT (torchvision's, patch 2, 2 heads, width {16 * m}, MLP {32 * m}; LayerNorm, no BatchNorm): 2 vs 4 encoder layers",
         ),
         "resnet-2v3": (
             functools.partial(resnet, (2, 2, 2), 16, width_multiplier=m),

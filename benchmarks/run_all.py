@@ -24,6 +24,7 @@ SCRIPTS = {
                 "--match-sizes", "64", "128", "256", "512", "768", "--cold", "--json", str(HERE / "results" / "matcher.json")],
     "homogeneous": ["homogeneous.py"],
     "depth": ["depth.py", "--families", "resnet", "vgg", "--no-barrier"],
+    "depth_vit": ["depth.py", "--families", "vit", "--no-barrier", "--name", "depth_vit"],
     "depth_choice": ["depth.py", "--families", "vgg-2v3", "resnet-2v3", "--no-barrier", "--name", "depth_choice"],
     "width": ["width.py"],
     "conv1d": ["conv1d.py"],
@@ -37,7 +38,7 @@ SCRIPTS = {
     "properties": ["properties.py"],
     "timm": ["timm_models.py"],
 }
-SEEDED = {"homogeneous", "depth", "depth_choice", "width", "conv1d", "partial", "repair"}
+SEEDED = {"homogeneous", "depth", "depth_choice", "depth_vit", "width", "conv1d", "partial", "repair"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only
 
 
