@@ -106,7 +106,7 @@ def train_task_models(
     return TaskModels(models[0], models[1], head, split)
 
 
-def evaluate(model: nn.Module, head: nn.Module, split: TaskSplit) -> dict[str, Any]:
+def evaluate(model: nn.Module, head: nn.Module | None, split: TaskSplit) -> dict[str, Any]:
     """``fxmerge.evaluation.evaluate`` on the test set, as ``{"joint", "tasks": [task a, task b],
     "average"}`` (fractions in [0, 1])."""
     tasks = {"A": split.classes_a, "B": split.classes_b}
@@ -117,7 +117,7 @@ def evaluate_ensemble(task_models: TaskModels) -> dict[str, Any]:
     """``evaluate`` of the ensemble of model A and model B (``fxmerge.evaluation.Ensemble``: their
     logits under the shared head averaged): the upper reference for a merge of the pair."""
     tm = task_models
-    return evaluate(evaluation.Ensemble([tm.model_a, tm.model_b], tm.head), nn.Identity(), tm.split)
+    return evaluate(evaluation.Ensemble([tm.model_a, tm.model_b], tm.head), None, tm.split)
 
 
 def calibration_data(split: TaskSplit, *, seed: int = 0, batch_size: int = 64, num_batches: int | None = None) -> list[Tensor]:

@@ -1285,11 +1285,19 @@ def update_folder(directory: str | os.PathLike, *, report: Mapping[str, Any] | N
     rewritten last, over every file. For steps that add to a saved merge (an evaluation's results,
     a figure) without saving the model again. Raises LoadError when the folder fails verification,
     SaveError for a bad extra file name."""
-    directory = Path(directory)
+    return _rewrite_folder(Path(directory), lambda kept: report, extra)
+
+
+def _rewrite_folder(
+    directory: Path, new_report: Callable[[dict[str, bytes]], Mapping[str, Any] | None], extra: Mapping[str, bytes] | None
+) -> Path:
+    """``update_folder``'s work: the folder verified once, ``new_report(verified file bytes)``
+    (None: report.json unchanged) and ``extra`` written, the manifest last."""
     manifest, kept = _verified_folder(directory)
     if _minor(manifest) < 2 and (directory / "code.py").is_file():  # 1.1 left it unlisted: list it now
         kept["code.py"] = (directory / "code.py").read_bytes()
     changed = _extra_files(extra)
+    report = new_report(kept)
     if report is not None:
         changed[REPORT] = _json_bytes(_jsonable(report))
     return _write_folder(directory, changed, (), kept=kept)
@@ -1412,10 +1420,15 @@ def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
 def update_report(directory: str | os.PathLike, changes: Mapping[str, Any]) -> dict[str, Any]:
     """Set the top-level keys ``changes`` in the folder's report.json (created when there is
     none) through :func:`update_folder`: the folder is verified first, so a tampered report is
-    refused rather than re-signed. Returns the new report."""
-    report = dict(load_report(directory) or {})
-    report.update(_jsonable(dict(changes)))
-    update_folder(directory, report=report)
+    refused rather than re-signed; it is read and hashed once. Returns the new report."""
+    report: dict[str, Any] = {}
+
+    def updated(kept: dict[str, bytes]) -> dict[str, Any]:
+        report.update(_parse_json(kept[REPORT], REPORT) if REPORT in kept else {})
+        report.update(_jsonable(dict(changes)))
+        return report
+
+    _rewrite_folder(Path(directory), updated, None)
     return report
 
 
