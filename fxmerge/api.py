@@ -68,14 +68,9 @@ class GroupReport:
 
 def _labels(match: GroupMatch) -> tuple[tuple[int, ...], ...]:
     """Per model, the merged unit of each of its units (see ``GroupReport.labels``)."""
-    if match.unmerge is None:
+    if match.clusters is None:
         return tuple(tuple(range(size)) for size in match.sizes)
-    out = []
-    for unmerge in match.unmerge:
-        best = unmerge.argmax(dim=1)
-        best[unmerge.abs().amax(dim=1) == 0] = -1
-        out.append(tuple(best.tolist()))
-    return tuple(out)
+    return tuple(tuple(clusters.tolist()) for clusters in match.clusters)
 
 
 @dataclass(frozen=True, repr=False)

@@ -21,7 +21,7 @@ from fxmerge.match.groups import grouped_labels
 from fxmerge.match.permute import check_permute_width, permute_labels, permute_reference_model
 from fxmerge.match.zip import zip_labels
 
-__all__ = ["METHODS", "match"]
+__all__ = ["METHODS", "match", "match_labels"]
 
 METHODS = ("average", "permute", "zip")
 
@@ -62,6 +62,22 @@ def match(
     with groups: block-major in the reference model's block order).
     Raises ConfigError on invalid arguments or when zip cannot reach the width.
     """
+    labels = match_labels(similarity, sizes, target_width, method=method, alpha=alpha, beta=beta, groups=groups)
+    return merge_matrices(labels, list(sizes), int(target_width))
+
+
+def match_labels(
+    similarity: np.ndarray,
+    sizes: Sequence[int],
+    target_width: int,
+    *,
+    method: str,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    groups: int | None = None,
+) -> np.ndarray:
+    """``match``'s clusters as labels (N,) int64: the merged unit (0 .. target_width - 1) of every
+    unit of all models concatenated, without the (r, n_k) matrices."""
     sizes = _checked_sizes(sizes)
     similarity = _checked_similarity(similarity, sum(sizes))
     if method not in METHODS:
@@ -95,7 +111,7 @@ def match(
             labels = zip_labels(similarity, sizes, target_width, alpha, beta, overwrite_similarity=True)
         else:
             labels = grouped_labels(similarity, sizes, target_width, groups, 0, zip_block)
-    return merge_matrices(labels, sizes, target_width)
+    return labels
 
 
 def _checked_sizes(sizes: Sequence[int]) -> list[int]:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fxmerge.groups import Layout, Opaque
@@ -54,6 +55,22 @@ class ClusterMap:
             order = columns
             row_weights = None if bool((weights == 1).all()) else weights
         return ClusterMap(rows, columns, weights, int(matrix.shape[0]), order, row_weights)
+
+    @staticmethod
+    def of_assignment(clusters: np.ndarray, weights: np.ndarray | None, width: int) -> "ClusterMap":
+        """The map (width, n) with entry ``weights[j]`` (1 when None) at (clusters[j], j) for every
+        unit j with clusters[j] >= 0: what ``of`` gives for that dense matrix, without making it."""
+        units = np.flatnonzero(clusters >= 0) if weights is None else np.flatnonzero((clusters >= 0) & (weights != 0))
+        rows = clusters[units]
+        order = np.lexsort((units, rows))  # row-major, as a dense matrix's nonzero entries
+        rows, columns = torch.from_numpy(rows[order].astype(np.int64)), torch.from_numpy(units[order].astype(np.int64))
+        values = torch.ones(len(columns), dtype=torch.float64) if weights is None else torch.from_numpy(
+            np.ascontiguousarray(weights[units[order]], dtype=np.float64))
+        selection = row_weights = None
+        if len(rows) == width and bool((rows == torch.arange(width)).all()):
+            selection = columns
+            row_weights = None if bool((values == 1).all()) else values
+        return ClusterMap(rows, columns, values, int(width), selection, row_weights)
 
     def __repr__(self) -> str:
         kind = "selection" if self.order is not None else "clusters"

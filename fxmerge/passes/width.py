@@ -19,7 +19,7 @@ import torch
 
 from fxmerge.errors import ConfigError
 from fxmerge.groups import ChannelSpace, Opaque
-from fxmerge.match import match
+from fxmerge.match import match_labels
 from fxmerge.match.groups import mean_matched_similarity
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics, symmetric_gram
@@ -40,12 +40,16 @@ _COLLINEAR = 1.0 - 1e-5
 WEIGHT_MATCHING_ROUNDS = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GroupMatch:
-    """How one group was merged: widths, similarity and the per-model matrices.
+    """How one group was merged: widths, similarity and, per model, which merged unit each unit
+    went to.
 
-    ``merge[k]`` is M_k (width, n_k) and ``unmerge[k]`` is U_k (n_k, width), float64; both are
-    None for a fixed group (identity, and the models' values are averaged).
+    ``clusters[k]`` (n_k,) int64: the merged unit (0 .. width - 1) of each unit of model k, -1
+    for none (an inert model); ``weights[k]`` (n_k,) float64: that unit's entry of M_k. U_k is
+    one-hot on the same entries. ``merge[k]`` / ``unmerge[k]``: M_k (width, n_k) and U_k (n_k,
+    width) as dense float64 tensors, made on each access (the merge itself never makes them).
+    Both None for a fixed group (identity, and the models' values are averaged).
     """
 
     name: str
@@ -54,17 +58,62 @@ class GroupMatch:
     fixed: bool
     similarity: float | None
     source: str
-    merge: tuple[torch.Tensor, ...] | None
-    unmerge: tuple[torch.Tensor, ...] | None
+    clusters: tuple[np.ndarray, ...] | None
+    weights: tuple[np.ndarray, ...] | None
     factors: tuple[str, ...] = ()
+
+    @staticmethod
+    def of_labels(
+        name: str, sizes: Sequence[int], width: int, labels: np.ndarray, similarity: float | None, source: str,
+        factors: tuple[str, ...] = (),
+    ) -> "GroupMatch":
+        """The match of a clustering: ``labels`` (N,) the merged unit of every unit of all models
+        concatenated; M_k averages each cluster (1/|c| over all models)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(labels[labels >= 0], minlength=width)
+        if len(counts) != width or (counts == 0).any():
+            raise ConfigError(f"internal: {name}: cluster labels do not cover exactly {width} non-empty clusters")
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        clusters = tuple(labels[offsets[k] : offsets[k + 1]] for k in range(len(sizes)))
+        weights = tuple(np.where(c >= 0, 1.0 / counts[np.maximum(c, 0)], 0.0) for c in clusters)
+        return GroupMatch(name, tuple(sizes), width, False, similarity, source, clusters, weights, factors)
+
+    @property
+    def merge(self) -> tuple[torch.Tensor, ...] | None:
+        if self.clusters is None or self.weights is None:
+            return None
+        return tuple(_dense(c, w, self.width) for c, w in zip(self.clusters, self.weights))
+
+    @property
+    def unmerge(self) -> tuple[torch.Tensor, ...] | None:
+        if self.clusters is None:
+            return None
+        return tuple(_dense(c, None, self.width).T.contiguous() for c in self.clusters)
 
     @cached_property
     def maps(self) -> tuple[tuple[Transform, Transform], ...]:
-        """Per model, (M_k, U_k^T) as the rewrite applies them: ``ClusterMap``s (index arrays)
-        for the matrices of a clustering, made once however many parameters they transform."""
-        if self.merge is None or self.unmerge is None:
+        """Per model, (M_k, U_k^T) as the rewrite applies them: ``ClusterMap``s (index arrays),
+        made once however many parameters they transform."""
+        if self.clusters is None or self.weights is None:
             return ()
-        return tuple((ClusterMap.of(m), ClusterMap.of(u.T)) for m, u in zip(self.merge, self.unmerge))
+        return tuple(
+            (ClusterMap.of_assignment(c, w, self.width), ClusterMap.of_assignment(c, None, self.width))
+            for c, w in zip(self.clusters, self.weights)
+        )
+
+    def __repr__(self) -> str:
+        how = "fixed" if self.fixed else self.source
+        similarity = "" if self.similarity is None else f", similarity {self.similarity:.3f}"
+        return f"GroupMatch({self.name!r}: {self.sizes} -> {self.width}, {how}{similarity})"
+
+
+def _dense(clusters: np.ndarray, weights: np.ndarray | None, width: int) -> torch.Tensor:
+    """(width, n) float64 with ``weights[j]`` (1 when None) at (clusters[j], j) where clusters[j] >= 0."""
+    matrix = torch.zeros(width, len(clusters), dtype=torch.float64)
+    units = np.flatnonzero(clusters >= 0)
+    values = torch.ones(len(units), dtype=torch.float64) if weights is None else torch.from_numpy(weights[units].astype(np.float64))
+    matrix[torch.from_numpy(clusters[units]), torch.from_numpy(units)] = values
+    return matrix
 
 
 def resolve_width(spec: WidthSpec, name: str, sizes: Sequence[int]) -> int:
@@ -234,7 +283,7 @@ def weight_similarity(
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
     keys: set = set()
     for name, result in done.items():
-        if result.merge is None:
+        if result.clusters is None:
             continue
         factors = result.factors or (name,)
         if all(f in analysis.space_ids for f in factors):
@@ -254,7 +303,7 @@ def _transforms_for(
     out_t: dict = {}
     in_t: dict = {}
     for name, result in done.items():
-        if result.merge is None:
+        if result.clusters is None:
             continue
         factors = result.factors or (name,)
         if not all(f in analysis.space_ids for f in factors):
@@ -268,10 +317,10 @@ def _transforms_for(
     return out_t, in_t
 
 
-def _mean_merged_similarity(similarity: np.ndarray, unmerge: Sequence[np.ndarray]) -> float | None:
+def _mean_merged_similarity(similarity: np.ndarray, assignment: np.ndarray) -> float | None:
     """Mean pairwise similarity inside the clusters that merged two or more units (each
-    cluster's mean over its pairs, averaged over the clusters in label order)."""
-    assignment = np.concatenate([np.asarray(u).argmax(axis=1) for u in unmerge])
+    cluster's mean over its pairs, averaged over the clusters in label order); ``assignment``
+    (N,): the cluster of every unit of all models concatenated."""
     order = np.argsort(assignment, kind="stable")  # by cluster, members ascending
     starts = np.flatnonzero(np.diff(assignment[order], prepend=-1))
     counts = np.diff(np.append(starts, len(order)))
@@ -410,13 +459,9 @@ def _match_structure(
             rows, cols = linear_sum_assignment(scores, maximize=True)
             pairing[k, rows] = cols
     results: list[GroupMatch] = []
-    head_merge = tuple(torch.zeros(h, h, dtype=torch.float64) for _ in range(count))
-    head_unmerge = tuple(torch.zeros(h, h, dtype=torch.float64) for _ in range(count))
-    for k in range(count):
-        for t in range(h):
-            head_merge[k][t, pairing[k, t]] = 1.0 / count
-            head_unmerge[k][pairing[k, t], t] = 1.0
-    results.append(GroupMatch(structure.outer, blocks, h, False, None, "blocks paired", head_merge, head_unmerge))
+    head_clusters = tuple(np.argsort(pairing[k]) for k in range(count))  # block pairing[k, t] of model k -> merged block t
+    head_weights = tuple(np.full(h, 1.0 / count) for _ in range(count))
+    results.append(GroupMatch(structure.outer, blocks, h, False, None, "blocks paired", head_clusters, head_weights))
     ties = {inner: embedding for outer, inner, embedding in analyses[0].head_ties if outer == structure.outer}
     for inner in structure.inners:
         sizes = inner_sizes[inner]
@@ -436,8 +481,7 @@ def _match_structure(
                                         f"{sources[inner]}, shared by all blocks", matcher, alpha, beta))
             continue
         offsets = np.concatenate(([0], np.cumsum([h * d for d in sizes])))
-        merge_mats = [torch.zeros(h * target, h * d, dtype=torch.float64) for d in sizes]
-        unmerge_mats = [torch.zeros(h * d, h * target, dtype=torch.float64) for d in sizes]
+        labels = np.empty(offsets[-1], dtype=np.int64)  # of the composite units, all models concatenated
         scores: list[float] = []
         for t in range(h):
             units = np.concatenate([offsets[k] + pairing[k, t] * sizes[k] + np.arange(sizes[k]) for k in range(count)])
@@ -449,24 +493,19 @@ def _match_structure(
                 block_matcher = "average" if same else matcher
             else:
                 block_sim, block_matcher = sim[np.ix_(units, units)], matcher
-            pairs = match(block_sim, list(sizes), target, method=block_matcher, alpha=alpha, beta=beta)
-            for k, (m, u) in enumerate(pairs):
-                b = pairing[k, t]
-                merge_mats[k][t * target : (t + 1) * target, b * sizes[k] : (b + 1) * sizes[k]] = torch.from_numpy(m)
-                unmerge_mats[k][b * sizes[k] : (b + 1) * sizes[k], t * target : (t + 1) * target] = torch.from_numpy(u)
-            value = _mean_merged_similarity(block_sim, [u for _, u in pairs])
+            block_labels = match_labels(block_sim, list(sizes), target, method=block_matcher, alpha=alpha, beta=beta)
+            labels[units] = t * target + block_labels
+            value = _mean_merged_similarity(block_sim, block_labels)
             if value is not None and sim is not None:
                 scores.append(value)
         results.append(
-            GroupMatch(
+            GroupMatch.of_labels(
                 f"{structure.outer}*{inner}",
                 tuple(h * d for d in sizes),
                 h * target,
-                False,
+                labels,
                 float(np.mean(scores)) if scores else None,
                 f"{sources[inner]}, block-wise" if sim is not None else "none: identity",
-                tuple(merge_mats),
-                tuple(unmerge_mats),
                 factors=(structure.outer, inner),
             )
         )
@@ -513,17 +552,8 @@ def _match_plain(
         similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
         if len(set(sizes)) == 1 and target == sizes[0]:
             similarity, source, matcher = np.eye(sum(sizes)), "none: identity", "average"
-    pairs = match(similarity, sizes, target, method=matcher, alpha=alpha, beta=beta)
-    return GroupMatch(
-        name,
-        sizes,
-        target,
-        False,
-        _mean_merged_similarity(similarity, [u for _, u in pairs]),
-        source,
-        tuple(torch.from_numpy(np.ascontiguousarray(m)) for m, _ in pairs),
-        tuple(torch.from_numpy(np.ascontiguousarray(u)) for _, u in pairs),
-    )
+    labels = match_labels(similarity, sizes, target, method=matcher, alpha=alpha, beta=beta)
+    return GroupMatch.of_labels(name, sizes, target, labels, _mean_merged_similarity(similarity, labels), source)
 
 
 def _match_live(
@@ -538,22 +568,16 @@ def _match_live(
         rows = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in live])
         similarity = similarity[np.ix_(rows, rows)]
     if len(live) == 1:  # nothing to match: the live model's units, as they are
-        eye = torch.eye(live_sizes[0], dtype=torch.float64)
-        sub = GroupMatch(name, live_sizes, live_sizes[0], False, None, source, (eye,), (eye,))
+        n = live_sizes[0]
+        sub = GroupMatch(name, live_sizes, n, False, None, source, (np.arange(n),), (np.ones(n),))
     else:
         target = resolve_width(width, name, live_sizes)
         sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta)
-    target = sub.width
-    merge, unmerge = [], []
-    for k, size in enumerate(sizes):
-        if k in live:
-            merge.append(sub.merge[live.index(k)])
-            unmerge.append(sub.unmerge[live.index(k)])
-        else:
-            merge.append(torch.zeros(target, size, dtype=torch.float64))
-            unmerge.append(torch.zeros(size, target, dtype=torch.float64))
+    assert sub.clusters is not None and sub.weights is not None
+    clusters = tuple(sub.clusters[live.index(k)] if k in live else np.full(size, -1) for k, size in enumerate(sizes))
+    weights = tuple(sub.weights[live.index(k)] if k in live else np.zeros(size) for k, size in enumerate(sizes))
     return replace(sub, sizes=sizes, source=f"{sub.source}; models {sorted(set(range(len(sizes))) - set(live))} inert",
-                   merge=tuple(merge), unmerge=tuple(unmerge))
+                   clusters=clusters, weights=weights)
 
 
 def _own_structure(
@@ -583,10 +607,9 @@ def _own_structure(
     source = f"the model's own; models {sorted(dead)} inert"
 
     def own(name: str, sizes: tuple[int, ...], factors: tuple[str, ...] = ()) -> GroupMatch:
-        n = sizes[k_live]
-        merge = tuple(torch.eye(n, dtype=torch.float64) if k == k_live else torch.zeros(n, size, dtype=torch.float64)
-                      for k, size in enumerate(sizes))
-        return GroupMatch(name, sizes, n, False, None, source, merge, tuple(m.T.clone() for m in merge), factors=factors)
+        clusters = tuple(np.arange(size) if k == k_live else np.full(size, -1) for k, size in enumerate(sizes))
+        weights = tuple(np.ones(size) if k == k_live else np.zeros(size) for k, size in enumerate(sizes))
+        return GroupMatch(name, sizes, sizes[k_live], False, None, source, clusters, weights, factors=factors)
 
     results = [own(structure.outer, blocks)]
     for inner, sizes in inner_sizes.items():
@@ -651,10 +674,10 @@ def _labels_of(key: tuple[str, ...], analysis: Analysis, done: Mapping[str, Grou
             continue
         else:
             return None
-        if matched.unmerge is None:
+        if matched.clusters is None:
             own, width = np.arange(matched.sizes[model]), matched.sizes[model]
         else:
-            own, width = matched.unmerge[model].argmax(dim=1).numpy(), matched.width
+            own, width = matched.clusters[model], matched.width
         labels = (labels[:, None] * width + own[None, :]).reshape(-1)
         position += step
     return labels
@@ -724,6 +747,8 @@ def _read_off(
             full = product.correlation[offsets[k] : offsets[k + 1], offsets[l] : offsets[l + 1]].reshape(*units_k, *units_l)
             total, blocks = np.zeros((key_sizes[k], key_sizes[l])), 0
             for merged in np.intersect1d(prefix_labels[k], prefix_labels[l]):
+                if merged < 0:
+                    continue  # units of an inert model: no merged block
                 pk, pl = np.flatnonzero(prefix_labels[k] == merged)[0], np.flatnonzero(prefix_labels[l] == merged)[0]
                 sub = full[pk, :, :, pl, :, :]  # (key_k, suffix_k, key_l, suffix_l)
                 if not matched_suffix and suffix_sizes[k] == 1:
@@ -867,11 +892,11 @@ def match_groups(
 
 def _same_match(a: GroupMatch, b: GroupMatch) -> bool:
     """Whether two matches of one group have the same merge and unmerge matrices."""
-    if (a.merge is None) != (b.merge is None):
+    if (a.clusters is None) != (b.clusters is None):
         return False
-    if a.merge is None:
+    if a.clusters is None or a.weights is None or b.clusters is None or b.weights is None:
         return True
-    return all(torch.equal(x, y) for x, y in zip(a.merge + a.unmerge, b.merge + b.unmerge))  # type: ignore[operator]
+    return all(map(np.array_equal, a.clusters + a.weights, b.clusters + b.weights))
 
 
 def _neighbour_matches(
