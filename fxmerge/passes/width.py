@@ -35,6 +35,8 @@ _TIE_BREAK = 1e-3
 # (fxmerge.passes.features), so a pair within 1e-5 of collinear may be collinear — e.g. two ReLU
 # units that fire on the same one of 32 samples — and could outrank an exact twin at 1 - 1e-6.
 _COLLINEAR = 1.0 - 1e-5
+# Rows per block of the in-place (N, N) steps: block temporaries of 256 x N.
+_ROW_BLOCK = 256
 # A data-free merge (no activations) re-matches its groups on weights until no match changes, at
 # most this many rounds over all groups (Git Re-Basin's weight matching iterates likewise).
 WEIGHT_MATCHING_ROUNDS = 10
@@ -261,10 +263,15 @@ def similarity_of(features: Sequence[Sequence[torch.Tensor]]) -> np.ndarray | No
     sums = torch.stack([block.sum(dim=1) for block in stacked]).to(torch.float64).sum(dim=0)
     squares = torch.stack([torch.linalg.vector_norm(block, dim=1) for block in stacked]).to(torch.float64).pow(2).sum(dim=0)
     variance = (squares - sums * sums / count).clamp_min(0.0)  # (N,) times count
-    covariance = dot - torch.outer(sums, sums) / count
-    denominator = torch.sqrt(torch.outer(variance, variance))
-    similarity = torch.where(denominator > 1e-24, covariance / denominator.clamp_min(1e-24), 0.0).clamp_(-1, 1)
-    return similarity.cpu().numpy()  # symmetric: the Gram matrix is mirrored
+    # in place, by blocks of rows: (N, N) temporaries would be several times the result
+    for start in range(0, len(sums), _ROW_BLOCK):
+        rows = slice(start, start + _ROW_BLOCK)
+        block = dot[rows]
+        block.sub_(torch.outer(sums[rows], sums) / count)  # the covariance
+        denominator = torch.sqrt(torch.outer(variance[rows], variance))
+        positive = denominator > 1e-24
+        block.div_(denominator.clamp_min_(1e-24)).masked_fill_(~positive, 0.0)
+    return dot.clamp_(-1, 1).cpu().numpy()  # symmetric: the Gram matrix is mirrored
 
 
 def weight_similarity(
@@ -532,10 +539,15 @@ def unit_similarity(
     average on each of 3 seeds — the small weight term also orders near-ties among live units.
     """
     weight_similarity_ = weights() if method == "mudsc" or activation is None or _indistinct(activation) else None
+    # in place in the weight similarity (a fresh array): (N, N) temporaries are large
     if activation is not None and weight_similarity_ is not None and method == "mudsc":
-        return balance * weight_similarity_ + (1 - balance) * activation.correlation, f"mudsc(balance={balance})"
+        weight_similarity_ *= balance
+        weight_similarity_ += (1 - balance) * activation.correlation
+        return weight_similarity_, f"mudsc(balance={balance})"
     if activation is not None and weight_similarity_ is not None:
-        return activation.correlation + _TIE_BREAK * weight_similarity_, "activations (+weights for ties)"
+        weight_similarity_ *= _TIE_BREAK
+        weight_similarity_ += activation.correlation
+        return weight_similarity_, "activations (+weights for ties)"
     if activation is not None:
         return activation.correlation, "activations"
     if weight_similarity_ is not None:
