@@ -23,9 +23,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxmerge.config import MergeConfig
-from fxmerge.errors import ConfigError, IncompatibleModelsError
+from fxmerge.errors import ConfigError, IncompatibleModelsError, TraceError
 from fxmerge.evaluation import EvaluationTable, evaluate_models
-from fxmerge.inputs import checked_example, checked_inputs
+from fxmerge.inputs import check_runs_on, checked_example, checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend, inert_groups
 from fxmerge.passes.features import GroupStatistics, feature_statistics, observed_groups
@@ -296,11 +296,17 @@ class Region:
 def trace_models(
     models: Sequence[nn.Module], names: Sequence[str], batches: list[torch.Tensor], config: MergeConfig
 ) -> tuple[ModelState, ...]:
-    """Stage "trace": every model traced on calibration batch 0 (``fxmerge.trace``)."""
-    return tuple(
-        ModelState(k, name, model, trace(model, batches[0], config.leaf_modules, config.capture), model)
-        for k, (model, name) in enumerate(zip(models, names))
-    )
+    """Stage "trace": every model traced on calibration batch 0 (``fxmerge.trace``). When one
+    cannot be, ``check_runs_on`` first tells whether the data is what fails."""
+    states = []
+    for k, (model, name) in enumerate(zip(models, names)):
+        try:
+            graph = trace(model, batches[0], config.leaf_modules, config.capture)
+        except TraceError:
+            check_runs_on(models, names, batches[0])
+            raise
+        states.append(ModelState(k, name, model, graph, model))
+    return tuple(states)
 
 
 def align_depths(

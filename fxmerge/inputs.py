@@ -148,14 +148,14 @@ def checked_inputs(models: Any, calibration: Iterable[Any], limit: int) -> tuple
 
     Runs every check of this module in order: at least two nn.Modules; batches (see the module
     docstring) of one structure, per-sample shapes, dtypes and device, finite; one dtype and
-    device for all models (floating batches cast to the models' dtype with a warning); every
-    model runs on batch 0. Names are ``"models[k] (ClassName)"``.
+    device for all models (floating batches cast to the models' dtype with a warning). Whether
+    every model runs on batch 0 is seen when tracing runs it (``check_runs_on`` explains a
+    failure). Names are ``"models[k] (ClassName)"``.
     """
     models = _model_list(models)
     names = [f"models[{k}] ({type(m).__name__})" for k, m in enumerate(models)]
     batches = calibration_inputs(calibration, limit)
     batches = _check_dtypes_and_devices(models, names, batches)
-    _check_runs_on(models, names, batches[0])
     return models, names, batches
 
 
@@ -348,8 +348,11 @@ def _check_dtypes_and_devices(
     return batches
 
 
-def _check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: Batch) -> None:
-    """Run every model (in eval mode, no gradients) on calibration batch 0, before tracing.
+def check_runs_on(models: Sequence[nn.Module], names: Sequence[str], batch: Batch) -> None:
+    """Run every model (in eval mode, no gradients) on calibration batch 0: called when tracing
+    fails, to tell data that a model does not accept from a model that cannot be captured (a
+    merge's trace runs every model on batch 0 anyway; checking first would cost that forward
+    twice).
 
     Some models fail, others not (e.g. a first conv that expects 3 channels, data with 1):
     IncompatibleModelsError naming the failing models. Every model fails: CalibrationError (the

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Tracer
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx import GraphModule, Interpreter, Tracer
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from fxmerge import ops
 from fxmerge.config import CAPTURES
@@ -297,12 +298,34 @@ def _quiet_export_log() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class _ShapeProp(ShapeProp):
+    """torch's ShapeProp (real tensors) without its ``traceback.print_exc()`` when a node fails:
+    the failure is raised as it is, and the caller says what failed."""
+
+    def run_node(self, n: Any) -> Any:
+        result = Interpreter.run_node(self, n)
+        found_tensor = False
+
+        def extract_tensor_meta(obj: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(obj, torch.Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract_tensor_meta)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 def _with_shapes(gm: GraphModule, batch: Batch, capture: str, name: str) -> GraphModule:
     gm.eval()
     gm.meta["fxmerge_capture"] = capture
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*batch.placeholders(gm))
+            _ShapeProp(gm).propagate(*batch.placeholders(gm))
     except Exception as error:
         raise TraceError(f"{name} was captured ({capture}), but running it on {batch!r} failed: {error}") from error
     return gm
