@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: rows[-1][k] for k in ("case", "method", "ratio")}), file=sys.stderr, flush=True)
     text = table(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.md").write_text(text)
-    from homogeneous import machine_info, source_info
+    from homogeneous import machine_info, source_info, write_keeping_notes
+
+    write_keeping_notes(args.out / "speed.md", text)
 
     (args.out / "speed.json").write_text(
         json.dumps({"machine": machine_info(), "source": source_info(), "rows": rows}, indent=2) + "\n"

@@ -697,6 +697,7 @@ def _merged(
     region = run("structure", check_structure, states, config)
     statistics = {} if data_free else run("features", collect_statistics, states, region, batches, config, process_group)
     matches = run("width", match_widths, states, region, statistics, config, WEIGHT_MATCHING_ROUNDS if data_free else 1)
+    del statistics  # one (N, N) correlation per group: not read past matching
 
     def build(config: MergeConfig, run: Callable[..., Any] = run) -> GraphModule:
         merged = run("rewrite", rewrite, states, region, matches, config)
