@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/speed.py [--cases resnet18 vit-tiny resnet50 vit-b16] [--repeats 3]
                                [--batches 8] [--batch-size 16] [--threads 1] [--device cpu]
-                               [--methods zip mudsc] [--zipit-model] [--out benchmarks/results]
+                               [--methods zip mudsc] [--zipit-model] [--out benchmarks/results] [--update]
 
 A merge needs at least one forward pass of every model over the calibration data (feature
 statistics) and one of the merged model (BatchNorm reset): K + 1 passes. For every case (a pair of
@@ -87,6 +87,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import fxmerge.match.zip as zip_module
     from fxmerge import merge
+    from homogeneous import source_info
     from memory import _rss_mib  # the resident set size, as the memory benchmark reads it
 
     torch.set_num_threads(args.threads)
@@ -113,14 +114,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     original = zip_module.zip_matching
 
     def timed_zip_matching(similarity, sizes, target_width, alpha, beta, **options):  # type: ignore[no-untyped-def]
-        if args.zipit_model and recording[0]:  # before the matcher may overwrite it
+        if recording[0]:  # before the matcher may overwrite it
             matcher_calls.append((similarity.copy(), list(sizes), target_width, alpha, beta))
         start = time.perf_counter()
         result = original(similarity, sizes, target_width, alpha, beta, **options)
         matcher_seconds[0] += time.perf_counter() - start
         return result
 
-    recording = [True]
+    recording = [False]  # the matchings are recorded in one more merge, after the peak is read
     zip_module.zip_matching = timed_zip_matching
     matcher_per_merge = []
     for repeat in range(args.repeats):
@@ -133,8 +134,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         merges.append(time.perf_counter() - start)
         stages.append(dict(result.timings))
         matcher_per_merge.append(matcher_seconds[0])
-        recording[0] = False
-    zip_module.zip_matching = original
     row: dict[str, Any] = {
         "case": args.case,
         "method": args.method,
@@ -147,11 +146,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mib": rss_before,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB,
         "params_m": sum(p.numel() for p in models[0].parameters()) / 1e6,
+        "commit": source_info()["commit"][:10],
     }
     if device.startswith("cuda"):
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / MiB
     if args.zipit_model:
         from fxmerge.match.reference import naive_zip_matching
+
+        recording[0] = True
+        merge(models, batches, method=args.method, quiet=True)
+        zip_module.zip_matching = original
 
         start = time.perf_counter()
         for similarity, sizes, target, alpha, beta in matcher_calls:
@@ -160,11 +164,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         row["zipit_model_merge_s"] = statistics.median(merges) - statistics.median(matcher_per_merge) + row["zipit_matcher_s"]
         row["zipit_matcher_calls"] = len(matcher_calls)
         row["largest_matching"] = max((sum(c[1]) for c in matcher_calls), default=0)
+    zip_module.zip_matching = original
     return row
 
 
 def _median_stages(row: dict[str, Any]) -> dict[str, float]:
     return {stage: statistics.median(s.get(stage, 0.0) for s in row["stages_s"]) for stage in STAGES}
+
+
+def _rows_by_commit(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        found.setdefault(row.get("commit", "?"), []).append(f"{row['case']} {row['method']}")
+    return found
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -184,7 +196,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "Peak RSS = the process's peak (models, data, torch and the merge); before = resident size before "
         "the first merge (MiB).",
         "",
-        f"Machine: {machine}. Source: {source_info()}.",
+        f"Machine: {machine}. Source: {source_info()}; rows measured at "
+        + ", ".join(f"{commit} ({', '.join(cases)})" for commit, cases in _rows_by_commit(rows).items()) + ".",
         "",
         "| pair | method | params (M) | forward (s) | merge (s) | **ratio** | "
         + " | ".join(STAGES)
@@ -219,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--zipit-model", action="store_true", help="also time ZipIt!'s matcher on the same matchings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--update", action="store_true", help="keep the rows of speed.json in --out that this run does not measure")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -240,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{case} {method}: the measuring process failed (exit {done.returncode})")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps({k: rows[-1][k] for k in ("case", "method", "ratio")}), file=sys.stderr, flush=True)
+    if args.update and (args.out / "speed.json").exists():
+        measured = {(row["case"], row["method"]) for row in rows}
+        kept = [row for row in json.loads((args.out / "speed.json").read_text())["rows"] if (row["case"], row["method"]) not in measured]
+        order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in CASES for m in ("zip", "mudsc"))}
+        rows = sorted(kept + rows, key=lambda row: order.get((row["case"], row["method"]), len(order)))
     text = table(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
     from homogeneous import machine_info, source_info, write_keeping_notes
