@@ -879,12 +879,19 @@ def match_groups(
     _warn_too_few_samples([s for s in statistics.values() if too_few_samples(s)])
     # A group matched on weights (alone, or to break ties) saw only the neighbours matched before
     # it: match it once more with every other group in the merged basis (one step of Git
-    # Re-Basin's weight matching). MuDSC keeps its single pass, as in the paper. A group whose
-    # neighbours' matches are the very ones it saw would be matched again on the same input.
+    # Re-Basin's weight matching). A group whose neighbours' matches are the very ones it saw
+    # would be matched again on the same input. MuDSC keeps its single pass, as in the paper. So
+    # does zip for the groups whose activations decide all but their tied units ("+weights for
+    # ties"): matched again, they changed no zip match in 24 digits merges (x4 ResNets and VGGs,
+    # 3 seeds) nor in random-init torchvision resnet18, where it cost 0.75 s of a 4.1 s merge
+    # (permute's assignments do change: it keeps the step).
+    def rematched(match: GroupMatch) -> bool:
+        return match.source.startswith("weights") or ("+weights" in match.source and method == "permute")
+
     for _ in range(rounds):
         changed = False
         for group in order:
-            if not any(m.source.startswith("weights") or "+weights" in m.source for m in matched[group.name]):
+            if not any(map(rematched, matched[group.name])):
                 continue
             own = {m.name for m in matched[group.name]}
             done = {k: v for k, v in results.items() if k not in own}
