@@ -189,7 +189,9 @@ def _child_merge(case: str, features: Any) -> dict:
     batches = [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(4)]
     before = _rss_mib()
     start = time.perf_counter()
-    result = fxmerge.merge(models, batches, method="zip", quiet=True, max_memory=budget)
+    # the process's thread count, not "auto": weights compared across processes must not depend
+    # on the load of the moment (float reductions round differently at 1 and 2 threads)
+    result = fxmerge.merge(models, batches, method="zip", quiet=True, max_memory=budget, threads=torch.get_num_threads())
     wall = time.perf_counter() - start
     widest = max(result.groups, key=lambda g: sum(g.sizes) if not g.fixed else 0)
     digest = hashlib.sha256()
@@ -242,7 +244,7 @@ def _child_speed(case: str) -> dict:
                 model(batch)
         forward = time.perf_counter() - start
     start = time.perf_counter()
-    result = fxmerge.merge(models, batches, method="zip", quiet=True)
+    result = fxmerge.merge(models, batches, method="zip", quiet=True, threads=torch.get_num_threads())
     wall = time.perf_counter() - start
     return {"wall_s": wall, "forward_s": forward, "features_s": result.timings["features"], "timings_s": result.timings}
 

@@ -129,7 +129,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         matcher_seconds[0] = 0.0
         _sync(device)
         start = time.perf_counter()
-        result = merge(models, batches, method=args.method, quiet=True)
+        result = merge(models, batches, method=args.method, quiet=True, threads=args.threads)
         _sync(device)
         merges.append(time.perf_counter() - start)
         stages.append(dict(result.timings))
@@ -154,7 +154,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         from fxmerge.match.reference import naive_zip_matching
 
         recording[0] = True
-        merge(models, batches, method=args.method, quiet=True)
+        merge(models, batches, method=args.method, quiet=True, threads=args.threads)
         zip_module.zip_matching = original
 
         start = time.perf_counter()

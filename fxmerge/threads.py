@@ -9,10 +9,11 @@ digits ResNets took 7.8 s with "auto" (one thread) and 11.3 s with torch's 2 thr
 training a width-16 digits ResNet for 10 epochs took 2.4 s of CPU with one thread against 50-70 s
 with two. "auto" keeps torch's setting but lowers it to the cores that are free now, so a merge
 never oversubscribes more than torch itself would, and an idle machine still gets every core
-torch would use. The count "auto" picks depends on the load of the moment; the weights do not
-depend on it on the tested models (threads=1 and 2 give bit-identical merges of the digits
-ResNets), but float reductions split over threads may round differently elsewhere, so pass an
-int for bit-for-bit reproducibility across machines.
+torch would use. The count "auto" picks depends on the load of the moment, and the merged
+weights can depend on the count: float reductions split over threads round differently, and a
+near-tie between two matches can then go the other way. The digits ResNets merge to the same
+bits at 1 and 2 threads; a random-init torchvision wide_resnet50_2 pair (zip) does not. The same
+inputs and thread count give the same weights bit for bit: pass an int to reproduce a merge.
 
 Only the intra-op threads (``torch.set_num_threads``) are set: the inter-op pool
 (``torch.set_num_interop_threads``) cannot be changed once torch has run parallel work, so it
