@@ -53,6 +53,19 @@ def labels_by_smallest_member(labels: np.ndarray) -> np.ndarray:
     return rank_of_unique[inverse.reshape(-1)]
 
 
+def checked_cluster_sizes(labels: np.ndarray, target_width: int) -> np.ndarray:
+    """(target_width,) the number of units in each cluster of ``labels`` (N,); ConfigError unless
+    the labels cover exactly target_width non-empty clusters."""
+    cluster_sizes = np.bincount(labels, minlength=target_width)
+    if len(cluster_sizes) != target_width or np.any(cluster_sizes == 0):
+        # A matcher bug, not a user error, but ConfigError keeps the caller's handling in one place.
+        raise ConfigError(
+            f"internal: cluster labels do not cover exactly {target_width} non-empty clusters "
+            f"(cluster sizes {cluster_sizes.tolist()})"
+        )
+    return cluster_sizes
+
+
 def merge_matrices(
     labels: np.ndarray, sizes: Sequence[int], target_width: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -64,13 +77,7 @@ def merge_matrices(
     feature back (U_k[i, c] = 1), so that sum_k M_k @ U_k is the identity of size target_width.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    cluster_sizes = np.bincount(labels, minlength=target_width)
-    if len(cluster_sizes) != target_width or np.any(cluster_sizes == 0):
-        # A matcher bug, not a user error, but ConfigError keeps the caller's handling in one place.
-        raise ConfigError(
-            f"internal: cluster labels do not cover exactly {target_width} non-empty clusters "
-            f"(cluster sizes {cluster_sizes.tolist()})"
-        )
+    cluster_sizes = checked_cluster_sizes(labels, target_width)
     offsets = unit_offsets(sizes)
     matrices: list[tuple[np.ndarray, np.ndarray]] = []
     for k, n_k in enumerate(sizes):

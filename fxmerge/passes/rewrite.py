@@ -49,12 +49,7 @@ class ClusterMap:
         if bool((nonzero.sum(dim=0) > 1).any()):
             return matrix
         rows, columns = nonzero.nonzero(as_tuple=True)  # row-major: rows ascending
-        weights = matrix[rows, columns].to(torch.float64)
-        order = row_weights = None
-        if len(rows) == matrix.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()):
-            order = columns
-            row_weights = None if bool((weights == 1).all()) else weights
-        return ClusterMap(rows, columns, weights, int(matrix.shape[0]), order, row_weights)
+        return ClusterMap._of_entries(rows, columns, matrix[rows, columns].to(torch.float64), int(matrix.shape[0]))
 
     @staticmethod
     def of_assignment(clusters: np.ndarray, weights: np.ndarray | None, width: int) -> "ClusterMap":
@@ -66,11 +61,16 @@ class ClusterMap:
         rows, columns = torch.from_numpy(rows[order].astype(np.int64)), torch.from_numpy(units[order].astype(np.int64))
         values = torch.ones(len(columns), dtype=torch.float64) if weights is None else torch.from_numpy(
             np.ascontiguousarray(weights[units[order]], dtype=np.float64))
-        selection = row_weights = None
-        if len(rows) == width and bool((rows == torch.arange(width)).all()):
-            selection = columns
-            row_weights = None if bool((values == 1).all()) else values
-        return ClusterMap(rows, columns, values, int(width), selection, row_weights)
+        return ClusterMap._of_entries(rows, columns, values, int(width))
+
+    @staticmethod
+    def _of_entries(rows: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, width: int) -> "ClusterMap":
+        """The map of nonzero entries given row-major; a selection when every row has one."""
+        order = row_weights = None
+        if len(rows) == width and bool((rows == torch.arange(width, device=rows.device)).all()):
+            order = columns
+            row_weights = None if bool((weights == 1).all()) else weights
+        return ClusterMap(rows, columns, weights, width, order, row_weights)
 
     def __repr__(self) -> str:
         kind = "selection" if self.order is not None else "clusters"

@@ -20,6 +20,7 @@ import torch
 from fxmerge.errors import ConfigError
 from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.match import match_labels
+from fxmerge.match.clusters import checked_cluster_sizes
 from fxmerge.match.groups import mean_matched_similarity
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics, symmetric_gram
@@ -72,12 +73,10 @@ class GroupMatch:
         """The match of a clustering: ``labels`` (N,) the merged unit of every unit of all models
         concatenated; M_k averages each cluster (1/|c| over all models)."""
         labels = np.asarray(labels, dtype=np.int64)
-        counts = np.bincount(labels[labels >= 0], minlength=width)
-        if len(counts) != width or (counts == 0).any():
-            raise ConfigError(f"internal: {name}: cluster labels do not cover exactly {width} non-empty clusters")
+        counts = checked_cluster_sizes(labels, width)
         offsets = np.concatenate(([0], np.cumsum(sizes)))
         clusters = tuple(labels[offsets[k] : offsets[k + 1]] for k in range(len(sizes)))
-        weights = tuple(np.where(c >= 0, 1.0 / counts[np.maximum(c, 0)], 0.0) for c in clusters)
+        weights = tuple(1.0 / counts[c] for c in clusters)
         return GroupMatch(name, tuple(sizes), width, False, similarity, source, clusters, weights, factors)
 
     @property
@@ -579,17 +578,22 @@ def _match_live(
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         rows = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in live])
         similarity = similarity[np.ix_(rows, rows)]
+    inert = f"; models {sorted(set(range(len(sizes))) - set(live))} inert"
     if len(live) == 1:  # nothing to match: the live model's units, as they are
-        n = live_sizes[0]
-        sub = GroupMatch(name, live_sizes, n, False, None, source, (np.arange(n),), (np.ones(n),))
-    else:
-        target = resolve_width(width, name, live_sizes)
-        sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta)
+        return _own_units(name, sizes, live[0], source + inert)
+    target = resolve_width(width, name, live_sizes)
+    sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta)
     assert sub.clusters is not None and sub.weights is not None
     clusters = tuple(sub.clusters[live.index(k)] if k in live else np.full(size, -1) for k, size in enumerate(sizes))
     weights = tuple(sub.weights[live.index(k)] if k in live else np.zeros(size) for k, size in enumerate(sizes))
-    return replace(sub, sizes=sizes, source=f"{sub.source}; models {sorted(set(range(len(sizes))) - set(live))} inert",
-                   clusters=clusters, weights=weights)
+    return replace(sub, sizes=sizes, source=sub.source + inert, clusters=clusters, weights=weights)
+
+
+def _own_units(name: str, sizes: tuple[int, ...], live: int, source: str, factors: tuple[str, ...] = ()) -> GroupMatch:
+    """Model ``live``'s units as they are (identity M and U); every other model's inert (zero)."""
+    clusters = tuple(np.arange(size) if k == live else np.full(size, -1) for k, size in enumerate(sizes))
+    weights = tuple(np.ones(size) if k == live else np.zeros(size) for k, size in enumerate(sizes))
+    return GroupMatch(name, sizes, sizes[live], False, None, source, clusters, weights, factors=factors)
 
 
 def _own_structure(
@@ -617,18 +621,12 @@ def _own_structure(
         if target != sizes[k_live]:
             return None
     source = f"the model's own; models {sorted(dead)} inert"
-
-    def own(name: str, sizes: tuple[int, ...], factors: tuple[str, ...] = ()) -> GroupMatch:
-        clusters = tuple(np.arange(size) if k == k_live else np.full(size, -1) for k, size in enumerate(sizes))
-        weights = tuple(np.ones(size) if k == k_live else np.zeros(size) for k, size in enumerate(sizes))
-        return GroupMatch(name, sizes, sizes[k_live], False, None, source, clusters, weights, factors=factors)
-
-    results = [own(structure.outer, blocks)]
+    results = [_own_units(structure.outer, blocks, k_live, source)]
     for inner, sizes in inner_sizes.items():
         if inner in structure.shared:
-            results.append(own(inner, sizes))
+            results.append(_own_units(inner, sizes, k_live, source))
         else:
-            results.append(own(f"{structure.outer}*{inner}", tuple(h * d for d in sizes), (structure.outer, inner)))
+            results.append(_own_units(f"{structure.outer}*{inner}", tuple(h * d for d in sizes), k_live, source, (structure.outer, inner)))
     return results
 
 
