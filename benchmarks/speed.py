@@ -155,7 +155,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
         recording[0] = True
         merge(models, batches, method=args.method, quiet=True, threads=args.threads)
-        zip_module.zip_matching = original
 
         start = time.perf_counter()
         for similarity, sizes, target, alpha, beta in matcher_calls:
