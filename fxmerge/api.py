@@ -82,6 +82,9 @@ class MergeResult:
     all depths are equal. ``groups``: one ``GroupReport`` per group (widths, similarity, cluster
     labels). ``timings``: seconds per pass. ``matches``: per group name, the merge/unmerge matrices.
     ``capture``: per model, how it became a graph ("fx" or "export", see ``fxmerge.trace``).
+    ``threads``: torch's intra-op thread count the merge ran with (what ``threads="auto"`` chose):
+    pass it as ``threads=`` to get the same weights bit for bit, since the models' own forward
+    passes can round differently at another count (``fxmerge.threads``).
     """
 
     module: GraphModule
@@ -91,6 +94,7 @@ class MergeResult:
     alignment: Any = None
     matches: dict[str, GroupMatch] = field(default_factory=dict)
     capture: tuple[str, ...] = ()
+    threads: int | None = None
     _rebuild: Callable[[tuple[float, ...]], GraphModule] | None = field(default=None, compare=False)
 
     def interpolate(self, weights: Sequence[float]) -> GraphModule:
@@ -705,12 +709,14 @@ def _merged(
         return run("repair", repair_stage, merged, batches, config, process_group, states, region, matches)
 
     merged = build(config)
+    threads = torch.get_num_threads()  # the count in effect (``_threaded``): "auto" resolved once
     reports = tuple(
         GroupReport(m.name, m.sizes, m.width, m.fixed, m.similarity, m.source, _labels(m)) for m in matches.values()
     )
     return MergeResult(
         module=merged, groups=reports, timings=timings, config=config, alignment=alignment, matches=matches,
-        capture=tuple(capture_of(s.graph) for s in states),
-        # re-weighting repeats the last stages; their seconds are not this merge's
-        _rebuild=lambda weights: _threaded(config.threads, build, replace(config, model_weights=weights), _stage_runner({})),
+        capture=tuple(capture_of(s.graph) for s in states), threads=threads,
+        # re-weighting repeats the last stages (their seconds are not this merge's) at the merge's
+        # thread count: "auto" could pick another one now, and the repair pass's bits with it
+        _rebuild=lambda weights: _threaded(threads, build, replace(config, model_weights=weights), _stage_runner({})),
     )

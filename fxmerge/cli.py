@@ -363,8 +363,13 @@ def _run_merge(args: argparse.Namespace) -> int:
     free = sum(1 for g in result.groups if not g.fixed)
     print(f"merged {len(models)} models into {settings['out']}: {len(result.groups)} groups ({free} merged), "
           f"{sum(p.numel() for p in result.module.parameters())} parameters")
-    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()) + _threads_note(result.threads))
     return 0
+
+
+def _threads_note(threads: int | None) -> str:
+    """' (N torch threads)': the count a merge ran with (what reproduces its bits), or ''."""
+    return f" ({threads} torch thread{'s' if threads != 1 else ''})" if threads else ""
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -439,7 +444,7 @@ def _format_report(report: dict) -> str:
     timings = report.get("timings", {})
     if timings:
         lines.append("")
-        lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()) + _threads_note(report.get("threads")))
     return "\n".join(lines)
 
 

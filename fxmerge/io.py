@@ -79,7 +79,7 @@ file and hashes the manifest itself) — a directory holding:
 ``weights.safetensors``
     every tensor named in ``tensors`` (tied aliases once), as contiguous CPU copies.
 ``report.json``
-    optional: ``MergeResult.to_dict()`` (config, groups, timings, depth alignment: per shallower
+    optional: ``MergeResult.to_dict()`` (config, groups, timings, the thread count, depth alignment: per shallower
     model its units, CKA, segments and the ``inserted`` identity units with their modules).
 """
 
@@ -1720,8 +1720,9 @@ def inserted_units(alignment: Any) -> list[dict[str, Any]]:
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:
-    """The JSON report of a ``MergeResult``: config, groups, timings and depth alignment (with
-    the identity units inserted per shallower model)."""
+    """The JSON report of a ``MergeResult``: config, groups, timings, the thread count it ran with
+    (``MergeResult.threads``) and depth alignment (with the identity units inserted per shallower
+    model)."""
     from fxmerge import __version__
 
     alignment = None
@@ -1745,5 +1746,6 @@ def result_to_dict(result: Any) -> dict[str, Any]:
         "config": result.config.as_dict(),
         "groups": [asdict(group) for group in result.groups],
         "timings": dict(result.timings),
+        "threads": result.threads,
         "alignment": alignment,
     })

@@ -10,10 +10,15 @@ training a width-16 digits ResNet for 10 epochs took 2.4 s of CPU with one threa
 with two. "auto" keeps torch's setting but lowers it to the cores that are free now, so a merge
 never oversubscribes more than torch itself would, and an idle machine still gets every core
 torch would use. The count "auto" picks depends on the load of the moment, and the merged
-weights can depend on the count: float reductions split over threads round differently, and a
-near-tie between two matches can then go the other way. The digits ResNets merge to the same
-bits at 1 and 2 threads; a random-init torchvision wide_resnet50_2 pair (zip) does not. The same
-inputs and thread count give the same weights bit for bit: pass an int to reproduce a merge.
+model's last bits can depend on the count, through the models' own forward passes: torch's
+oneDNN convolutions split their work by thread and round differently at another count. A
+random-init torchvision wide_resnet50_2 pair (zip, 4 batches of 8x3x64x64) gets the same
+matches and weights at 1 and 2 threads, but 98 BatchNorm running statistics differ by up to
+2.1e-5 (49 of the model's 69 convolution outputs differ in their last bits); the matrix products
+and reductions of fxmerge's own passes gave the same bits at both counts. The digits ResNets
+merge to the same bits at 1 and 2 threads. The same inputs and thread count give the same
+weights bit for bit: ``MergeResult.threads`` is the count a merge ran with ("auto" resolved),
+to pass as an int to reproduce it.
 
 Only the intra-op threads (``torch.set_num_threads``) are set: the inter-op pool
 (``torch.set_num_interop_threads``) cannot be changed once torch has run parallel work, so it

@@ -57,14 +57,16 @@ def test_yaml_config_merge_round_trip_equals_python_api(trained, capsys):
 def test_flags_merge_and_inspect(trained, capsys):
     folder, _, _ = trained
     out = folder / "flags"
-    argv = ["merge", "--quiet", "--calib", str(folder / "calib.safetensors"), "--method", "permute", "--out", str(out)]
+    argv = ["merge", "--quiet", "--calib", str(folder / "calib.safetensors"), "--method", "permute", "--out", str(out),
+            "--threads", "2"]
     for name in ("a", "b"):
         argv += ["--model", "fxmerge.zoo:resnet", "--kwargs", str(KWARGS), "--weights", str(folder / f"{name}.safetensors")]
     assert main(argv) == 0
-    capsys.readouterr()
+    assert "s (2 torch threads)\n" in capsys.readouterr().out  # the count that reproduces the merge
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
     assert "stem.0:out" in report and "layer diff" in report and "method=permute" in report
+    assert "s (2 torch threads)" in report
 
 
 def test_inspect_a_factory_prints_the_groups(capsys):

@@ -118,6 +118,12 @@ def test_auto_is_the_default_and_resolved_when_merge_runs(caller_threads, seen, 
     assert result.config.threads == "auto"
     assert {name: set(counts) for name, counts in seen.items()} == {name: {1} for name in STAGES}
     assert torch.get_num_threads() == caller_threads
+    # the count it ran with is in the result and its report, to reproduce the merge
+    assert result.threads == 1 and result.to_dict()["threads"] == 1
+    seen.clear()
+    _machine(monkeypatch, usable=2, cpus=2, load=0.0)  # "auto" would now pick 2
+    result.interpolate((0.25, 0.75))
+    assert {name: set(counts) for name, counts in seen.items()} == {name: {1} for name in ("rewrite", "attach_tails", "repair_stage")}
 
 
 def test_the_callers_count_comes_back_when_merge_raises(caller_threads, seen) -> None:
