@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
@@ -271,9 +270,9 @@ class _Analyzer(Interpreter):
         warnings.warn(message, stacklevel=3)
         self.warnings.append(message)
         reason = f"unsupported op at {node.name} ({_target_name(node)})"
-        for arg in _flatten_args((node.args, node.kwargs)):
-            if isinstance(arg, Node):
-                self.fix_tensor(self.env.get(arg), reason)
+        for value in _flatten_args((node.args, node.kwargs)):
+            if isinstance(value, Node):
+                self.fix_tensor(self.env.get(value), reason)
         if node.op == "call_module":
             self.fix_param_tensors(str(node.target), reason)
         # fresh fixed spaces rather than opaque extents: whatever reads the result is fixed with
