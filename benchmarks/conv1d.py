@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fxmerge.experiments import Row  # noqa: E402
 from fxmerge.zoo import resnet  # noqa: E402
-from homogeneous import machine_info, source_info  # noqa: E402
+from homogeneous import digits_protocol_parser, machine_info, source_info  # noqa: E402
 from width import (  # noqa: E402
     Pair, _x, claims_markdown, command_line, mean_rows, pair_claims, results_json, run_pairs, table_markdown,
 )
@@ -91,19 +91,10 @@ PAIR_KEYS = tuple(pairs(4))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = digits_protocol_parser(__doc__.split("\n\n")[0], name="conv1d", epochs=15)
     parser.add_argument("--pairs", nargs="+", default=list(PAIR_KEYS), choices=list(PAIR_KEYS))
     parser.add_argument("--width-multiplier", type=float, default=4.0,
                         help="m: model A at x(m), model B at x(2m) (default 4)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="conv1d", help="output file stem (default conv1d)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,7 @@ from fxmerge.passes.repair import reset_batchnorm  # noqa: E402
 from fxmerge.passes.units import find_units  # noqa: E402
 from fxmerge.testing import permute_model  # noqa: E402
 from fxmerge.zoo import resnet, vgg, vgg_cfg, vit  # noqa: E402
-from homogeneous import machine_info, source_info  # noqa: E402
+from homogeneous import digits_protocol_parser, machine_info, source_info  # noqa: E402
 
 # family -> (shallow factory, deep factory, description) at width multiplier m; factories as in
 # fxmerge.experiments. The papers merge x4-x16 nets; narrow (x1) ones merge badly with every method.
@@ -111,20 +111,11 @@ HEADERS = ("joint", "task A", "task B", "avg")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = digits_protocol_parser(__doc__.split("\n\n")[0], name="depth", epochs=15)
     parser.add_argument("--families", nargs="+", default=["resnet", "vgg", "vgg-2v3"], choices=sorted(PAIRS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="depth", help="output file stem (default depth)")
-    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--width-multiplier", type=int, default=4, help="every layer's width x this (default 4)")
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--barrier-steps", type=int, default=11)
     parser.add_argument("--no-barrier", action="store_true", help="skip the loss barriers")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--render", type=Path, default=None,
                         help="only re-write the markdown (and print it) from a JSON file written by this script")
     return parser.parse_args(argv)

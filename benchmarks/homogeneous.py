@@ -36,20 +36,28 @@ COLUMNS = ("joint", "task_a", "task_b", "average")
 HEADERS = ("joint", "task A", "task B", "avg")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def digits_protocol_parser(description: str, *, name: str, epochs: int) -> argparse.ArgumentParser:
+    """The options every digits merging benchmark shares (``fxmerge.experiments``' protocol):
+    seeds, output folder and file stem, training epochs, head embedding size, calibration
+    batches, zip's alpha/beta and the torch thread count; the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--families", nargs="+", default=["resnet", "vgg"], choices=sorted(FAMILIES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="homogeneous", help="output file stem (default homogeneous)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--name", default=name, help=f"output file stem (default {name})")
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--width-multiplier", type=float, default=1.0)
     parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--balance", type=float, default=0.5, help="MuDSC weight-vs-activation factor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = digits_protocol_parser(__doc__.split("\n\n")[0], name="homogeneous", epochs=10)
+    parser.add_argument("--families", nargs="+", default=["resnet", "vgg"], choices=sorted(FAMILIES))
+    parser.add_argument("--width-multiplier", type=float, default=1.0)
+    parser.add_argument("--balance", type=float, default=0.5, help="MuDSC weight-vs-activation factor")
     return parser.parse_args(argv)
 
 

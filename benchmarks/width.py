@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fxmerge.experiments import FAMILIES, Row, TaskModels, compare, evaluate_ensemble, train_task_models  # noqa: E402
 from fxmerge.zoo import resnet  # noqa: E402
-from homogeneous import COLUMNS, HEADERS, machine_info, source_info  # noqa: E402
+from homogeneous import COLUMNS, HEADERS, digits_protocol_parser, machine_info, source_info  # noqa: E402
 
 ZIP_MAX, ZIP_MIN, ENSEMBLE = "Zip width=max", "Zip width=min", "Ensemble (upper reference)"
 MERGES = (("max", ZIP_MAX), ("min", ZIP_MIN))
@@ -102,19 +102,10 @@ PAIR_KEYS = tuple(pairs(4))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = digits_protocol_parser(__doc__.split("\n\n")[0], name="width", epochs=15)
     parser.add_argument("--pairs", nargs="+", default=list(PAIR_KEYS), choices=list(PAIR_KEYS))
     parser.add_argument("--width-multiplier", type=float, default=4.0,
                         help="m: the pairs are x(m/2)/x(m), x(m)/x(2m), ... (default 4)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="width", help="output file stem (default width)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--embed-dim", type=int, default=32)
-    parser.add_argument("--calibration-batches", type=int, default=32, help="batches of 64 (the train set has 21)")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--skip-torchvision", action="store_true", help="skip the resnet50 + wide_resnet50_2 timing")
     return parser.parse_args(argv)
 
