@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ from fxmerge.data import (
 from fxmerge.zoo import mlp, resnet
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread() -> Iterator[None]:
-    """These models are tiny: one thread is as fast, and immune to OpenMP oversubscription on busy CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,13 +14,7 @@ from fxmerge import zoo
 from fxmerge.zoo import BasicBlock, ConvNeXtBlock, FAMILIES, convnext, mlp, resnet, vgg, vgg_cfg, vit
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread() -> Iterator[None]:
-    """These models are tiny: one thread is as fast, and immune to OpenMP oversubscription on busy CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast
 
 
 DIGITS = {"in_channels": 1, "image_size": 8}
