@@ -103,6 +103,24 @@ def relative_error(expected: torch.Tensor, got: torch.Tensor, *, norm: str = "ma
     return (error / scale.clamp_min(1e-12)).item()
 
 
+class ConvBNNet(nn.Module):
+    """conv -> BN -> relu -> conv -> BN -> relu -> spatial mean -> linear, on (N, 3, H, W) inputs;
+    ``widths``: the two convolutions' output channels, ``classes``: the outputs."""
+
+    def __init__(self, widths: tuple[int, int] = (6, 5), classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(widths[1])
+        self.fc = nn.Linear(widths[1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 def random_batches(shape: tuple[int, ...] = (16, 1, 8, 8), count: int = 4, seed: int = 0) -> list[torch.Tensor]:
     """``count`` standard-normal batches of ``shape`` from a generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)

@@ -19,22 +19,7 @@ from fxmerge.passes.depth import unit_weight_similarity
 from fxmerge.passes.units import find_units
 from fxmerge.testing import random_permute
 
-from conftest import randomize_, same_state
-
-
-class CNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
+from conftest import ConvBNNet, randomize_, same_state
 
 
 class MLP(nn.Module):
@@ -51,9 +36,9 @@ class MLP(nn.Module):
         return self.out(x)
 
 
-def _cnn(seed: int = 0) -> CNN:
+def _cnn(seed: int = 0) -> ConvBNNet:
     """randomised weights and running statistics (not those of any data)"""
-    return randomize_(CNN(), seed).eval()
+    return randomize_(ConvBNNet((8, 6)), seed).eval()
 
 
 CASES = {

@@ -235,24 +235,10 @@ import fxmerge  # noqa: E402
 from fxmerge.passes.repair import node_moments  # noqa: E402
 from fxmerge.testing import random_permute  # noqa: E402
 
-from conftest import random_batches  # noqa: E402
+from conftest import ConvBNNet, random_batches  # noqa: E402
 
 
-class BNNet(nn.Module):
-    """conv -> BN -> relu -> conv -> BN -> relu -> pool -> linear."""
-
-    def __init__(self, width: int = 6) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 5, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.fc = nn.Linear(5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
+BNNet = ConvBNNet  # conv -> BN -> relu -> conv -> BN -> relu -> pool -> linear, widths (6, 5)
 
 
 class LNNet(nn.Module):
