@@ -5,7 +5,7 @@ Usage:
 
 Runs each benchmark script in its own process (so peak-memory figures are per script) and stops
 at the first failure. ``--quick`` passes one seed to the accuracy benchmarks (a smoke run: the
-committed tables use three seeds).
+committed tables use three seeds, depth.md five).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SCRIPTS = {
     "matcher": ["bench_matcher.py", "--sizes", "256", "512", "1024", "2048", "4096", "--naive-max", "2048", "--memory",
                 "--match-sizes", "64", "128", "256", "512", "768", "--cold", "--json", str(HERE / "results" / "matcher.json")],
     "homogeneous": ["homogeneous.py"],
-    "depth": ["depth.py", "--families", "resnet", "vgg", "--no-barrier"],
+    "depth": ["depth.py", "--seeds", "0", "1", "2", "3", "4", "--families", "resnet", "vgg", "--no-barrier"],
     "depth_vit": ["depth.py", "--families", "vit", "--no-barrier", "--name", "depth_vit"],
     "depth_choice": ["depth.py", "--families", "vgg-2v3", "resnet-2v3", "--no-barrier", "--name", "depth_choice"],
     "width": ["width.py"],
@@ -37,6 +37,7 @@ SCRIPTS = {
     "memory": ["memory.py"],
     "properties": ["properties.py"],
     "timm": ["timm_models.py"],
+    "first_touch": ["first_touch.py"],
 }
 SEEDED = {"homogeneous", "depth", "depth_choice", "depth_vit", "width", "conv1d", "partial", "repair"}
 CAPTURED = {"matcher": HERE / "results" / "matcher.md"}  # scripts that print their table only
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}: {SCRIPTS[name][0]} missing, skipped", flush=True)
             continue
         if args.quick and name in SEEDED:
-            command += ["--seeds", "0"]
+            command += ["--seeds", "0"]  # the last --seeds wins (argparse)
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         if name in CAPTURED:
