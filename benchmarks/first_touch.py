@@ -125,7 +125,8 @@ def markdown(machine_row: dict[str, Any], rows: list[dict[str, Any]], command: s
         f"{machine_row['resident_s']:.2f} s ({resident_rate:.1f} GiB/s), {resident_rate / fresh_rate:.0f}x faster.",
         "",
         "**Merges** (the pairs and data of `speed.py`, zip, 1 thread, the second of two merges in one process): "
-        "the GiB of pages the merge touched for the first time (minor page faults x 4 KiB), the seconds the kernel "
+        "the GiB of pages the merge touched for the first time (minor page faults x 4 KiB: a transparent huge page, "
+        "which numpy asks for on large arrays, counts as one fault, so this undercounts), the seconds the kernel "
         "spent for the process meanwhile (`ru_stime`: mostly those faults) and the wall seconds; per stage as "
         "GiB / kernel s / wall s.",
         "",
