@@ -575,3 +575,36 @@ def test_match_leaves_the_callers_similarity_alone():
     for groups in (None, 2):
         match(similarity, [20, 20], 16, method="zip", groups=groups)
         np.testing.assert_array_equal(similarity, before)
+
+
+@pytest.mark.parametrize("method", ["zip", "permute"])
+def test_a_workspace_holds_the_working_copy_and_gives_the_same_labels(method):
+    rng = np.random.default_rng(4)
+    similarity = random_symmetric(rng, 40)
+    similarity[0, 1] += 1e-15  # the working copy is the symmetrised similarity
+    before = similarity.copy()
+    expected = fxmerge_match.match_labels(similarity, [20, 20], 24 if method == "zip" else 20, method=method)
+    workspace = np.full(45 * 45, 7.0)  # larger than needed: one buffer serves many groups
+    got = fxmerge_match.match_labels(
+        similarity, [20, 20], 24 if method == "zip" else 20, method=method, workspace=workspace
+    )
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(similarity, before)  # the caller's similarity is still left alone
+    used = workspace[: 40 * 40].reshape(40, 40)
+    if method == "permute":  # the symmetrised copy, as it was handed to the matcher
+        np.testing.assert_array_equal(used, (before + before.T) / 2)
+    else:  # zip overwrote it with its scores
+        assert not np.array_equal(used, (before + before.T) / 2)
+    assert np.all(workspace[40 * 40 :] == 7.0)
+
+
+def test_a_workspace_that_cannot_serve_is_refused():
+    similarity = random_symmetric(np.random.default_rng(5), 10)
+    for bad in (np.empty(99), np.empty(100, dtype=np.float32), np.empty((10, 10), order="F"), [0.0] * 100):
+        with pytest.raises(ConfigError, match="workspace must be a writeable C-contiguous float64 numpy array of at least 100"):
+            fxmerge_match.match_labels(similarity, [5, 5], 5, method="zip", workspace=bad)
+    shared = np.empty(100)
+    shared_similarity = shared.reshape(10, 10)
+    shared_similarity[:] = similarity
+    with pytest.raises(ConfigError, match="must not share memory with the similarity"):
+        fxmerge_match.match_labels(shared_similarity, [5, 5], 5, method="zip", workspace=shared)

@@ -403,3 +403,20 @@ def test_groups_whose_ties_weights_break_are_matched_once(monkeypatch) -> None:
     result = fxmerge.merge(models, batches, method="zip", quiet=True)
     tied = [g.name for g in result.groups if "+weights" in g.source]
     assert len(tied) == 3 and set(tied) <= set(matched) and len(matched) == len(set(matched))
+
+
+def test_similarities_made_in_a_workspace_equal_fresh_ones_and_reuse_its_memory() -> None:
+    from fxmerge.passes.width import _Workspace, similarity_of
+
+    generator = torch.Generator().manual_seed(0)
+    workspace = _Workspace()
+    pointers = []
+    for units, widths in ((12, (7, 5)), (8, (3,)), (12, (4, 4))):  # the largest first: the others fit in it
+        features = [[torch.randn(units, w, generator=generator) for w in widths] for _ in range(2)]
+        expected = similarity_of(features)
+        got = similarity_of(features, workspace)
+        np.testing.assert_array_equal(got, expected)
+        pointers.append(got.__array_interface__["data"][0])
+    assert len(set(pointers)) == 1  # one buffer served every group
+    grown = similarity_of([[torch.randn(30, 2, generator=generator)]] * 2, workspace)
+    assert grown.shape == (60, 60) and workspace.scores(60).size == 3600

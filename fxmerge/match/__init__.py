@@ -75,11 +75,16 @@ def match_labels(
     alpha: float = 0.5,
     beta: float = 1.0,
     groups: int | None = None,
+    workspace: np.ndarray | None = None,
 ) -> np.ndarray:
     """``match``'s clusters as labels (N,) int64: the merged unit (0 .. target_width - 1) of every
-    unit of all models concatenated, without the (r, n_k) matrices."""
+    unit of all models concatenated, without the (r, n_k) matrices.
+
+    ``workspace``: a writeable C-contiguous float64 array of at least N * N entries, overwritten:
+    the matcher's working copy of the similarity is made in it instead of in a new (N, N) array
+    (a caller matching many groups in turn reuses one buffer)."""
     sizes = _checked_sizes(sizes)
-    similarity = _checked_similarity(similarity, sum(sizes))
+    similarity = _checked_similarity(similarity, sum(sizes), _workspace_square(workspace, sum(sizes)))
     if method not in METHODS:
         raise ConfigError(f"unknown matching method {method!r}; expected one of {', '.join(METHODS)}")
     target_width = _checked_target_width(target_width, sum(sizes))
@@ -127,8 +132,25 @@ def _checked_sizes(sizes: Sequence[int]) -> list[int]:
     return [int(size) for size in checked]
 
 
-def _checked_similarity(similarity: np.ndarray, n_units: int) -> np.ndarray:
-    """similarity as a new exactly symmetric (N, N) float64 array, (S + S.T) / 2; ConfigError if bad.
+def _workspace_square(workspace: np.ndarray | None, n_units: int) -> np.ndarray | None:
+    """The (N, N) view of ``match_labels``' workspace, or None; ConfigError if it cannot serve."""
+    if workspace is None:
+        return None
+    if not (
+        isinstance(workspace, np.ndarray) and workspace.dtype == np.float64 and workspace.flags.c_contiguous
+        and workspace.flags.writeable and workspace.size >= n_units * n_units
+    ):
+        raise ConfigError(
+            f"workspace must be a writeable C-contiguous float64 numpy array of at least {n_units * n_units} entries "
+            f"({n_units} units), got {type(workspace).__name__} {getattr(workspace, 'dtype', '')} of size "
+            f"{getattr(workspace, 'size', '?')}"
+        )
+    return workspace.reshape(-1)[: n_units * n_units].reshape(n_units, n_units)
+
+
+def _checked_similarity(similarity: np.ndarray, n_units: int, out: np.ndarray | None = None) -> np.ndarray:
+    """similarity as a new exactly symmetric (N, N) float64 array, (S + S.T) / 2 (in ``out``, an
+    (N, N) float64 array that must not overlap it, when given); ConfigError if bad.
 
     One pass over square tiles checks finiteness and np.allclose(S, S.T) and writes the average: the
     only (N, N) allocation is the result, and a tile and its mirror are both in cache (a transposed
@@ -143,7 +165,9 @@ def _checked_similarity(similarity: np.ndarray, n_units: int) -> np.ndarray:
         raise ConfigError(
             f"similarity has shape {array.shape}; expected ({n_units}, {n_units}) for the sizes' total of {n_units} units"
         )
-    symmetric = np.empty((n_units, n_units), dtype=np.float64)
+    if out is not None and np.shares_memory(out, array):
+        raise ConfigError("workspace must not share memory with the similarity")
+    symmetric = np.empty((n_units, n_units), dtype=np.float64) if out is None else out
     tiles = index_blocks(n_units, _SYMMETRY_TILE)
     for tile_index, rows in enumerate(tiles):
         for columns in tiles[tile_index:]:

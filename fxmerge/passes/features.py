@@ -272,13 +272,14 @@ def mirror_upper_gram_(gram: torch.Tensor, panels: Sequence[tuple[int, int]]) ->
     return gram
 
 
-def symmetric_gram(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+def symmetric_gram(blocks: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_b blocks[b] @ blocks[b].T, (N, N) float64, for blocks (N, F_b): float32 products (the
     blocks' dtype) over the upper block triangle only (about half the flops), summed in float64,
-    then mirrored — the Gram matrix of N feature vectors given in pieces."""
+    then mirrored — the Gram matrix of N feature vectors given in pieces. ``out``: an (N, N)
+    float64 tensor on the blocks' device to hold it (overwritten) instead of a new one."""
     count = int(blocks[0].shape[0])
     panels = _panels(count)
-    gram = torch.zeros(count, count, dtype=torch.float64, device=blocks[0].device)
+    gram = torch.zeros(count, count, dtype=torch.float64, device=blocks[0].device) if out is None else out.zero_()
     with _ieee_float32_matmul():
         for block in blocks:
             _add_upper_gram_(gram, block.T, panels)

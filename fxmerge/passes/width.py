@@ -242,7 +242,7 @@ def _others_ready(layouts, axis: int, key: tuple[int, ...], free: set[int], matc
     return True
 
 
-def similarity_of(features: Sequence[Sequence[torch.Tensor]]) -> np.ndarray | None:
+def similarity_of(features: Sequence[Sequence[torch.Tensor]], workspace: "_Workspace | None" = None) -> np.ndarray | None:
     """Pearson correlation (N, N) between the units' feature vectors, float64.
 
     ``features[k]``: model k's blocks (n_k, F_b), with the same widths F_b for every model; a
@@ -250,14 +250,15 @@ def similarity_of(features: Sequence[Sequence[torch.Tensor]]) -> np.ndarray | No
     sums are taken block by block). Products (upper block triangle, ``symmetric_gram``) and
     per-block sums are float32 (the blocks' dtype), accumulated over the blocks in float64; the
     centring is applied to the products (cov = dot - sum_i sum_j / F), so no centred copy of the
-    features is made.
+    features is made. ``workspace``: the result is made in its Gram buffer (valid until the
+    workspace's next use) instead of a new array.
     """
     widths = [tuple(int(b.shape[1]) for b in blocks) for blocks in features]
     if len(set(widths)) != 1:
         return None
     count = sum(widths[0])
     stacked = [torch.cat([blocks[b] for blocks in features], dim=0) for b in range(len(widths[0]))]  # (N, F_b)
-    dot = symmetric_gram(stacked)
+    dot = symmetric_gram(stacked, None if workspace is None else workspace.gram(len(stacked[0]), stacked[0].device))
     # float32 sums: 40x faster than a dtype=float64 reduction
     sums = torch.stack([block.sum(dim=1) for block in stacked]).to(torch.float64).sum(dim=0)
     squares = torch.stack([torch.linalg.vector_norm(block, dim=1) for block in stacked]).to(torch.float64).pow(2).sum(dim=0)
@@ -274,16 +275,44 @@ def similarity_of(features: Sequence[Sequence[torch.Tensor]]) -> np.ndarray | No
 
 
 def weight_similarity(
-    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"]
+    name: str, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]], done: Mapping[str, "GroupMatch"],
+    workspace: "_Workspace | None" = None,
 ) -> np.ndarray | None:
-    """MuDSC's weight-space similarity of one group's units over all models, or None."""
+    """MuDSC's weight-space similarity of one group's units over all models, or None
+    (``workspace``: see ``similarity_of``)."""
     features = []
     for k, (analysis, state) in enumerate(zip(analyses, states)):
         blocks = unit_weight_features(analysis, state, (analysis.space_ids[name],), done, k)
         if blocks is None:
             return None
         features.append(blocks)
-    return similarity_of(features)
+    return similarity_of(features, workspace)
+
+
+class _Workspace:
+    """Float64 (N, N) buffers that every group of one ``match_groups`` call reuses, each grown to
+    the largest group that needed it: ``gram`` holds a group's weight similarity
+    (``similarity_of``), ``scores`` the matcher's working copy of its similarity
+    (``match_labels(workspace=)``). Memory a process touches for the first time is slow (about
+    2 s per GiB on the benchmark machine, ``benchmarks/results/first_touch.md``); without these,
+    a ViT-B/16 merge allocated two fresh 302 MB arrays per MLP group."""
+
+    def __init__(self) -> None:
+        self._grams: dict[torch.device, torch.Tensor] = {}
+        self._scores = np.empty(0)
+
+    def gram(self, count: int, device: torch.device) -> torch.Tensor:
+        flat = self._grams.get(device)
+        if flat is None or flat.numel() < count * count:
+            self._grams.pop(device, None)  # released before the larger one is made
+            flat = self._grams[device] = torch.empty(count * count, dtype=torch.float64, device=device)
+        return flat[: count * count].view(count, count)
+
+    def scores(self, count: int) -> np.ndarray:
+        if self._scores.size < count * count:
+            self._scores = np.empty(0)
+            self._scores = np.empty(count * count)
+        return self._scores[: count * count]
 
 
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
@@ -556,20 +585,21 @@ def unit_similarity(
 
 def _match_plain(
     name: str, sizes: tuple[int, ...], target: int, similarity: np.ndarray | None, source: str,
-    matcher: str, alpha: float, beta: float,
+    matcher: str, alpha: float, beta: float, workspace: _Workspace | None = None,
 ) -> GroupMatch:
     """Match one group's units (no block structure) on ``similarity`` (None: nothing to compare)."""
     if similarity is None:
         similarity, source = np.zeros((sum(sizes), sum(sizes))), "none: arbitrary"
         if len(set(sizes)) == 1 and target == sizes[0]:
             similarity, source, matcher = np.eye(sum(sizes)), "none: identity", "average"
-    labels = match_labels(similarity, sizes, target, method=matcher, alpha=alpha, beta=beta)
+    scores = None if workspace is None else workspace.scores(sum(sizes))
+    labels = match_labels(similarity, sizes, target, method=matcher, alpha=alpha, beta=beta, workspace=scores)
     return GroupMatch.of_labels(name, sizes, target, labels, _mean_merged_similarity(similarity, labels), source)
 
 
 def _match_live(
     name: str, sizes: tuple[int, ...], live: Sequence[int], similarity: np.ndarray | None, source: str,
-    width: WidthSpec, matcher: str, alpha: float, beta: float,
+    width: WidthSpec, matcher: str, alpha: float, beta: float, workspace: _Workspace | None = None,
 ) -> GroupMatch:
     """``_match_plain`` over the ``live`` models' units only; the others get zero M_k and U_k, so
     their weights take no part in the merged parameters of this group."""
@@ -582,7 +612,7 @@ def _match_live(
     if len(live) == 1:  # nothing to match: the live model's units, as they are
         return _own_units(name, sizes, live[0], source + inert)
     target = resolve_width(width, name, live_sizes)
-    sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta)
+    sub = _match_plain(name, live_sizes, target, similarity, source, matcher, alpha, beta, workspace)
     assert sub.clusters is not None and sub.weights is not None
     clusters = tuple(sub.clusters[live.index(k)] if k in live else np.full(size, -1) for k, size in enumerate(sizes))
     weights = tuple(sub.weights[live.index(k)] if k in live else np.zeros(size) for k, size in enumerate(sizes))
@@ -808,6 +838,8 @@ def match_groups(
         if unknown:
             raise ConfigError(f"width: no group named {', '.join(map(repr, unknown))}; groups: {sorted(known)}")
     results: dict[str, GroupMatch] = {}
+    # one group's similarity lives in it until the next group is matched (nothing keeps it)
+    workspace = _Workspace()
     matcher = "zip" if method == "mudsc" else method
     structures = {s.outer: s for s in find_structures(analyses[0])}
     in_structure = {name for s in structures.values() for name in (s.outer, *s.inners)}
@@ -855,7 +887,7 @@ def match_groups(
             )
         similarity, source = unit_similarity(
             product_statistics((group.name,), analyses, statistics, done),
-            lambda: weight_similarity(group.name, analyses, states, done),
+            lambda: weight_similarity(group.name, analyses, states, done, workspace),
             method=method,
             balance=balance,
         )
@@ -864,8 +896,8 @@ def match_groups(
         # one live model keeps its own units: only when that is the width asked for (merging a
         # model's own units needs the matcher, with every model)
         if live and len(live) < len(sizes) and (len(live) > 1 or target == sizes[live[0]]):
-            return [_match_live(group.name, sizes, live, similarity, source, width, matcher, alpha, beta)]
-        return [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta)]
+            return [_match_live(group.name, sizes, live, similarity, source, width, matcher, alpha, beta, workspace)]
+        return [_match_plain(group.name, sizes, target, similarity, source, matcher, alpha, beta, workspace)]
 
     order = sorted(items, key=tier)
     matched: dict[str, list[GroupMatch]] = {}
