@@ -420,3 +420,19 @@ def test_similarities_made_in_a_workspace_equal_fresh_ones_and_reuse_its_memory(
     assert len(set(pointers)) == 1  # one buffer served every group
     grown = similarity_of([[torch.randn(30, 2, generator=generator)]] * 2, workspace)
     assert grown.shape == (60, 60) and workspace.scores(60).size == 3600
+
+
+def test_the_weighted_merge_leaves_its_inputs_alone() -> None:
+    """Terms are accumulated in place, but a tensor no transform changes is the caller's own."""
+    from types import SimpleNamespace
+
+    from fxmerge.passes.width import _weighted_merge
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+    before = (a.clone(), b.clone())
+    analysis = SimpleNamespace(space_sizes={})
+    for scales in ((1.0, 1.0), (0.5, 1.5), (0.0, 2.0)):
+        got = _weighted_merge([a, b], [(None, None)] * 2, [("out", "in")] * 2, [analysis] * 2, [({}, {})] * 2, scales)
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+        assert torch.equal(got, (before[0] * scales[0] + before[1] * scales[1]) / (scales[0] + scales[1]))

@@ -1028,10 +1028,19 @@ def _weighted_merge(
             torch.ones(ones_shape, dtype=torch.float64, device=tensor.device), layouts[k], roles[k], out_t, {},
             analysis.space_sizes,
         )
-        term, ones = _scaled(term, scales[k]), _scaled(ones, scales[k])
-        total = term if total is None else total + term
+        # in place where the term is this function's own (transform_tensor returns its input when
+        # no axis changes): fewer fresh (r, ...) float64 tensors, the same values
+        owned = term is not tensor
+        if scales[k] != 1.0:
+            term = term.mul_(scales[k]) if owned else term * scales[k]
+            owned = True
+        ones = _scaled(ones, scales[k])
+        if total is None:
+            total = term if owned else term.clone()
+        else:
+            total.add_(term)
         weight = ones if weight is None else weight + ones
-    return total / torch.where(weight > 0, weight, torch.ones_like(weight))  # type: ignore[operator]
+    return total.div_(torch.where(weight > 0, weight, torch.ones_like(weight)))  # type: ignore[union-attr]
 
 
 def merged_channel_vectors(
