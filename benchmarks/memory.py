@@ -190,7 +190,7 @@ def _child_merge(case: str, features: Any) -> dict:
     before = _rss_mib()
     start = time.perf_counter()
     # the process's thread count, not "auto": weights compared across processes must not depend
-    # on the load of the moment (float reductions round differently at 1 and 2 threads)
+    # on the load of the moment (torch's convolutions round differently at 1 and 2 threads)
     result = fxmerge.merge(models, batches, method="zip", quiet=True, max_memory=budget, threads=torch.get_num_threads())
     wall = time.perf_counter() - start
     widest = max(result.groups, key=lambda g: sum(g.sizes) if not g.fixed else 0)

@@ -14,8 +14,8 @@ model's last bits can depend on the count, through the models' own forward passe
 oneDNN convolutions split their work by thread and round differently at another count. A
 random-init torchvision wide_resnet50_2 pair (zip, 4 batches of 8x3x64x64) gets the same
 matches and weights at 1 and 2 threads, but 98 BatchNorm running statistics differ by up to
-2.1e-5 (49 of the model's 69 convolution outputs differ in their last bits); the matrix products
-and reductions of fxmerge's own passes gave the same bits at both counts. The digits ResNets
+2.1e-5 (49 of the model's 69 convolution outputs differ in their last bits); float32 matrix
+products and sums of the shapes fxmerge's passes use gave the same bits at both counts. The digits ResNets
 merge to the same bits at 1 and 2 threads. The same inputs and thread count give the same
 weights bit for bit: ``MergeResult.threads`` is the count a merge ran with ("auto" resolved),
 to pass as an int to reproduce it.
