@@ -22,6 +22,7 @@ METHODS = ("average", "permute", "zip", "mudsc")
 DEPTH_OBJECTIVES = ("lma", "sma")
 INSERTED_UNITS = ("inert", "matched")
 TAP_CHOICES = ("consumers", "last")  # fxmerge.passes.features.choose_taps
+UNMERGES = ("copy", "regression")  # fxmerge.passes.width.regression_unmerge
 OUTPUT_POLICIES = ("shared", "concat")
 CAPTURES = ("auto", "fx", "export")
 REPAIRS = ("bn", "none", "repair")
@@ -172,6 +173,12 @@ class MergeConfig:
         "places layers read them, correlations averaged; a residual stream is read by every block) or "
         "'last' (the last such place only, as ZipIt!)", choices=TAP_CHOICES,
     )
+    unmerge: str = _option(
+        "copy", "what the layers reading a merged group see of each model's units: 'copy' (ZipIt!'s "
+        "unmerge: every unit reads the merged unit it went to) or 'regression' (the least-squares "
+        "reconstruction of each model's units from all merged units on the calibration data, shrunk "
+        "toward 'copy'; permute and zip/mudsc on data)", choices=UNMERGES,
+    )
     width: str | int | float | Mapping[str, int] = _option(
         "max", "merged width per group: max | min | an int | a float multiple of the largest width "
         "(a YAML config may also give a mapping from group name to int)", parse=parse_width,
@@ -225,6 +232,7 @@ class MergeConfig:
         _choice("depth", self.depth, DEPTH_OBJECTIVES)
         _choice("inserted", self.inserted, INSERTED_UNITS)
         _choice("taps", self.taps, TAP_CHOICES)
+        _choice("unmerge", self.unmerge, UNMERGES)
         _choice("output", self.output, OUTPUT_POLICIES)
         _choice("capture", self.capture, CAPTURES)
         _choice("repair", self.repair, REPAIRS)

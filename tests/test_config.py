@@ -24,6 +24,7 @@ NON_DEFAULT = {
     "depth": ("sma", "sma"),
     "inserted": ("matched", "matched"),
     "taps": ("last", "last"),
+    "unmerge": ("regression", "regression"),
     "width": (0.5, "0.5"),
     "alpha": (0.25, "0.25"),
     "beta": (2.0, "2.0"),

@@ -436,3 +436,137 @@ def test_the_weighted_merge_leaves_its_inputs_alone() -> None:
         got = _weighted_merge([a, b], [(None, None)] * 2, [("out", "in")] * 2, [analysis] * 2, [({}, {})] * 2, scales)
         assert torch.equal(a, before[0]) and torch.equal(b, before[1])
         assert torch.equal(got, (before[0] * scales[0] + before[1] * scales[1]) / (scales[0] + scales[1]))
+
+
+# ---------------------------------------------------------------------- 4. the regression unmerge
+
+
+def _statistics_of(samples: np.ndarray, sizes: tuple[int, ...]):
+    """GroupStatistics of (S, N) float64 samples as the feature pass writes them (no dead units)."""
+    from fxmerge.passes.features import GroupStatistics
+
+    return GroupStatistics(
+        "g", sizes, np.corrcoef(samples, rowvar=False), ("tap",), len(samples), np.zeros(samples.shape[1], bool),
+        std=samples.std(axis=0, ddof=1), mean=samples.mean(axis=0),
+    )
+
+
+def _regression_on_samples(samples: np.ndarray, match, ridge: float, model_weights=None) -> np.ndarray:
+    """The ridge regression of the live units on the merged units, solved on the samples:
+    min_U sum ||x - U m||^2 / (S - 1) + ridge s ||U - U0||^2, m = M x (M as the rewrite weights
+    the models), s = mean variance of m; (N, r) by the normal equations."""
+    count, r = len(match.sizes), match.width
+    scales = np.ones(count) if model_weights is None else np.asarray(model_weights) * count
+    merge = np.concatenate([scales[k] * match.merge[k].numpy() for k in range(count)], axis=1)
+    merge /= np.where(merge.sum(axis=1, keepdims=True) > 0, merge.sum(axis=1, keepdims=True), 1.0)
+    copy = np.concatenate([u.numpy() for u in (_dense_unmerge(c, r) for c in match.clusters)], axis=0)
+    centred = samples - samples.mean(axis=0)
+    merged = centred @ merge.T
+    cross, gram = centred.T @ merged / (len(samples) - 1), merged.T @ merged / (len(samples) - 1)
+    s = np.trace(gram) / r
+    fitted = np.linalg.solve(gram + ridge * s * np.eye(r), (cross + ridge * s * copy).T).T
+    fitted[np.concatenate(match.clusters) < 0] = 0.0  # an inert model's units are not read
+    return fitted
+
+
+def _dense_unmerge(clusters: np.ndarray, width: int) -> torch.Tensor:
+    matrix = torch.zeros(len(clusters), width, dtype=torch.float64)
+    units = np.flatnonzero(clusters >= 0)
+    matrix[units, clusters[units]] = 1.0
+    return matrix
+
+
+@pytest.mark.parametrize("model_weights", [None, (0.3, 0.7, 0.0)])
+@pytest.mark.parametrize("ridge", [1e-9, 1e-2, 10.0])
+def test_the_regression_unmerge_is_the_ridge_regression_on_the_samples(ridge: float, model_weights) -> None:
+    """Three models, the third inert (its units take no part): U from the group's statistics
+    equals the regression solved on the samples; an inert unit's row is zero."""
+    from fxmerge.passes.width import GroupMatch, regression_unmerge
+
+    rng = np.random.default_rng(0)
+    sizes = (6, 5, 4)
+    latent = rng.normal(size=(400, 4))
+    samples = latent @ rng.normal(size=(4, 15)) + 0.5 * rng.normal(size=(400, 15)) + rng.normal(size=15)
+    labels = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 5, 0, 0, 0, 0])  # model 0 merges within itself too
+    base = GroupMatch.of_labels("g", sizes[:2], 6, labels[:11], None, "activations")
+    clusters = (*base.clusters, np.full(4, -1))
+    weights = (*base.weights, np.zeros(4))
+    match = GroupMatch("g", sizes, 6, False, None, "activations", clusters, weights)
+    fitted = regression_unmerge(match, _statistics_of(samples, sizes), model_weights, ridge=ridge)
+    assert "regression unmerge" in fitted.source
+    assert all(np.array_equal(a, b) for a, b in zip(fitted.clusters, match.clusters))  # M is the same
+    got = np.concatenate(fitted.unmerge_matrices, axis=0)
+    np.testing.assert_allclose(got, _regression_on_samples(samples, match, ridge, model_weights), rtol=1e-9, atol=1e-9)
+    assert not got[11:].any()
+    # the ridge pulls toward the copy unmerge: far from it when small, close when large
+    copy = _dense_unmerge(np.concatenate(clusters), 6).numpy()
+    assert (np.abs(got - copy).max() < 0.2) == (ridge == 10.0)
+    # the rewrite reads the same matrices: U_k^T as a dense transform
+    np.testing.assert_array_equal(fitted.maps[1][1].numpy(), fitted.unmerge_matrices[1].T)
+    np.testing.assert_array_equal(fitted.unmerge[0].numpy(), fitted.unmerge_matrices[0])
+
+
+def test_the_regression_unmerge_of_a_twin_is_the_copy_unmerge() -> None:
+    """Model 1 = a permutation of model 0's units: each unit equals its merged unit, so the
+    regression has nothing to add whatever the ridge."""
+    from fxmerge.passes.width import GroupMatch, regression_unmerge
+
+    rng = np.random.default_rng(1)
+    own = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 7)) + 0.1 * rng.normal(size=(300, 7))
+    permutation = rng.permutation(7)
+    samples = np.concatenate([own, own[:, permutation]], axis=1)
+    labels = np.concatenate([np.arange(7), permutation])  # model 1's unit j is model 0's unit permutation[j]
+    match = GroupMatch.of_labels("g", (7, 7), 7, labels, None, "activations")
+    fitted = regression_unmerge(match, _statistics_of(samples, (7, 7)), ridge=1e-6)
+    for u, clusters in zip(fitted.unmerge_matrices, match.clusters):
+        np.testing.assert_allclose(u, _dense_unmerge(clusters, 7).numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["zip", "permute"])
+def test_regression_unmerge_recovers_a_permuted_twin(method: str) -> None:
+    """A twin through the whole merge: BatchNorm net and a ViT whose heads stay one-to-one."""
+    batches = random_batches()
+    torch.manual_seed(0)
+    model = _calibrated(FACTORIES["zoo_resnet"], batches)
+    twin = random_permute(model, batches[0], seed=1)
+    result = fxmerge.merge([model, twin], batches, method=method, unmerge="regression", quiet=True)
+    assert relative_error(output_of(model, batches[0]), output_of(result.module, batches[0]), norm="l2") < 1e-5
+    assert any("regression unmerge" in g.source for g in result.groups)
+    torch.manual_seed(0)
+    vit = _vit(2, 32).eval()
+    result = fxmerge.merge([vit, random_permute(vit, batches[0], seed=1)], batches, method=method, unmerge="regression", quiet=True)
+    assert relative_error(output_of(vit, batches[0]), output_of(result.module, batches[0]), norm="l2") < 1e-5
+    fitted = {g.name for g in result.groups if "regression unmerge" in g.source}
+    heads = [g for g in result.groups if g.name.endswith(":heads")]
+    assert fitted and heads and not fitted & {g.name for g in heads}
+
+
+def test_regression_unmerge_recovers_m_from_widened_copy(widened_case) -> None:
+    model, wide, batches, y = widened_case
+    result = fxmerge.merge([model, wide], batches, method="zip", width="min", unmerge="regression", quiet=True)
+    assert relative_error(y, output_of(result.module, batches[0]), norm="l2") < TOL
+
+
+def test_regression_unmerge_changes_only_the_unmerge(equal_resnets) -> None:
+    """On two independent models: the same merged units (labels) as the copy unmerge, other
+    weights, and the same bits on a second run (deterministic)."""
+    *models, batches = equal_resnets
+    copy = fxmerge.merge(models, batches, quiet=True)
+    fitted = [fxmerge.merge(models, batches, unmerge="regression", quiet=True) for _ in range(2)]
+    assert [g.labels for g in copy.groups] == [g.labels for g in fitted[0].groups]
+    states = [m.module.state_dict() for m in (copy, *fitted)]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    # fitted to equal weights: re-weighting would need the statistics again
+    reweighted = fitted[0].interpolate((0.5, 0.5)).state_dict()
+    assert all(torch.equal(reweighted[k], states[1][k]) for k in states[1] if k.endswith("weight"))
+    with pytest.raises(ConfigError, match="merge again with model_weights"):
+        fitted[0].interpolate((1.0, 0.0))
+
+
+def test_regression_unmerge_needs_feature_statistics(equal_resnets) -> None:
+    *models, batches = equal_resnets
+    with pytest.raises(ConfigError, match="method='average'"):
+        fxmerge.merge(models, batches, method="average", unmerge="regression", quiet=True)
+    with pytest.raises(ConfigError, match="data-free"):
+        fxmerge.merge(models, None, unmerge="regression", example_input=batches[0], quiet=True)

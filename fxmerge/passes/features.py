@@ -331,6 +331,8 @@ class GroupStatistics:
     taps: tuple[str, ...]
     samples: int
     constant: np.ndarray  # (N,) bool: units constant at every tap (dead on the calibration data)
+    std: np.ndarray | None = None  # (N,) float64: each unit's standard deviation (rms over the taps)
+    mean: np.ndarray | None = None  # (N,) float64: each unit's mean (averaged over the taps)
 
 
 def choose_taps(gm: GraphModule, group: ChannelSpace, limit: int = 4, choice: str = "consumers") -> list[Tap]:
@@ -557,6 +559,8 @@ class _Fold:
     taps: tuple[str, ...] = ()
     samples: int = 0
     constant: torch.Tensor | None = None
+    variance: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
 
     def add(self, node: str, moments: RunningMoments) -> None:
         # a tap where every unit is constant up to float32 rounding (a layer whose output does not
@@ -567,6 +571,9 @@ class _Fold:
         self.samples = max(self.samples, moments.count)  # a tap with enough samples informs the average
         constant = _constant_units(moments)
         self.constant = constant if self.constant is None else self.constant & constant
+        variance = torch.diagonal(moments.scatter).clamp(min=0.0) / max(moments.count - 1, 1)
+        self.variance = variance.clone() if self.variance is None else self.variance.add_(variance)
+        self.mean = moments.mean.clone() if self.mean is None else self.mean.add_(moments.mean)
         similarity = _similarity_(moments)
         self.corr = similarity if self.corr is None else self.corr.add_(similarity)
         self.taps += (node,)
@@ -707,6 +714,8 @@ def feature_statistics(
                     taps=fold.taps,
                     samples=fold.samples,
                     constant=fold.constant.cpu().numpy(),
+                    std=fold.variance.div_(len(fold.taps)).sqrt_().cpu().numpy(),
+                    mean=fold.mean.div_(len(fold.taps)).cpu().numpy(),
                 )
                 folds[name] = _Fold()
     return {g.name: result[g.name] for g in reference if g.name in result}
