@@ -93,19 +93,29 @@ def pairs(m: int) -> dict[str, tuple[Any, Any, str]]:
 
 PAIRS = pairs(4)
 
-HOMO_METHODS = ("average", "permute", "zip")
+# (method, unmerge): the paper's methods with ZipIt!'s copy unmerge, then fxmerge's regression unmerge
+HOMO_METHODS = (("average", "copy"), ("permute", "copy"), ("zip", "copy"), ("permute", "regression"), ("zip", "regression"))
 # (method, depth objective, how the inserted units' hidden channels are merged: fxmerge's default
-# "inert", or "matched" as Xu et al.)
+# "inert", or "matched" as Xu et al.; unmerge)
 HETERO = (
-    ("permute", "sma", "inert"), ("permute", "lma", "inert"), ("zip", "sma", "inert"), ("zip", "lma", "inert"),
-    ("zip", "lma", "matched"),
+    ("permute", "sma", "inert", "copy"), ("permute", "lma", "inert", "copy"), ("zip", "sma", "inert", "copy"),
+    ("zip", "lma", "inert", "copy"), ("zip", "lma", "matched", "copy"),
+    ("permute", "lma", "inert", "regression"), ("zip", "sma", "inert", "regression"), ("zip", "lma", "inert", "regression"),
 )
 LABELS = {"average": "Avg", "permute": "Permute", "zip": "Zip", "ensemble": "Ensemble"}
+REGRESSION = ", regression unmerge"
 
 
-def hetero_label(method: str, depth: str, inserted: str) -> str:
+def homo_label(method: str, unmerge: str = "copy") -> str:
+    return f"Homo {LABELS[method]}" + (REGRESSION if unmerge == "regression" else "")
+
+
+def hetero_label(method: str, depth: str, inserted: str, unmerge: str = "copy") -> str:
     label = f"Hetero {LABELS[method]}+{depth.upper()}"
-    return label if inserted == "inert" else f"{label}, inserted units {inserted} (Xu et al.)"
+    label += "" if inserted == "inert" else f", inserted units {inserted} (Xu et al.)"
+    return label + (REGRESSION if unmerge == "regression" else "")
+
+
 COLUMNS = ("joint", "task_a", "task_b", "average")
 HEADERS = ("joint", "task A", "task B", "avg")
 
@@ -242,16 +252,17 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
         record.update(scores(evaluate_ensemble(TaskModels(models[a], models[b], head, split))))
         merges.append(record)
 
-    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None, inserted: str = "inert"):
+    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None, inserted: str = "inert", unmerge: str = "copy"):
         tm = TaskModels(models[a], models[b], head, split)
         began = time.perf_counter()
         result = fxmerge.merge(
-            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma", inserted=inserted,
+            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma", inserted=inserted, unmerge=unmerge,
             calibration_batches=args.calibration_batches, quiet=True, alpha=args.alpha, beta=args.beta,
         )
         seconds = time.perf_counter() - began
         record: dict[str, Any] = {
             "pair": pair, "models": [a, b], "method": method, "depth": depth, "inserted": inserted if depth else None,
+            "unmerge": unmerge,
             "seconds": seconds,
         }
         record.update(scores(evaluate(result.module, head, split)))
@@ -268,15 +279,15 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
     barrier_records: dict[str, dict[str, float]] = {}
     for pair, a, b in (("homo shallow", "shallow A", "shallow B"), ("homo deep", "deep A", "deep B")):
         ensemble(pair, a, b)
-        for method in HOMO_METHODS:
-            result = do_merge(pair, a, b, method, None)
-            if method == "permute" and not args.no_barrier:
+        for method, unmerge in HOMO_METHODS:
+            result = do_merge(pair, a, b, method, None, unmerge=unmerge)
+            if method == "permute" and unmerge == "copy" and not args.no_barrier:
                 barrier_records[pair] = barriers(result, models[a], models[b], head, split, example, args.barrier_steps, calibration[:4])
     for pair, a, b in (("hetero shallow A + deep B", "shallow A", "deep B"), ("hetero deep A + shallow B", "deep A", "shallow B")):
         ensemble(pair, a, b)
-        for method, depth, inserted in HETERO:
-            result = do_merge(pair, a, b, method, depth, inserted)
-            if inserted != "inert":
+        for method, depth, inserted, unmerge in HETERO:
+            result = do_merge(pair, a, b, method, depth, inserted, unmerge)
+            if inserted != "inert" or unmerge != "copy":
                 continue
             alignment = result.alignment[0]
             if figures is not None and seed == args.seeds[0] and pair.startswith("hetero shallow A") and method == "zip":
@@ -320,22 +331,27 @@ def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[
         singles, merges = data["singles"], data["merges"]
         rows.setdefault("Task A", {})[seed] = mean([singles["shallow A"], singles["deep A"]])
         rows.setdefault("Task B", {})[seed] = mean([singles["shallow B"], singles["deep B"]])
-        for method in HOMO_METHODS:
-            chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method]
-            rows.setdefault(f"Homo {LABELS[method]}", {})[seed] = mean(chosen)
+        for method, unmerge in HOMO_METHODS:
+            chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method and _unmerge(m) == unmerge]
+            rows.setdefault(homo_label(method, unmerge), {})[seed] = mean(chosen)
         for depth in ("shallow", "deep"):  # not in the paper's table: the two pairs behind Homo Zip
-            for method in ("zip", "ensemble"):
-                chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == method]
-                rows.setdefault(f"Homo {LABELS[method]}, {depth} pair only", {})[seed] = mean(chosen)
+            for method, unmerge in (("zip", "copy"), ("zip", "regression"), ("ensemble", "copy")):
+                chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == method and _unmerge(m) == unmerge]
+                rows.setdefault(f"{homo_label(method, unmerge)}, {depth} pair only", {})[seed] = mean(chosen)
         rows.setdefault("Homo Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("homo") and m["method"] == "ensemble"])
-        for method, depth, inserted in HETERO:
+        for method, depth, inserted, unmerge in HETERO:
             chosen = [
                 m for m in merges
-                if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth and m.get("inserted", "inert") == inserted
+                if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth
+                and m.get("inserted", "inert") == inserted and _unmerge(m) == unmerge
             ]
-            rows.setdefault(hetero_label(method, depth, inserted), {})[seed] = mean(chosen)
+            rows.setdefault(hetero_label(method, depth, inserted, unmerge), {})[seed] = mean(chosen)
         rows.setdefault("Hetero Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("hetero") and m["method"] == "ensemble"])
     return rows
+
+
+def _unmerge(record: dict[str, Any]) -> str:
+    return record.get("unmerge") or "copy"  # records written before the option say nothing
 
 
 def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
@@ -346,6 +362,7 @@ def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict
         for m in data["merges"]:
             label = f"{m['pair']}: {LABELS[m['method']]}" + (f"+{m['depth'].upper()}" if m["depth"] else "")
             label += f", inserted {m['inserted']}" if m.get("inserted") not in (None, "inert") else ""
+            label += REGRESSION if _unmerge(m) == "regression" else ""
             rows.setdefault(label, {})[seed] = {c: m[c] for c in COLUMNS}
     return rows
 
@@ -418,6 +435,20 @@ def checks(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> li
         for column in ("average", "joint"):
             claim(f"{method}: LMA at least as good as SMA, {'per-task avg' if column == 'average' else 'joint'}",
                   at_least(f"Hetero {method}+LMA", f"Hetero {method}+SMA", column))
+    # fxmerge's regression unmerge: the same claims, like with like, and against the copy unmerge
+    hetero, homo = hetero_label("zip", "lma", "inert", "regression"), homo_label("zip", "regression")
+    for column, text in (("average", "per-task avg"), ("joint", "joint")):
+        claim(f"regression unmerge: hetero Zip+LMA within 2 points of (or above) homo Zip of the deep pair, {text}",
+              within(hetero, f"{homo}, deep pair only", column, 2.0))
+    for column, text in (("average", "per-task avg"), ("joint", "joint")):
+        claim(f"regression unmerge: homo Zip within 2 points of (or above) the ensemble of the same pairs, {text}",
+              within(homo, "Homo Ensemble", column, 2.0))
+    claim("regression unmerge: Zip LMA at least as good as SMA, per-task avg",
+          at_least(hetero, hetero_label("zip", "sma", "inert", "regression"), "average"))
+    for a, b in ((homo, "Homo Zip"), (hetero, "Hetero Zip+LMA"), (homo_label("permute", "regression"), "Homo Permute"),
+                 (hetero_label("permute", "lma", "inert", "regression"), "Hetero Permute+LMA")):
+        for column, text in (("average", "per-task avg"), ("joint", "joint")):
+            claim(f"regression unmerge at least as good as copy: {b}, {text}", at_least(a, b, column))
     return claims
 
 
@@ -425,7 +456,7 @@ def segment_summary(per_seed: dict[int, dict[str, Any]], seeds: list[int]) -> li
     lines = []
     for seed in seeds:
         for m in per_seed[seed]["merges"]:
-            if m["depth"] and m["method"] == "zip" and m.get("inserted", "inert") == "inert":
+            if m["depth"] and m["method"] == "zip" and m.get("inserted", "inert") == "inert" and _unmerge(m) == "copy":
                 segments = " ".join("[" + ",".join(map(str, s)) + "]" for s in m["segments"])
                 lines.append(f"| {seed} | {m['pair']} | {m['depth'].upper()} | {segments} | {m['objective_value']:.3f} |")
     return ["| seed | pair | objective | segments (deep unit indices per shallow unit) | objective value |",
@@ -472,7 +503,11 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
         "which never reach the shallow model's output, take no part in the merge (those groups get the deep model's "
         "weights); the row marked *inserted units matched (Xu et al.)* merges them like real units, as the paper "
         "does. **Ensemble** = both models run, their logits under the shared head averaged "
-        "(`fxmerge.evaluation.Ensemble`): the upper reference, with twice the compute.",
+        "(`fxmerge.evaluation.Ensemble`): the upper reference, with twice the compute. Rows marked *regression "
+        "unmerge* (fxmerge's `unmerge=\"regression\"`, not in the paper): the same matches (M_k), but every layer "
+        "reading a merged group sees the least-squares reconstruction of its model's units from all the merged "
+        "units (fitted on the group's calibration statistics, shrunk toward the copy) instead of a copy of the one "
+        "merged unit each went to (ZipIt!'s unmerge, the other rows).",
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python {machine['python']}, torch "
         f"{machine['torch']}, {machine['torch_threads']} torch thread(s).",
