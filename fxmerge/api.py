@@ -611,8 +611,8 @@ def merge(
             is the least-squares reconstruction of model k's units from all the merged units, on
             the group's calibration statistics, shrunk toward "copy"
             (``fxmerge.passes.width.regression_unmerge``); the merged units themselves (M_k) are
-            the same. Groups matched on their own activations only (not attention heads, not
-            groups matched on weights). On the x4 digits ResNets it lifts zip's per-task average
+            the same. Groups observed on their own only (not attention heads, not groups matched
+            on weights alone). On the x4 digits ResNets it lifts zip's per-task average
             by about 5 points (``benchmarks/results/depth.md``). Needs calibration data and a
             method that observes features (not "average"); ``interpolate`` cannot re-weight it
             (U is fitted to the merge's ``model_weights``: merge again with the weights).

@@ -522,7 +522,7 @@ def test_the_regression_unmerge_of_a_twin_is_the_copy_unmerge() -> None:
         np.testing.assert_allclose(u, _dense_unmerge(clusters, 7).numpy(), atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["zip", "permute"])
+@pytest.mark.parametrize("method", ["zip", "permute", "mudsc"])
 def test_regression_unmerge_recovers_a_permuted_twin(method: str) -> None:
     """A twin through the whole merge: BatchNorm net and a ViT whose heads stay one-to-one."""
     batches = random_batches()

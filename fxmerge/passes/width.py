@@ -1210,12 +1210,12 @@ def regression_unmerges(
     analysis: Analysis, matches: Mapping[str, GroupMatch], statistics: Mapping[str, GroupStatistics],
     model_weights: Sequence[float] | None = None,
 ) -> dict[str, GroupMatch]:
-    """``matches`` with ``regression_unmerge`` applied to every group matched on its own
-    observed activations (not the groups of a block structure: heads and their channels are
-    matched as products, whose unmerge must stay a one-to-one map of units)."""
+    """``matches`` with ``regression_unmerge`` applied to every group observed on its own (its
+    activations took part in the match: permute, zip, mudsc); not the groups of a block structure
+    (heads and their channels are matched as products, whose unmerge stays one-to-one)."""
     in_structure = {name for st in find_structures(analysis) for name in (st.outer, *st.inners)}
     return {
         name: regression_unmerge(match, statistics[name], model_weights)
-        if name in statistics and name not in in_structure and match.source.startswith("activations") else match
+        if name in statistics and name not in in_structure and not match.source.startswith(("weights", "none")) else match
         for name, match in matches.items()
     }
