@@ -218,7 +218,9 @@ def _positive_int(text: str) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from fxmerge.experiments import ENSEMBLE_LABEL, METHOD_LABELS, compare_pair, demo_pairs, format_demo
+    from fxmerge.experiments import (
+        ENSEMBLE_LABEL, METHOD_LABELS, REGRESSION_ZIP, compare_pair, demo_pairs, format_demo, method_label,
+    )
 
     pairs = demo_pairs(args.family)
     steps = sum(1 + len(pair.methods) for pair in pairs)
@@ -248,15 +250,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     same = {row.name: row for row in results[0].rows}
     zip_row, average_row = same[METHOD_LABELS["zip"]], same[METHOD_LABELS["average"]]
+    fitted = same[method_label(REGRESSION_ZIP)]
     best_single = max(results[0].rows[:2], key=lambda row: row.average)
-    (depth_zip, depth_ensemble), (width_zip, width_ensemble) = (r.rows[-2:] for r in results[1:])
+    # the depth and width pairs' rows: A, B, zip, zip with the regression unmerge, ensemble
+    (depth_zip, depth_fitted, depth_ensemble), (width_zip, width_fitted, width_ensemble) = (r.rows[-3:] for r in results[1:])
     print(
         f"Zip keeps {100 * zip_row.average:.1f}% per-task accuracy (best single model: "
         f"{100 * best_single.average:.1f}%, weight averaging: {100 * average_row.average:.1f}%, ensemble: "
         f"{100 * results[0].rows[-1].average:.1f}%) and reaches {100 * zip_row.joint:.1f}% joint accuracy where "
         f"weight averaging gets {100 * average_row.joint:.1f}%. Across depths it keeps {100 * depth_zip.average:.1f}% "
         f"(ensemble: {100 * depth_ensemble.average:.1f}%), across widths {100 * width_zip.average:.1f}% "
-        f"(ensemble: {100 * width_ensemble.average:.1f}%)."
+        f"(ensemble: {100 * width_ensemble.average:.1f}%). With unmerge=regression (each model's units "
+        f"reconstructed from all merged units by least squares): {100 * fitted.average:.1f}%, "
+        f"{100 * depth_fitted.average:.1f}% and {100 * width_fitted.average:.1f}%."
     )
     return 0
 

@@ -29,6 +29,7 @@ __all__ = [
     "ENSEMBLE_LABEL",
     "FAMILIES",
     "METHOD_LABELS",
+    "REGRESSION_ZIP",
     "DemoPair",
     "PairResult",
     "Row",
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate_ensemble",
     "format_demo",
     "format_table",
+    "method_label",
     "train_task_models",
 ]
 
@@ -54,6 +56,17 @@ FAMILIES: dict[str, ModelFactory] = {
 }
 
 METHOD_LABELS = {"average": "Average", "permute": "Permute", "zip": "Zip", "mudsc": "MuDSC"}
+# A merge compared by ``compare``: a method name, or (method, options of that merge only)
+MethodSpec = str | tuple[str, Mapping[str, Any]]
+
+
+def method_label(spec: MethodSpec, shared: Mapping[str, Any] | None = None) -> str:
+    """"Zip", "Zip (unmerge=regression)", "Zip (unmerge=regression, depth=lma)": the method, then
+    the spec's own options, then the ``shared`` ones of every merge."""
+    method, own = (spec, {}) if isinstance(spec, str) else spec
+    options = ", ".join(f"{k}={v}" for k, v in {**own, **(shared or {})}.items())
+    name = METHOD_LABELS.get(method, method)
+    return f"{name} ({options})" if options else name
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,7 +146,7 @@ def _row(name: str, report: dict[str, Any], seconds: float | None = None) -> Row
 
 def compare(
     task_models: TaskModels,
-    methods: Sequence[str] = ("average", "permute", "zip"),
+    methods: Sequence[MethodSpec] = ("average", "permute", "zip"),
     *,
     calibration_batches: int = 32,
     seed: int = 0,
@@ -141,7 +154,8 @@ def compare(
     on_merge: Callable[[str], None] | None = None,
     **merge_kwargs: Any,
 ) -> list[Row]:
-    """Rows for model A, model B and ``merge([A, B], method=m)`` for each method (timed).
+    """Rows for model A, model B and ``merge([A, B], method=m)`` for each method (timed); a
+    method given as (name, options) adds those options to its own merge (row "Zip (unmerge=...)").
 
     Calibration: ``calibration_data(split, seed=seed)``, batches of 64, the first
     ``calibration_batches`` of them. ``merge_kwargs`` go to every ``fxmerge.merge`` call;
@@ -153,16 +167,17 @@ def compare(
         _row("Task A model", evaluate(tm.model_a, tm.head, tm.split)),
         _row("Task B model", evaluate(tm.model_b, tm.head, tm.split)),
     ]
-    for method in methods:
+    for spec in methods:
+        method, own = (spec, {}) if isinstance(spec, str) else spec
         if on_merge is not None:
-            on_merge(method)
+            on_merge(spec)
         start = time.perf_counter()
         result = merge(
             [tm.model_a, tm.model_b], calibration, method=method, calibration_batches=calibration_batches,
-            quiet=quiet, **merge_kwargs,
+            quiet=quiet, **own, **merge_kwargs,
         )
         seconds = time.perf_counter() - start
-        rows.append(_row(METHOD_LABELS.get(method, method), evaluate(result.module, tm.head, tm.split), seconds))
+        rows.append(_row(method_label(spec), evaluate(result.module, tm.head, tm.split), seconds))
     return rows
 
 
@@ -212,37 +227,43 @@ class DemoPair:
     about: str
     factory_a: ModelFactory
     factory_b: ModelFactory
-    methods: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]
     merge_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"DemoPair({self.name!r}, methods={self.methods}, merge_kwargs={dict(self.merge_kwargs)})"
 
-    def label(self, method: str) -> str:
+    def label(self, method: MethodSpec) -> str:
         """The row name of ``method``'s merge: "Zip", or "Zip (depth=lma)" with the pair's options."""
-        options = ", ".join(f"{k}={v}" for k, v in self.merge_kwargs.items())
-        return f"{METHOD_LABELS.get(method, method)} ({options})" if options else METHOD_LABELS.get(method, method)
+        return method_label(method, self.merge_kwargs)
+
+
+# zip with fxmerge's least-squares unmerge (``merge(..., unmerge="regression")``)
+REGRESSION_ZIP: MethodSpec = ("zip", {"unmerge": "regression"})
 
 
 def demo_pairs(family: str = "resnet") -> tuple[DemoPair, ...]:
     """The three pairs of ``fxmerge demo`` for a family of :data:`FAMILIES`: the same
     architecture twice (average, permute, zip), a depth-heterogeneous pair (A shallower than B:
     zip, depth aligned by LMA, so the merge has B's depth) and a width-heterogeneous pair (A at
-    x1, B at x2 width: zip to the wider, ``width="max"``). Model A is the family's model in all
-    three, so it is trained identically (same seed) in each."""
+    x1, B at x2 width: zip to the wider, ``width="max"``). Every pair's zip is also run with
+    ``unmerge="regression"`` (``REGRESSION_ZIP``). Model A is the family's model in all three, so
+    it is trained identically (same seed) in each."""
     if family not in FAMILIES:
         raise ValueError(f"demo_pairs: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     base = FAMILIES[family]
     (deep, deep_text), (wide, wide_text) = _HETERO[family]
     return (
-        DemoPair("same architecture", f"two {_FAMILY_TEXT[family]}", base, base, ("average", "permute", "zip")),
+        DemoPair(
+            "same architecture", f"two {_FAMILY_TEXT[family]}", base, base, ("average", "permute", "zip", REGRESSION_ZIP),
+        ),
         DemoPair(
             "depth-heterogeneous", f"{deep_text}; A is aligned to B layer by layer (LMA) and extended with "
-            "identity units, so the merge has B's depth", base, deep, ("zip",), {"depth": "lma"},
+            "identity units, so the merge has B's depth", base, deep, ("zip", REGRESSION_ZIP), {"depth": "lma"},
         ),
         DemoPair(
             "width-heterogeneous", f"{wide_text}; zipped to the wider model's widths",
-            base, wide, ("zip",), {"width": "max"},
+            base, wide, ("zip", REGRESSION_ZIP), {"width": "max"},
         ),
     )
 

@@ -65,9 +65,9 @@ def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) ->
     assert captured.err == ""  # --quiet: no progress bars
     tables = _tables(captured.out)
     assert [list(rows) for rows in tables] == [
-        [*DEMO_ROWS, "Ensemble A+B"],  # same architecture
-        ["Task A model", "Task B model", "Zip (depth=lma)", "Ensemble A+B"],
-        ["Task A model", "Task B model", "Zip (width=max)", "Ensemble A+B"],
+        [*DEMO_ROWS, "Zip (unmerge=regression)", "Ensemble A+B"],  # same architecture
+        ["Task A model", "Task B model", "Zip (depth=lma)", "Zip (unmerge=regression, depth=lma)", "Ensemble A+B"],
+        ["Task A model", "Task B model", "Zip (width=max)", "Zip (unmerge=regression, width=max)", "Ensemble A+B"],
     ]
     for rows in tables:
         for name, values in rows.items():
@@ -75,4 +75,4 @@ def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) ->
             assert values[3] == pytest.approx((values[1] + values[2]) / 2, abs=0.1)
         assert rows["Task A model"][1] > 80.0  # model A knows its own task
         assert rows["Task B model"][2] > 80.0
-    assert "Zip keeps" in captured.out.splitlines()[-1]
+    assert "Zip keeps" in captured.out.splitlines()[-1] and "With unmerge=regression" in captured.out.splitlines()[-1]

@@ -14,6 +14,7 @@ from fxmerge.evaluation import Ensemble
 from fxmerge.experiments import (
     ENSEMBLE_LABEL,
     FAMILIES,
+    REGRESSION_ZIP,
     PairResult,
     calibration_data,
     compare_pair,
@@ -58,18 +59,20 @@ def _values(row) -> list[float]:
 def test_demo_pairs_same_depth_and_width() -> None:
     same, depth, width = demo_pairs("vgg")
     assert same.factory_a is same.factory_b is depth.factory_a is width.factory_a is FAMILIES["vgg"]
-    assert same.methods == ("average", "permute", "zip") and dict(same.merge_kwargs) == {}
+    assert same.methods == ("average", "permute", "zip", REGRESSION_ZIP) and dict(same.merge_kwargs) == {}
+    assert depth.methods == width.methods == ("zip", REGRESSION_ZIP)
     assert dict(depth.merge_kwargs) == {"depth": "lma"} and dict(width.merge_kwargs) == {"width": "max"}
     assert depth.label("zip") == "Zip (depth=lma)" and same.label("zip") == "Zip"
+    assert depth.label(REGRESSION_ZIP) == "Zip (unmerge=regression, depth=lma)"
     with pytest.raises(ValueError, match="unknown family 'mlp'"):
         demo_pairs("mlp")
 
 
 def test_every_pair_has_its_models_merges_and_ensemble(results: tuple[PairResult, ...]) -> None:
     assert [[row.name for row in r.rows] for r in results] == [
-        ["Task A model", "Task B model", "Average", "Permute", "Zip", ENSEMBLE_LABEL],
-        ["Task A model", "Task B model", "Zip (depth=lma)", ENSEMBLE_LABEL],
-        ["Task A model", "Task B model", "Zip (width=max)", ENSEMBLE_LABEL],
+        ["Task A model", "Task B model", "Average", "Permute", "Zip", "Zip (unmerge=regression)", ENSEMBLE_LABEL],
+        ["Task A model", "Task B model", "Zip (depth=lma)", "Zip (unmerge=regression, depth=lma)", ENSEMBLE_LABEL],
+        ["Task A model", "Task B model", "Zip (width=max)", "Zip (unmerge=regression, width=max)", ENSEMBLE_LABEL],
     ]
     for r in results:
         tm = r.task_models
@@ -117,6 +120,13 @@ def test_hetero_merge_has_the_bigger_models_structure(results: tuple[PairResult,
         assert _shapes(merged)["stage3.0.conv1.weight"] == (128, 64, 3, 3)  # x2 of stage 3's 64 channels
     report = evaluate(merged, tm.head, tm.split)
     assert _values(r.rows[2]) == [report["joint"], *report["tasks"], report["average"]]
+    fitted = merge(
+        [tm.model_a, tm.model_b], calibration, method="zip", calibration_batches=CALIBRATION_BATCHES, quiet=True,
+        unmerge="regression", **r.pair.merge_kwargs,
+    ).module
+    assert _shapes(fitted) == _shapes(merged)
+    report = evaluate(fitted, tm.head, tm.split)
+    assert _values(r.rows[3]) == [report["joint"], *report["tasks"], report["average"]]
 
 
 def test_format_demo_prints_every_row_of_every_pair(results: tuple[PairResult, ...]) -> None:
