@@ -613,7 +613,7 @@ def merge(
             (``fxmerge.passes.width.regression_unmerge``); the merged units themselves (M_k) are
             the same. Groups observed on their own only (not attention heads, not groups matched
             on weights alone). On the x4 digits ResNets it lifts zip's per-task average
-            by about 5 points (``benchmarks/results/depth.md``). Needs calibration data and a
+            by 3.6 points, to the ensemble's (``benchmarks/results/depth.md``). Needs calibration data and a
             method that observes features (not "average"); ``interpolate`` cannot re-weight it
             (U is fitted to the merge's ``model_weights``: merge again with the weights).
         width: merged width per group: "max", "min", an int, a float multiple of the largest

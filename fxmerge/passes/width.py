@@ -38,7 +38,9 @@ _TIE_BREAK = 1e-3
 _COLLINEAR = 1.0 - 1e-5
 # unmerge="regression": the ridge that shrinks U toward the copy unmerge, relative to the mean
 # variance of the merged units. Measured on the x4 digits ResNets (homogeneous zip, deep pair,
-# seeds 0-1): 1e-4, 1e-2 and 1e-1 give 95.7, 95.8 and 95.2 per-task average (copy: 90.7).
+# seeds 0-1): 1e-4, 1e-2 and 1e-1 give 95.7, 95.8 and 95.2 per-task average (copy: 90.7); so
+# does a plain ridge toward 0 instead of toward the copy (95.7 at 1e-4 and 1e-2), which would not
+# keep a twin's unmerge exact.
 UNMERGE_RIDGE = 1e-2
 # Rows per block of the in-place (N, N) steps: block temporaries of 256 x N.
 _ROW_BLOCK = 256
