@@ -94,26 +94,36 @@ def pairs(m: int) -> dict[str, tuple[Any, Any, str]]:
 PAIRS = pairs(4)
 
 # (method, unmerge): the paper's methods with ZipIt!'s copy unmerge, then fxmerge's regression unmerge
-HOMO_METHODS = (("average", "copy"), ("permute", "copy"), ("zip", "copy"), ("permute", "regression"), ("zip", "regression"))
+HOMO_METHODS = (
+    ("average", "copy", "none"), ("permute", "copy", "none"), ("zip", "copy", "none"), ("permute", "regression", "none"),
+    ("zip", "regression", "none"), ("zip", "regression", "norm"),
+)
 # (method, depth objective, how the inserted units' hidden channels are merged: fxmerge's default
 # "inert", or "matched" as Xu et al.; unmerge)
 HETERO = (
-    ("permute", "sma", "inert", "copy"), ("permute", "lma", "inert", "copy"), ("zip", "sma", "inert", "copy"),
-    ("zip", "lma", "inert", "copy"), ("zip", "lma", "matched", "copy"),
-    ("permute", "lma", "inert", "regression"), ("zip", "sma", "inert", "regression"), ("zip", "lma", "inert", "regression"),
+    ("permute", "sma", "inert", "copy", "none"), ("permute", "lma", "inert", "copy", "none"),
+    ("zip", "sma", "inert", "copy", "none"), ("zip", "lma", "inert", "copy", "none"), ("zip", "lma", "matched", "copy", "none"),
+    ("permute", "lma", "inert", "regression", "none"), ("zip", "sma", "inert", "regression", "none"),
+    ("zip", "lma", "inert", "regression", "none"), ("zip", "lma", "inert", "copy", "norm"),
+    ("zip", "lma", "inert", "regression", "norm"),
 )
 LABELS = {"average": "Avg", "permute": "Permute", "zip": "Zip", "ensemble": "Ensemble"}
 REGRESSION = ", regression unmerge"
+BALANCED = ", output balance"
 
 
-def homo_label(method: str, unmerge: str = "copy") -> str:
-    return f"Homo {LABELS[method]}" + (REGRESSION if unmerge == "regression" else "")
+def _suffix(unmerge: str, balance: str) -> str:
+    return (REGRESSION if unmerge == "regression" else "") + (BALANCED if balance == "norm" else "")
 
 
-def hetero_label(method: str, depth: str, inserted: str, unmerge: str = "copy") -> str:
+def homo_label(method: str, unmerge: str = "copy", balance: str = "none") -> str:
+    return f"Homo {LABELS[method]}" + _suffix(unmerge, balance)
+
+
+def hetero_label(method: str, depth: str, inserted: str, unmerge: str = "copy", balance: str = "none") -> str:
     label = f"Hetero {LABELS[method]}+{depth.upper()}"
     label += "" if inserted == "inert" else f", inserted units {inserted} (Xu et al.)"
-    return label + (REGRESSION if unmerge == "regression" else "")
+    return label + _suffix(unmerge, balance)
 
 
 COLUMNS = ("joint", "task_a", "task_b", "average")
@@ -252,17 +262,18 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
         record.update(scores(evaluate_ensemble(TaskModels(models[a], models[b], head, split))))
         merges.append(record)
 
-    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None, inserted: str = "inert", unmerge: str = "copy"):
+    def do_merge(pair: str, a: str, b: str, method: str, depth: str | None, inserted: str = "inert", unmerge: str = "copy",
+                 balance: str = "none"):
         tm = TaskModels(models[a], models[b], head, split)
         began = time.perf_counter()
         result = fxmerge.merge(
-            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma", inserted=inserted, unmerge=unmerge,
+            [tm.model_a, tm.model_b], calibration, method=method, depth=depth or "lma", inserted=inserted, unmerge=unmerge, output_balance=balance,
             calibration_batches=args.calibration_batches, quiet=True, alpha=args.alpha, beta=args.beta,
         )
         seconds = time.perf_counter() - began
         record: dict[str, Any] = {
             "pair": pair, "models": [a, b], "method": method, "depth": depth, "inserted": inserted if depth else None,
-            "unmerge": unmerge,
+            "unmerge": unmerge, "output_balance": balance,
             "seconds": seconds,
         }
         record.update(scores(evaluate(result.module, head, split)))
@@ -279,15 +290,15 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, figures: Path | N
     barrier_records: dict[str, dict[str, float]] = {}
     for pair, a, b in (("homo shallow", "shallow A", "shallow B"), ("homo deep", "deep A", "deep B")):
         ensemble(pair, a, b)
-        for method, unmerge in HOMO_METHODS:
-            result = do_merge(pair, a, b, method, None, unmerge=unmerge)
+        for method, unmerge, balance in HOMO_METHODS:
+            result = do_merge(pair, a, b, method, None, unmerge=unmerge, balance=balance)
             if method == "permute" and unmerge == "copy" and not args.no_barrier:
                 barrier_records[pair] = barriers(result, models[a], models[b], head, split, example, args.barrier_steps, calibration[:4])
     for pair, a, b in (("hetero shallow A + deep B", "shallow A", "deep B"), ("hetero deep A + shallow B", "deep A", "shallow B")):
         ensemble(pair, a, b)
-        for method, depth, inserted, unmerge in HETERO:
-            result = do_merge(pair, a, b, method, depth, inserted, unmerge)
-            if inserted != "inert" or unmerge != "copy":
+        for method, depth, inserted, unmerge, balance in HETERO:
+            result = do_merge(pair, a, b, method, depth, inserted, unmerge, balance)
+            if inserted != "inert" or unmerge != "copy" or balance != "none":
                 continue
             alignment = result.alignment[0]
             if figures is not None and seed == args.seeds[0] and pair.startswith("hetero shallow A") and method == "zip":
@@ -331,27 +342,32 @@ def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[
         singles, merges = data["singles"], data["merges"]
         rows.setdefault("Task A", {})[seed] = mean([singles["shallow A"], singles["deep A"]])
         rows.setdefault("Task B", {})[seed] = mean([singles["shallow B"], singles["deep B"]])
-        for method, unmerge in HOMO_METHODS:
-            chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method and _unmerge(m) == unmerge]
-            rows.setdefault(homo_label(method, unmerge), {})[seed] = mean(chosen)
+        for method, unmerge, balance in HOMO_METHODS:
+            chosen = [m for m in merges if m["pair"].startswith("homo") and m["method"] == method and _options(m) == (unmerge, balance)]
+            rows.setdefault(homo_label(method, unmerge, balance), {})[seed] = mean(chosen)
         for depth in ("shallow", "deep"):  # not in the paper's table: the two pairs behind Homo Zip
-            for method, unmerge in (("zip", "copy"), ("zip", "regression"), ("ensemble", "copy")):
-                chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == method and _unmerge(m) == unmerge]
-                rows.setdefault(f"{homo_label(method, unmerge)}, {depth} pair only", {})[seed] = mean(chosen)
+            for method, unmerge, balance in (("zip", "copy", "none"), ("zip", "regression", "none"), ("zip", "regression", "norm"),
+                                             ("ensemble", "copy", "none")):
+                chosen = [m for m in merges if m["pair"] == f"homo {depth}" and m["method"] == method and _options(m) == (unmerge, balance)]
+                rows.setdefault(f"{homo_label(method, unmerge, balance)}, {depth} pair only", {})[seed] = mean(chosen)
         rows.setdefault("Homo Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("homo") and m["method"] == "ensemble"])
-        for method, depth, inserted, unmerge in HETERO:
+        for method, depth, inserted, unmerge, balance in HETERO:
             chosen = [
                 m for m in merges
                 if m["pair"].startswith("hetero") and m["method"] == method and m["depth"] == depth
-                and m.get("inserted", "inert") == inserted and _unmerge(m) == unmerge
+                and m.get("inserted", "inert") == inserted and _options(m) == (unmerge, balance)
             ]
-            rows.setdefault(hetero_label(method, depth, inserted, unmerge), {})[seed] = mean(chosen)
+            rows.setdefault(hetero_label(method, depth, inserted, unmerge, balance), {})[seed] = mean(chosen)
         rows.setdefault("Hetero Ensemble", {})[seed] = mean([m for m in merges if m["pair"].startswith("hetero") and m["method"] == "ensemble"])
     return rows
 
 
 def _unmerge(record: dict[str, Any]) -> str:
     return record.get("unmerge") or "copy"  # records written before the option say nothing
+
+
+def _options(record: dict[str, Any]) -> tuple[str, str]:
+    return _unmerge(record), record.get("output_balance") or "none"
 
 
 def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
@@ -362,7 +378,7 @@ def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict
         for m in data["merges"]:
             label = f"{m['pair']}: {LABELS[m['method']]}" + (f"+{m['depth'].upper()}" if m["depth"] else "")
             label += f", inserted {m['inserted']}" if m.get("inserted") not in (None, "inert") else ""
-            label += REGRESSION if _unmerge(m) == "regression" else ""
+            label += _suffix(*_options(m))
             rows.setdefault(label, {})[seed] = {c: m[c] for c in COLUMNS}
     return rows
 
@@ -445,6 +461,16 @@ def checks(rows: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> li
               within(homo, "Homo Ensemble", column, 2.0))
     claim("regression unmerge: Zip LMA at least as good as SMA, per-task avg",
           at_least(hetero, hetero_label("zip", "sma", "inert", "regression"), "average"))
+    # and with the output layers balanced (output_balance="norm")
+    hetero_b, homo_b = hetero_label("zip", "lma", "inert", "regression", "norm"), homo_label("zip", "regression", "norm")
+    for column, text in (("average", "per-task avg"), ("joint", "joint")):
+        claim(f"regression unmerge + output balance: hetero Zip+LMA within 2 points of (or above) homo Zip of the deep pair, {text}",
+              within(hetero_b, f"{homo_b}, deep pair only", column, 2.0))
+        claim(f"regression unmerge + output balance: homo Zip within 2 points of (or above) the ensemble, {text}",
+              within(homo_b, "Homo Ensemble", column, 2.0))
+        claim(f"output balance at least as good as none: hetero Zip+LMA, regression unmerge, {text}", at_least(hetero_b, hetero, column))
+        claim(f"output balance at least as good as none: hetero Zip+LMA, copy unmerge, {text}",
+              at_least(hetero_label("zip", "lma", "inert", "copy", "norm"), "Hetero Zip+LMA", column))
     for a, b in ((homo, "Homo Zip"), (hetero, "Hetero Zip+LMA"), (homo_label("permute", "regression"), "Homo Permute"),
                  (hetero_label("permute", "lma", "inert", "regression"), "Hetero Permute+LMA")):
         for column, text in (("average", "per-task avg"), ("joint", "joint")):
@@ -456,7 +482,7 @@ def segment_summary(per_seed: dict[int, dict[str, Any]], seeds: list[int]) -> li
     lines = []
     for seed in seeds:
         for m in per_seed[seed]["merges"]:
-            if m["depth"] and m["method"] == "zip" and m.get("inserted", "inert") == "inert" and _unmerge(m) == "copy":
+            if m["depth"] and m["method"] == "zip" and m.get("inserted", "inert") == "inert" and _options(m) == ("copy", "none"):
                 segments = " ".join("[" + ",".join(map(str, s)) + "]" for s in m["segments"])
                 lines.append(f"| {seed} | {m['pair']} | {m['depth'].upper()} | {segments} | {m['objective_value']:.3f} |")
     return ["| seed | pair | objective | segments (deep unit indices per shallow unit) | objective value |",
@@ -507,7 +533,9 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], args: argparse.Names
         "unmerge* (fxmerge's `unmerge=\"regression\"`, not in the paper): the same matches (M_k), but every layer "
         "reading a merged group sees the least-squares reconstruction of its model's units from all the merged "
         "units (fitted on the group's calibration statistics, shrunk toward the copy) instead of a copy of the one "
-        "merged unit each went to (ZipIt!'s unmerge, the other rows).",
+        "merged unit each went to (ZipIt!'s unmerge, the other rows). Rows marked *output balance* "
+        "(`output_balance=\"norm\"`): each model's output layer weighted by 1 / the rms norm of its outputs on the "
+        "calibration data (a deeper ResNet's embeddings have 2-3x the norm of a shallower one's).",
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, Python {machine['python']}, torch "
         f"{machine['torch']}, {machine['torch_threads']} torch thread(s).",

@@ -30,6 +30,7 @@ from fxmerge.inputs import check_runs_on, checked_example, checked_inputs
 from fxmerge.passes.dependency import Analysis, analyze_graph, state_name_map
 from fxmerge.passes.depth import align_depth, extend, inert_groups
 from fxmerge.passes.features import GroupStatistics, feature_statistics, observed_groups
+from fxmerge.passes.outputs import balanced_output_weights, output_layer_params, output_rms
 from fxmerge.passes.repair import node_moments, repair_sites, repair_units, reset_batchnorm
 from fxmerge.passes.rewrite import load_state_resizing, rewrite_shape_literals
 from fxmerge.passes.tails import split_tails, unmerge_matrices
@@ -426,14 +427,27 @@ def _inert_models(states: tuple[ModelState, ...]) -> dict[str, frozenset[int]]:
     return {name: frozenset(models) for name, models in inert.items()}
 
 
+def measure_outputs(states: tuple[ModelState, ...], batches: list[Any], config: MergeConfig) -> list[float] | None:
+    """Stage "outputs" (``output_balance="norm"`` only): the rms norm of every model's outputs on
+    the calibration data (``fxmerge.passes.outputs.output_rms``)."""
+    return output_rms([s.graph for s in states], batches) if config.output_balance == "norm" else None
+
+
 def rewrite(
-    states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch], config: MergeConfig
+    states: tuple[ModelState, ...], region: Region, matches: Mapping[str, GroupMatch], config: MergeConfig,
+    output_norms: Sequence[float] | None = None,
 ) -> GraphModule:
-    """Stage "rewrite": a copy of the reference graph with the merged weights and widths."""
+    """Stage "rewrite": a copy of the reference graph with the merged weights and widths; the
+    output layers weighted by ``output_norms`` when given (``balanced_output_weights``)."""
     reference = states[0]
     merged = copy.deepcopy(reference.graph)
+    output_params = output_weights = None
+    if output_norms is not None:
+        output_params = {reference.analysis.aliases.get(k, k) for k in output_layer_params(reference.graph)}
+        output_weights = balanced_output_weights(output_norms, config.model_weights)
     state = merged_state(
-        [s.analysis for s in states], [s.state for s in states], matches, params=region.params, weights=config.model_weights
+        [s.analysis for s in states], [s.state for s in states], matches, params=region.params, weights=config.model_weights,
+        output_params=output_params, output_weights=output_weights,
     )
     load_state_resizing(merged, state)
     widths = merged_sizes(reference.analysis, matches)
@@ -565,6 +579,7 @@ def merge(
     beta: float = 1.0,
     balance: float = 0.5,
     output: str = "shared",
+    output_balance: str = "none",
     stop_at: int | str | None = None,
     calibration_batches: int = 32,
     strict: bool = False,
@@ -622,6 +637,14 @@ def merge(
         balance: MuDSC's weight-vs-activation factor.
         output: "shared" (outputs averaged: one label space) or "concat" (per-model heads,
             logits concatenated).
+        output_balance: "none" (default): the layers that compute the output are averaged as
+            every other layer. "norm": model k's output layers weighted by 1 / rms_k, the root
+            mean squared norm of its outputs per sample on the calibration data (times
+            ``model_weights``, normalised; ``fxmerge.passes.outputs``), so that a model with
+            larger outputs does not dominate a shared output: a deeper digits ResNet's embeddings
+            have 2-3x a shallower one's norm, and balancing them raises the depth-heterogeneous
+            merges of ``benchmarks/results/depth.md``. Costs one forward pass of each model over
+            the calibration data; a model merged with its twin is unchanged (equal norms).
         stop_at: partial zipping: merge up to this unit index or node name.
         calibration_batches: how many batches of ``calibration`` are drawn.
         strict: raise on ops the analysis does not understand instead of keeping them fixed.
@@ -682,7 +705,7 @@ def merge(
     if data_free and repair == "bn":
         repair = "none"  # nothing to recompute the statistics on: they are kept (result.config says so)
     config = MergeConfig(
-        method=method, depth=depth, inserted=inserted, taps=taps, unmerge=unmerge, width=width, alpha=alpha, beta=beta, balance=balance, output=output,
+        method=method, depth=depth, inserted=inserted, taps=taps, unmerge=unmerge, width=width, alpha=alpha, beta=beta, balance=balance, output=output, output_balance=output_balance,
         stop_at=stop_at, calibration_batches=calibration_batches, strict=strict, quiet=quiet,
         leaf_modules=leaf_modules, capture=capture, model_weights=None if model_weights is None else tuple(model_weights),
         max_memory=max_memory, threads=threads, repair=repair,
@@ -698,6 +721,11 @@ def merge(
             f"{'a data-free merge (calibration=None)' if data_free else 'method=' + repr(config.method)} does not "
             "measure: give calibration data and a method that matches on features (permute, zip, mudsc), or "
             "unmerge='copy'"
+        )
+    if config.output_balance == "norm" and data_free:
+        raise ConfigError(
+            "output_balance='norm' weights the models' output layers by the norms of their outputs on calibration "
+            "data, and calibration=None: give calibration data, or output_balance='none'"
         )
     if config.repair == "repair" and process_group is not None:
         raise ConfigError("repair='repair' runs in one process: pass process_group=None, or use repair='bn'")
@@ -732,8 +760,10 @@ def _merged(
     matches = run("width", match_widths, states, region, statistics, config, WEIGHT_MATCHING_ROUNDS if data_free else 1)
     del statistics  # one (N, N) correlation per group: not read past matching
 
+    output_norms = run("outputs", measure_outputs, states, batches, config) if config.output_balance == "norm" else None
+
     def build(config: MergeConfig, run: Callable[..., Any] = run) -> GraphModule:
-        merged = run("rewrite", rewrite, states, region, matches, config)
+        merged = run("rewrite", rewrite, states, region, matches, config, output_norms)
         merged = run("rewrite", attach_tails, merged, states, region, matches, config)
         return run("repair", repair_stage, merged, batches, config, process_group, states, region, matches)
 

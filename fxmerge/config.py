@@ -24,6 +24,7 @@ INSERTED_UNITS = ("inert", "matched")
 TAP_CHOICES = ("consumers", "last")  # fxmerge.passes.features.choose_taps
 UNMERGES = ("copy", "regression")  # fxmerge.passes.width.regression_unmerge
 OUTPUT_POLICIES = ("shared", "concat")
+OUTPUT_BALANCES = ("none", "norm")  # fxmerge.passes.outputs
 CAPTURES = ("auto", "fx", "export")
 REPAIRS = ("bn", "none", "repair")
 
@@ -190,6 +191,11 @@ class MergeConfig:
         "shared", "'shared' (one label space: outputs averaged) or 'concat' (per-model heads, logits "
         "concatenated)", choices=OUTPUT_POLICIES,
     )
+    output_balance: str = _option(
+        "none", "how the models' output layers are averaged into a shared output: 'none' (as the "
+        "other layers) or 'norm' (model k weighted by 1 / the rms norm of its outputs on the "
+        "calibration data, so that a model with larger outputs does not dominate)", choices=OUTPUT_BALANCES,
+    )
     stop_at: int | str | None = _option(
         None, "partial zipping: merge up to this unit index or node name, then one tail per model",
         parse=parse_stop, metavar="UNIT",
@@ -234,6 +240,7 @@ class MergeConfig:
         _choice("taps", self.taps, TAP_CHOICES)
         _choice("unmerge", self.unmerge, UNMERGES)
         _choice("output", self.output, OUTPUT_POLICIES)
+        _choice("output_balance", self.output_balance, OUTPUT_BALANCES)
         _choice("capture", self.capture, CAPTURES)
         _choice("repair", self.repair, REPAIRS)
         if self.model_weights is not None:

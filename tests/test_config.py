@@ -30,6 +30,7 @@ NON_DEFAULT = {
     "beta": (2.0, "2.0"),
     "balance": (0.75, "0.75"),
     "output": ("concat", "concat"),
+    "output_balance": ("norm", "norm"),
     "stop_at": (2, "2"),
     "calibration_batches": (3, "3"),
     "strict": (True, "true"),

@@ -1082,6 +1082,8 @@ def merged_state(
     matches: Mapping[str, GroupMatch],
     params: set[str] | None = None,
     weights: Sequence[float] | None = None,
+    output_params: set[str] | None = None,
+    output_weights: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged model's state dict (keys and names of ``analyses[0]``'s model).
 
@@ -1094,7 +1096,9 @@ def merged_state(
     the others keep the reference model's values. ``weights``: one weight per model, summing to 1:
     every merged entry is the ``weights``-weighted average of what the models give it instead of
     the plain average (a merge "interpolated" between the models; (1, 0): model 0, (0, 1): model
-    1 in model 0's channel order).
+    1 in model 0's channel order). ``output_params`` (canonical names): the parameters of the
+    output layers, averaged with ``output_weights`` instead (``output_balance="norm"``,
+    ``fxmerge.passes.outputs``).
 
     Running variances (``fxmerge.ops.running_stats``) are merged as standard deviations: a merged
     unit's variance is the square of the (weighted) average of its source units' running stds.
@@ -1105,13 +1109,15 @@ def merged_state(
     ``repair="none"`` keeps this estimate.
     """
     count = len(analyses)
-    scales = [1.0] * count if weights is None else [float(w) * count for w in weights]
+    plain = [1.0] * count if weights is None else [float(w) * count for w in weights]
+    balanced = None if output_weights is None else [float(w) * count for w in output_weights]
     reference = analyses[0]
     per_model = [_transforms_for(a, matches, k) for k, a in enumerate(analyses)]
     variances = running_variances(reference)
     merged: dict[str, torch.Tensor] = {}
     for key, value in states[0].items():
         canonical = reference.aliases.get(key, key)
+        scales = balanced if balanced is not None and canonical in (output_params or ()) else plain
         if params is not None and canonical not in params:
             merged[key] = value.clone()  # a tail's parameter: each model keeps its own
             continue
