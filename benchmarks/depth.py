@@ -93,13 +93,14 @@ def pairs(m: int) -> dict[str, tuple[Any, Any, str]]:
 
 PAIRS = pairs(4)
 
-# (method, unmerge): the paper's methods with ZipIt!'s copy unmerge, then fxmerge's regression unmerge
+# (method, unmerge, output_balance): the paper's methods (ZipIt!'s copy unmerge, no output balance),
+# then fxmerge's regression unmerge and output balance
 HOMO_METHODS = (
     ("average", "copy", "none"), ("permute", "copy", "none"), ("zip", "copy", "none"), ("permute", "regression", "none"),
     ("zip", "regression", "none"), ("zip", "regression", "norm"),
 )
 # (method, depth objective, how the inserted units' hidden channels are merged: fxmerge's default
-# "inert", or "matched" as Xu et al.; unmerge)
+# "inert", or "matched" as Xu et al.; unmerge; output_balance)
 HETERO = (
     ("permute", "sma", "inert", "copy", "none"), ("permute", "lma", "inert", "copy", "none"),
     ("zip", "sma", "inert", "copy", "none"), ("zip", "lma", "inert", "copy", "none"), ("zip", "lma", "matched", "copy", "none"),
@@ -362,12 +363,9 @@ def table_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[
     return rows
 
 
-def _unmerge(record: dict[str, Any]) -> str:
-    return record.get("unmerge") or "copy"  # records written before the option say nothing
-
-
 def _options(record: dict[str, Any]) -> tuple[str, str]:
-    return _unmerge(record), record.get("output_balance") or "none"
+    """(unmerge, output_balance) of a merge record; records written before the options say nothing."""
+    return record.get("unmerge") or "copy", record.get("output_balance") or "none"
 
 
 def detail_rows(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:

@@ -427,10 +427,10 @@ def _inert_models(states: tuple[ModelState, ...]) -> dict[str, frozenset[int]]:
     return {name: frozenset(models) for name, models in inert.items()}
 
 
-def measure_outputs(states: tuple[ModelState, ...], batches: list[Any], config: MergeConfig) -> list[float] | None:
+def measure_outputs(states: tuple[ModelState, ...], batches: list[Any]) -> list[float]:
     """Stage "outputs" (``output_balance="norm"`` only): the rms norm of every model's outputs on
     the calibration data (``fxmerge.passes.outputs.output_rms``)."""
-    return output_rms([s.graph for s in states], batches) if config.output_balance == "norm" else None
+    return output_rms([s.graph for s in states], batches)
 
 
 def rewrite(
@@ -760,7 +760,7 @@ def _merged(
     matches = run("width", match_widths, states, region, statistics, config, WEIGHT_MATCHING_ROUNDS if data_free else 1)
     del statistics  # one (N, N) correlation per group: not read past matching
 
-    output_norms = run("outputs", measure_outputs, states, batches, config) if config.output_balance == "norm" else None
+    output_norms = run("outputs", measure_outputs, states, batches) if config.output_balance == "norm" else None
 
     def build(config: MergeConfig, run: Callable[..., Any] = run) -> GraphModule:
         merged = run("rewrite", rewrite, states, region, matches, config, output_norms)

@@ -459,7 +459,7 @@ def _regression_on_samples(samples: np.ndarray, match, ridge: float, model_weigh
     scales = np.ones(count) if model_weights is None else np.asarray(model_weights) * count
     merge = np.concatenate([scales[k] * match.merge[k].numpy() for k in range(count)], axis=1)
     merge /= np.where(merge.sum(axis=1, keepdims=True) > 0, merge.sum(axis=1, keepdims=True), 1.0)
-    copy = np.concatenate([u.numpy() for u in (_dense_unmerge(c, r) for c in match.clusters)], axis=0)
+    copy = np.concatenate([u.numpy() for u in match.unmerge], axis=0)
     centred = samples - samples.mean(axis=0)
     merged = centred @ merge.T
     cross, gram = centred.T @ merged / (len(samples) - 1), merged.T @ merged / (len(samples) - 1)
@@ -467,13 +467,6 @@ def _regression_on_samples(samples: np.ndarray, match, ridge: float, model_weigh
     fitted = np.linalg.solve(gram + ridge * s * np.eye(r), (cross + ridge * s * copy).T).T
     fitted[np.concatenate(match.clusters) < 0] = 0.0  # an inert model's units are not read
     return fitted
-
-
-def _dense_unmerge(clusters: np.ndarray, width: int) -> torch.Tensor:
-    matrix = torch.zeros(len(clusters), width, dtype=torch.float64)
-    units = np.flatnonzero(clusters >= 0)
-    matrix[units, clusters[units]] = 1.0
-    return matrix
 
 
 @pytest.mark.parametrize("model_weights", [None, (0.3, 0.7, 0.0)])
@@ -499,7 +492,7 @@ def test_the_regression_unmerge_is_the_ridge_regression_on_the_samples(ridge: fl
     np.testing.assert_allclose(got, _regression_on_samples(samples, match, ridge, model_weights), rtol=1e-9, atol=1e-9)
     assert not got[11:].any()
     # the ridge pulls toward the copy unmerge: far from it when small, close when large
-    copy = _dense_unmerge(np.concatenate(clusters), 6).numpy()
+    copy = np.concatenate([u.numpy() for u in match.unmerge], axis=0)
     assert (np.abs(got - copy).max() < 0.2) == (ridge == 10.0)
     # the rewrite reads the same matrices: U_k^T as a dense transform
     np.testing.assert_array_equal(fitted.maps[1][1].numpy(), fitted.unmerge_matrices[1].T)
@@ -518,8 +511,8 @@ def test_the_regression_unmerge_of_a_twin_is_the_copy_unmerge() -> None:
     labels = np.concatenate([np.arange(7), permutation])  # model 1's unit j is model 0's unit permutation[j]
     match = GroupMatch.of_labels("g", (7, 7), 7, labels, None, "activations")
     fitted = regression_unmerge(match, _statistics_of(samples, (7, 7)), ridge=1e-6)
-    for u, clusters in zip(fitted.unmerge_matrices, match.clusters):
-        np.testing.assert_allclose(u, _dense_unmerge(clusters, 7).numpy(), atol=1e-9)
+    for u, copy in zip(fitted.unmerge_matrices, match.unmerge):
+        np.testing.assert_allclose(u, copy.numpy(), atol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["zip", "permute", "mudsc"])

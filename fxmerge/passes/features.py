@@ -233,6 +233,10 @@ class RunningMoments:
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
+    def variance(self) -> torch.Tensor:
+        """The sample variance of each dimension (d,): the covariance's diagonal, a new tensor."""
+        return torch.diagonal(self.scatter) / max(self.count - 1, 1)
+
     def covariance(self) -> torch.Tensor:
         """The sample covariance (d, d), a new tensor."""
         return self.scatter / max(self.count - 1, 1)
@@ -399,7 +403,7 @@ def _constant_units(moments: RunningMoments) -> torch.Tensor:
 def _input_independent(moments: RunningMoments) -> bool:
     """Whether every unit's standard deviation is below float32 rounding (1e-6) of the largest
     mean magnitude: the tap's values do not depend on the input."""
-    variance = torch.diagonal(moments.scatter) / max(moments.count - 1, 1)
+    variance = moments.variance()
     scale = moments.mean.abs().max()
     return bool(scale > 0) and bool(variance.max() <= (1e-6 * scale) ** 2)
 
@@ -571,8 +575,8 @@ class _Fold:
         self.samples = max(self.samples, moments.count)  # a tap with enough samples informs the average
         constant = _constant_units(moments)
         self.constant = constant if self.constant is None else self.constant & constant
-        variance = torch.diagonal(moments.scatter).clamp(min=0.0) / max(moments.count - 1, 1)
-        self.variance = variance.clone() if self.variance is None else self.variance.add_(variance)
+        variance = moments.variance().clamp_(min=0.0)
+        self.variance = variance if self.variance is None else self.variance.add_(variance)
         self.mean = moments.mean.clone() if self.mean is None else self.mean.add_(moments.mean)
         similarity = _similarity_(moments)
         self.corr = similarity if self.corr is None else self.corr.add_(similarity)

@@ -1197,10 +1197,8 @@ def regression_unmerge(
     cross.mul_(std[:, None])
     merged = torch.zeros(r, r, dtype=torch.float64).index_add_(0, rows, cross[units].mul_(torch.from_numpy(entry)[units, None]))
     merged = (merged + merged.T).mul_(0.5)  # symmetric up to rounding: make it exactly so
-    copied = torch.zeros(n, r, dtype=torch.float64)
-    copied[units] = merged.index_select(0, rows)  # U0 C_mm: each live unit's merged unit's row
-    residual = cross.sub_(copied)
-    del copied
+    # C M^T - U0 C_mm: U0 C_mm is each live unit's merged unit's row of C_mm
+    residual = cross.index_add_(0, units, merged.index_select(0, rows), alpha=-1)
     mean_variance = float(torch.trace(merged)) / r
     if not mean_variance > 0:
         return match  # every merged unit constant: nothing to regress on
