@@ -31,7 +31,12 @@ class ClusterMap:
     ``columns``, ``rows`` (m,) int64 and ``weights`` (m,) float64: the nonzero entries. When every
     row has exactly one entry (a cross-model pair's M_k: weight 1/2 at its unit; a permutation)
     ``order`` (r,) int64 holds them row by row and the map is a gather, ``new = old[order] *
-    row_weights`` (``row_weights`` None when they are all 1): no zeros and no scatter.
+    row_weights`` (``row_weights`` None when they are all 1): no zeros and no scatter. Otherwise,
+    when every column has its entry (every unit of the model is in a cluster, as in U_k^T),
+    ``column_rows`` (n,) int64 holds each column's row and the map is one scatter of the whole
+    tensor, ``new.index_add_(column_rows, old * column_weights)`` (``column_weights`` None when
+    they are all 1): no gather. Both forms add each row's terms in ascending column order, as
+    the general gather-and-scatter does, so they give its bits.
     """
 
     rows: torch.Tensor
@@ -40,6 +45,8 @@ class ClusterMap:
     width: int
     order: torch.Tensor | None
     row_weights: torch.Tensor | None = None
+    column_rows: torch.Tensor | None = None
+    column_weights: torch.Tensor | None = None
 
     @staticmethod
     def of(matrix: torch.Tensor) -> "ClusterMap | torch.Tensor":
@@ -66,11 +73,16 @@ class ClusterMap:
     @staticmethod
     def _of_entries(rows: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, width: int) -> "ClusterMap":
         """The map of nonzero entries given row-major; a selection when every row has one."""
-        order = row_weights = None
+        order = row_weights = column_rows = column_weights = None
+        ones = bool((weights == 1).all())
         if len(rows) == width and bool((rows == torch.arange(width, device=rows.device)).all()):
             order = columns
-            row_weights = None if bool((weights == 1).all()) else weights
-        return ClusterMap(rows, columns, weights, width, order, row_weights)
+            row_weights = None if ones else weights
+        elif len(columns) and int(columns.max()) + 1 == len(columns) and len(torch.unique(columns)) == len(columns):
+            by_column = torch.argsort(columns)
+            column_rows = rows[by_column]
+            column_weights = None if ones else weights[by_column]
+        return ClusterMap(rows, columns, weights, width, order, row_weights, column_rows, column_weights)
 
     def __repr__(self) -> str:
         kind = "selection" if self.order is not None else "clusters"
@@ -94,10 +106,15 @@ def _apply_factor(segment: torch.Tensor, dim: int, transform: Transform) -> torc
             if transform.row_weights is not None:
                 picked.mul_(transform.row_weights.to(device=device, dtype=segment.dtype).reshape(shape))
             return picked
-        picked = segment.index_select(dim, transform.columns.to(device))
-        picked.mul_(transform.weights.to(device=device, dtype=segment.dtype).reshape(shape))
         out_shape = list(segment.shape)
         out_shape[dim] = transform.width
+        if transform.column_rows is not None and transform.column_rows.numel() == segment.shape[dim]:
+            source = segment
+            if transform.column_weights is not None:
+                source = segment * transform.column_weights.to(device=device, dtype=segment.dtype).reshape(shape)
+            return segment.new_zeros(out_shape).index_add_(dim, transform.column_rows.to(device), source)
+        picked = segment.index_select(dim, transform.columns.to(device))
+        picked.mul_(transform.weights.to(device=device, dtype=segment.dtype).reshape(shape))
         return segment.new_zeros(out_shape).index_add_(dim, transform.rows.to(device), picked)
     if transform.dim() == 1:
         return segment.index_select(dim, transform.to(segment.device))

@@ -1013,6 +1013,12 @@ def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
+def _work_dtype(value: torch.Tensor) -> torch.dtype:
+    """The dtype a merged parameter is computed in: its own, at least float32 (half models are
+    merged in float32 and rounded once)."""
+    return torch.promote_types(value.dtype, torch.float32)
+
+
 def running_variances(analysis: Analysis) -> set[str]:
     """Canonical names of the running-variance buffers of every batch norm in the analysed graph."""
     from fxmerge import ops
@@ -1024,8 +1030,9 @@ def _weighted_merge(
     tensors: Sequence[torch.Tensor], layouts: Sequence[tuple], roles: Sequence[tuple], analyses: Sequence[Analysis],
     per_model: Sequence[tuple[dict, dict]], scales: Sequence[float],
 ) -> torch.Tensor:
-    """sum_k T_k(tensors[k]) (float64), normalised by the total weight the M_k give each merged
-    entry (see ``merged_state``); ``layouts[k]``/``roles[k]``: the axes of model k's tensor."""
+    """sum_k T_k(tensors[k]) (in the tensors' dtype), normalised by the total weight the M_k give
+    each merged entry (see ``merged_state``); ``layouts[k]``/``roles[k]``: the axes of model k's
+    tensor."""
     total = None
     weight = None
     for k, (analysis, tensor) in enumerate(zip(analyses, tensors)):
@@ -1056,7 +1063,9 @@ def _weighted_merge(
         else:
             total.add_(term)
         weight = ones if weight is None else weight + ones
-    return total.div_(torch.where(weight > 0, weight, torch.ones_like(weight)))  # type: ignore[union-attr]
+    weight = torch.where(weight > 0, weight, torch.ones_like(weight)).to(total.dtype)  # type: ignore[union-attr]
+    # one matched factor per axis: every entry's weights sum to 1 and x / 1 == x
+    return total if bool((weight == 1).all()) else total.div_(weight)  # type: ignore[union-attr]
 
 
 def merged_channel_vectors(
@@ -1107,6 +1116,12 @@ def merged_state(
     variances would be larger than that for any two units of different stds. Units that are not
     perfectly correlated average to a smaller variance still: ``repair="bn"`` measures it,
     ``repair="none"`` keeps this estimate.
+
+    Precision: each parameter is merged in its own dtype (at least float32; ``_work_dtype``). A
+    merged entry is a weighted sum of the few entries its cluster holds (two for a cross-model
+    pair, whose average is then the correctly rounded one, as in float64), so it is within a few
+    float32 roundings of the float64 merge; the float64 version cost twice the time and memory
+    (resnet18 pair: 0.34 s against 0.18 s) for bits the float32 model cannot keep.
     """
     count = len(analyses)
     plain = [1.0] * count if weights is None else [float(w) * count for w in weights]
@@ -1126,7 +1141,7 @@ def merged_state(
             continue
         if canonical not in reference.param_layouts:
             if value.is_floating_point():
-                terms = [s[key].to(torch.float64) for s in states]
+                terms = [s[key].to(_work_dtype(value)) for s in states]
                 if canonical in variances:
                     terms = [t.clamp_min(0).sqrt() for t in terms]
                 total = sum(_scaled(t, c) for t, c in zip(terms, scales)).div(count)
@@ -1134,7 +1149,7 @@ def merged_state(
             else:
                 merged[key] = value.clone()
             continue
-        tensors = [state[canonical].to(torch.float64) for state in states]
+        tensors = [state[canonical].to(_work_dtype(value)) for state in states]
         if canonical in variances:
             tensors = [tensor.clamp_min(0).sqrt() for tensor in tensors]
         total = _weighted_merge(
