@@ -533,7 +533,8 @@ def test_symmetry_check_agrees_with_allclose_and_averages_exactly(n_units):
             continue
         assert symmetric_enough, seed
         np.testing.assert_array_equal(checked, (similarity + similarity.T) / 2.0)
-        assert checked.flags.c_contiguous and checked is not similarity
+        # a new array with contiguous rows, which zip may use as its scores (rows apart: padded_square)
+        assert checked.strides[1] == checked.itemsize and checked is not similarity
         for other_layout in (np.asfortranarray(similarity), similarity.astype(np.float32)):
             converted = np.asarray(other_layout, dtype=np.float64)
             np.testing.assert_array_equal(_checked_similarity(other_layout, n_units), (converted + converted.T) / 2.0)
@@ -608,3 +609,18 @@ def test_a_workspace_that_cannot_serve_is_refused():
     shared_similarity[:] = similarity
     with pytest.raises(ConfigError, match="must not share memory with the similarity"):
         fxmerge_match.match_labels(shared_similarity, [5, 5], 5, method="zip", workspace=shared)
+
+
+def test_score_rows_padded_to_an_odd_number_of_cache_lines_give_the_same_merges():
+    from fxmerge.match.clusters import padded_square, square_row_length
+
+    assert [square_row_length(n) for n in (40, 128, 1536, 1537)] == [40, 136, 1544, 1544]
+    similarity = random_symmetric(np.random.default_rng(6), 128)
+    padded = padded_square(128)
+    padded[...] = similarity
+    assert padded.strides == (136 * 8, 8)
+    contiguous = zip_matching(similarity.copy(), [64, 64], 80, 0.5, 1.0, overwrite_similarity=True)
+    in_place = zip_matching(padded, [64, 64], 80, 0.5, 1.0, overwrite_similarity=True)
+    assert np.isneginf(np.diagonal(padded)).all()  # the padded view itself became the scores
+    np.testing.assert_array_equal(in_place.labels, contiguous.labels)
+    assert in_place.merges == contiguous.merges == naive_zip_matching(similarity, [64, 64], 80, 0.5, 1.0).merges

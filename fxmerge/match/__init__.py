@@ -16,7 +16,7 @@ import numpy as np
 
 from fxmerge.errors import ConfigError
 from fxmerge.match.average import average_labels
-from fxmerge.match.clusters import index_blocks, merge_matrices
+from fxmerge.match.clusters import index_blocks, merge_matrices, padded_square, square_row_length
 from fxmerge.match.groups import grouped_labels
 from fxmerge.match.permute import check_permute_width, permute_labels, permute_reference_model
 from fxmerge.match.zip import zip_labels
@@ -133,7 +133,9 @@ def _checked_sizes(sizes: Sequence[int]) -> list[int]:
 
 
 def _workspace_square(workspace: np.ndarray | None, n_units: int) -> np.ndarray | None:
-    """The (N, N) view of ``match_labels``' workspace, or None; ConfigError if it cannot serve."""
+    """The (N, N) view of ``match_labels``' workspace, or None; ConfigError if it cannot serve.
+    Its rows are ``square_row_length(N)`` entries apart when the workspace is that large
+    (``padded_square``), else N."""
     if workspace is None:
         return None
     if not (
@@ -145,6 +147,8 @@ def _workspace_square(workspace: np.ndarray | None, n_units: int) -> np.ndarray 
             f"({n_units} units), got {type(workspace).__name__} {getattr(workspace, 'dtype', '')} of size "
             f"{getattr(workspace, 'size', '?')}"
         )
+    if workspace.size >= n_units * square_row_length(n_units):
+        return padded_square(n_units, workspace.reshape(-1))
     return workspace.reshape(-1)[: n_units * n_units].reshape(n_units, n_units)
 
 
@@ -167,17 +171,24 @@ def _checked_similarity(similarity: np.ndarray, n_units: int, out: np.ndarray | 
         )
     if out is not None and np.shares_memory(out, array):
         raise ConfigError("workspace must not share memory with the similarity")
-    symmetric = np.empty((n_units, n_units), dtype=np.float64) if out is None else out
+    symmetric = padded_square(n_units) if out is None else out
     tiles = index_blocks(n_units, _SYMMETRY_TILE)
     for tile_index, rows in enumerate(tiles):
         for columns in tiles[tile_index:]:
             upper, lower = array[rows, columns], array[columns, rows].T
-            difference = np.abs(upper - lower)  # NaN or inf when an entry is not finite
+            difference = upper - lower  # NaN or inf (so nonzero) where an entry is not finite
+            average = symmetric[rows, columns]
+            if not difference.any():
+                # finite and exactly symmetric already (fxmerge's own similarities are built
+                # so): (a + a) / 2 is a, a copy
+                average[...] = upper
+                symmetric[columns, rows] = average.T
+                continue
+            np.abs(difference, out=difference)
             if not difference.max() <= _SYMMETRY_ATOL and not _allclose_both_ways(upper, lower, difference):
                 raise _asymmetric_error(array)
             # Exact symmetry is what makes zip's tie-breaking well defined; average away last-bit
             # differences ((a + b) / 2 == (b + a) / 2 exactly, so the mirror tile is the transpose).
-            average = symmetric[rows, columns]
             np.add(upper, lower, out=average)
             average /= 2.0
             symmetric[columns, rows] = average.T

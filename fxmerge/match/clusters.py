@@ -20,6 +20,24 @@ from fxmerge.errors import ConfigError
 ROW_BLOCK_ENTRIES = 1 << 18
 
 
+def square_row_length(n_units: int) -> int:
+    """The row length (entries) of an (N, N) float64 working matrix: N rounded up so that a row
+    spans an odd number of 64-byte cache lines. A matcher writes whole columns of its score
+    matrix (one entry per row); with rows a multiple of 4 KiB apart (N a multiple of 512, as
+    most layer widths are) every entry of a column falls in the same few cache sets, and a
+    column write of N = 1536 took 24.5 us against 14.4 us with rows 1544 entries apart."""
+    lines = -(-n_units // 8)
+    return 8 * (lines + 1 - lines % 2)
+
+
+def padded_square(n_units: int, buffer: np.ndarray | None = None) -> np.ndarray:
+    """An (N, N) float64 view whose rows are ``square_row_length(N)`` entries apart, in
+    ``buffer`` (1-D float64, at least N * square_row_length(N) entries) or a new array."""
+    length = square_row_length(n_units)
+    base = np.empty(n_units * length) if buffer is None else buffer[: n_units * length]
+    return base.reshape(n_units, length)[:, :n_units]
+
+
 def index_blocks(length: int, block_size: int) -> list[slice]:
     """Consecutive slices of at most block_size (>= 1) indices covering 0 .. length."""
     block_size = max(1, block_size)

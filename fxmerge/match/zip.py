@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxmerge.errors import ConfigError
-from fxmerge.match.clusters import ROW_BLOCK_ENTRIES, index_blocks, labels_by_smallest_member, unit_models
+from fxmerge.match.clusters import ROW_BLOCK_ENTRIES, index_blocks, labels_by_smallest_member, padded_square, unit_models
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def zip_budgets(sizes: Sequence[int], target_width: int, beta: float) -> list[in
 
 def initial_scores(similarity: np.ndarray) -> np.ndarray:
     """The (N, N) score matrix before any merge: the similarity with a -inf diagonal (no self-merge)."""
-    scores = np.array(similarity, dtype=np.float64, order="C", copy=True)
+    scores = padded_square(len(similarity))  # rows an odd number of cache lines apart
+    scores[...] = similarity
     np.fill_diagonal(scores, -np.inf)
     return scores
 
@@ -459,7 +460,8 @@ def _scores_in_place(similarity: np.ndarray) -> np.ndarray | None:
     if not (
         isinstance(similarity, np.ndarray)
         and similarity.dtype == np.float64
-        and similarity.flags.c_contiguous
+        and similarity.ndim == 2
+        and similarity.strides[1] == similarity.itemsize  # rows contiguous (``padded_square``: apart)
         and similarity.flags.writeable
     ):
         return None

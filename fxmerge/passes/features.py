@@ -422,9 +422,14 @@ def _correlation_(cov: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
     """``fxmerge.metrics.correlation(cov)`` computed in place in ``cov`` (the same values, bit for
     bit), with temporaries of ``block_rows`` rows instead of several (d, d) matrices."""
     std = torch.sqrt(torch.diagonal(cov).clamp(min=0.0))
+    # no unit without variance (and no product of two stds that underflows to 0): no masks
+    every_positive = bool((std > 1e-150).all())
     for start in range(0, cov.shape[0], block_rows):
         block = cov[start : start + block_rows]
         denominator = torch.outer(std[start : start + block_rows], std)
+        if every_positive:
+            block.div_(denominator)
+            continue
         positive = denominator > 0
         block.div_(torch.where(positive, denominator, 1.0))
         block.masked_fill_(~positive, 0.0)

@@ -20,7 +20,7 @@ import torch
 from fxmerge.errors import ConfigError
 from fxmerge.groups import ChannelSpace, Opaque
 from fxmerge.match import match_labels
-from fxmerge.match.clusters import checked_cluster_sizes
+from fxmerge.match.clusters import checked_cluster_sizes, square_row_length
 from fxmerge.match.groups import mean_matched_similarity
 from fxmerge.passes.dependency import Analysis
 from fxmerge.passes.features import GroupStatistics, symmetric_gram
@@ -325,10 +325,12 @@ class _Workspace:
         return flat[: count * count].view(count, count)
 
     def scores(self, count: int) -> np.ndarray:
-        if self._scores.size < count * count:
+        """At least count x ``square_row_length(count)`` entries: the matcher's rows are padded."""
+        entries = count * square_row_length(count)
+        if self._scores.size < entries:
             self._scores = np.empty(0)
-            self._scores = np.empty(count * count)
-        return self._scores[: count * count]
+            self._scores = np.empty(entries)
+        return self._scores[:entries]
 
 
 def _transform_keys(analysis: Analysis, done: Mapping[str, "GroupMatch"]) -> set:
