@@ -85,7 +85,7 @@ class ClusterMap:
         return ClusterMap(rows, columns, weights, width, order, row_weights, column_rows, column_weights)
 
     def __repr__(self) -> str:
-        kind = "selection" if self.order is not None else "clusters"
+        kind = "selection" if self.order is not None else "scatter" if self.column_rows is not None else "clusters"
         return f"ClusterMap({kind}, {len(self.columns)} entries -> {self.width})"
 
 
