@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from fxmerge.passes.rewrite import ClusterMap, _apply_factor
-
-
-def _dense(clusters: np.ndarray, weights: np.ndarray | None, width: int) -> torch.Tensor:
-    matrix = torch.zeros(width, len(clusters), dtype=torch.float64)
-    for column, row in enumerate(clusters):
-        if row >= 0:
-            matrix[row, column] = 1.0 if weights is None else weights[column]
-    return matrix
+from fxmerge.passes.width import _dense  # the dense (width, n) matrix of a clustering
 
 
 @pytest.mark.parametrize("weighted", [False, True])

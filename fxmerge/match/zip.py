@@ -292,7 +292,8 @@ def zip_matching(
 
     similarity: (N, N) finite symmetric float64, N = sum(sizes); arguments are assumed validated
     (see fxmerge.match.match).  overwrite_similarity: the caller's array is scratch and, when it is a
-    writeable C-ordered float64 array, becomes the score matrix (saves an (N, N) copy).
+    writeable float64 array with contiguous rows (``padded_square``'s, or C-ordered), becomes the
+    score matrix (saves an (N, N) copy).
     Raises ConfigError when no allowed merge is left before target_width.
 
     Memory: one (N, N) float64 score matrix (none with overwrite_similarity), O(N) per live cluster

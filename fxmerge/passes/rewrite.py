@@ -78,7 +78,7 @@ class ClusterMap:
         if len(rows) == width and bool((rows == torch.arange(width, device=rows.device)).all()):
             order = columns
             row_weights = None if ones else weights
-        elif len(columns) and int(columns.max()) + 1 == len(columns) and len(torch.unique(columns)) == len(columns):
+        elif len(columns) and int(columns.max()) + 1 == len(columns):  # columns distinct: 0 .. m - 1
             by_column = torch.argsort(columns)
             column_rows = rows[by_column]
             column_weights = None if ones else weights[by_column]
