@@ -28,6 +28,12 @@ compared like for like on these models: every zip matching the merge makes is ti
 ``match_tensors_zipit`` loop (one full-matrix argmax per merge), which makes the same merges —
 and the column gives merge - fxmerge's matcher seconds + the reference's (one run, not a median).
 
+Floor (CPU): the table also gives, per merge, the seconds of the two parts of the feature
+statistics no implementation can skip — the models' forward passes with the taps, and the Gram
+products of the statistics with their float64 accumulation — and the floor ratio (those two +
+the matcher + the repair stage's BatchNorm pass) / forward: what the ratio would be if the merge
+spent nothing else (trace, weight similarity, centring, rewrite, ...).
+
 Cases: ``resnet18`` / ``resnet50`` (torchvision, 10 classes), ``vit-tiny`` (``fxmerge.zoo.vit``:
 6 layers, width 192, 3 heads, MLP 768, patch 8), ``vit-b16`` (12 layers, width 768, 12 heads, MLP
 3072, patch 16; torchvision's VisionTransformer at 64 x 64).
@@ -123,10 +129,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     recording = [False]  # the matchings are recorded in one more merge, after the peak is read
     zip_module.zip_matching = timed_zip_matching
-    matcher_per_merge = []
+    floor_seconds = {"taps": 0.0, "gram": 0.0}
+    restore_floor = _time_floor_parts(floor_seconds) if not device.startswith("cuda") else (lambda: None)
+    matcher_per_merge: list[float] = []
+    taps_per_merge: list[float] = []
+    gram_per_merge: list[float] = []
     for repeat in range(args.repeats):
         forwards.append(forward_passes())
         matcher_seconds[0] = 0.0
+        floor_seconds.update(taps=0.0, gram=0.0)
         _sync(device)
         start = time.perf_counter()
         result = merge(models, batches, method=args.method, quiet=True, threads=args.threads)
@@ -134,6 +145,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         merges.append(time.perf_counter() - start)
         stages.append(dict(result.timings))
         matcher_per_merge.append(matcher_seconds[0])
+        taps_per_merge.append(floor_seconds["taps"])
+        gram_per_merge.append(floor_seconds["gram"])
     row: dict[str, Any] = {
         "case": args.case,
         "method": args.method,
@@ -142,6 +155,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "merge_s": merges,
         "stages_s": stages,
         "matcher_s": matcher_per_merge,
+        **({"taps_s": taps_per_merge, "gram_s": gram_per_merge} if not device.startswith("cuda") else {}),
         "ratio": statistics.median(merges) / statistics.median(forwards),
         "rss_before_mib": rss_before,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB,
@@ -164,7 +178,59 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         row["zipit_matcher_calls"] = len(matcher_calls)
         row["largest_matching"] = max((sum(c[1]) for c in matcher_calls), default=0)
     zip_module.zip_matching = original
+    restore_floor()
     return row
+
+
+def _time_floor_parts(seconds: dict[str, float]) -> Any:
+    """Add to ``seconds`` what a merge spends in the two parts of its feature statistics that no
+    implementation can skip: "taps", the models' forward passes with the taps
+    (``tap_extractor``'s modules), and "gram", the statistics' Gram products with their float64
+    accumulation (``RunningMoments.update``'s ``_add_upper_gram_`` calls, not the rank-one
+    corrections). CPU only (no synchronisation). Returns a function that undoes the wrapping."""
+    import fxmerge.passes.features as features
+
+    original_extractor, original_gram, original_update = (
+        features.tap_extractor, features._add_upper_gram_, features.RunningMoments.update,
+    )
+    inside_update = [False]
+
+    def timed_extractor(gm, node_names):  # type: ignore[no-untyped-def]
+        extractor = original_extractor(gm, node_names)
+        forward = extractor.forward
+
+        def timed_forward(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                seconds["taps"] += time.perf_counter() - start
+
+        extractor.forward = timed_forward
+        return extractor
+
+    def timed_gram(scatter, chunk, panels, other=None, **options):  # type: ignore[no-untyped-def]
+        if other is not None or not inside_update[0]:  # rank-one terms; weight similarity's Gram
+            return original_gram(scatter, chunk, panels, other, **options)
+        start = time.perf_counter()
+        original_gram(scatter, chunk, panels, **options)
+        seconds["gram"] += time.perf_counter() - start
+
+    def flagged_update(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        inside_update[0] = True
+        try:
+            return original_update(self, *args, **kwargs)
+        finally:
+            inside_update[0] = False
+
+    features.tap_extractor, features._add_upper_gram_ = timed_extractor, timed_gram
+    features.RunningMoments.update = flagged_update
+
+    def restore() -> None:
+        features.tap_extractor, features._add_upper_gram_ = original_extractor, original_gram
+        features.RunningMoments.update = original_update
+
+    return restore
 
 
 def _median_stages(row: dict[str, Any]) -> dict[str, float]:
@@ -176,6 +242,16 @@ def _rows_by_commit(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     for row in rows:
         found.setdefault(row.get("commit", "?"), []).append(f"{row['case']} {row['method']}")
     return found
+
+
+def _floor_cells(row: dict[str, Any], stages: dict[str, float]) -> str:
+    """tap forwards | statistics Gram | floor ratio: (tap forwards + Gram + matcher + repair) /
+    forward, the ratio of a merge that spent nothing else ("-": not measured in that row)."""
+    if "taps_s" not in row:
+        return "- | - | -"
+    taps, gram, matcher = (statistics.median(row[key]) for key in ("taps_s", "gram_s", "matcher_s"))
+    floor = (taps + gram + matcher + stages["repair"]) / statistics.median(row["forward_s"])
+    return f"{taps:.2f} | {gram:.2f} | {floor:.2f}"
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -192,6 +268,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.repeats} interleaved repeats in one fresh process per row. forward = the K = 2 models and the "
         "merged model's architecture over every batch (K + 1 passes, what a merge needs at least); "
         "ratio = merge / forward (goal: <= 2.0 for zip, <= 2.5 for mudsc, on resnet18 and vit-tiny). "
+        "tap forwards = the models' forward passes inside the features stage, statistics Gram = its Gram "
+        "products and their float64 sums; floor ratio = (tap forwards + statistics Gram + matcher + repair) / "
+        "forward, the ratio of a merge that spent nothing else. "
         "Peak RSS = the process's peak (models, data, torch and the merge); before = resident size before "
         "the first merge (MiB).",
         "",
@@ -200,8 +279,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "| pair | method | params (M) | forward (s) | merge (s) | **ratio** | "
         + " | ".join(STAGES)
-        + " | matcher (s) | peak RSS (MiB) | before (MiB) | ZipIt! matcher model (s) |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|",
+        + " | matcher (s) | tap forwards (s) | statistics Gram (s) | floor ratio | peak RSS (MiB) | before (MiB) "
+        "| ZipIt! matcher model (s) |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         stages = _median_stages(row)
@@ -215,7 +295,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {row['case']} | {row['method']} | {row['params_m']:.1f} | {statistics.median(row['forward_s']):.2f} | "
             f"{statistics.median(row['merge_s']):.2f} | **{row['ratio']:.2f}** | "
             + " | ".join(f"{stages[s]:.2f}" for s in STAGES)
-            + f" | {statistics.median(row['matcher_s']):.2f} | {peak} | {row['rss_before_mib']:.0f} | {zipit} |"
+            + f" | {statistics.median(row['matcher_s']):.2f} | {_floor_cells(row, stages)} | {peak} | "
+            f"{row['rss_before_mib']:.0f} | {zipit} |"
         )
     return "\n".join(lines) + "\n"
 

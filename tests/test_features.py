@@ -135,6 +135,44 @@ def test_scatter_is_symmetric_and_deterministic() -> None:
     assert _normwise(runs[0].numpy(), scatter) < np.sqrt(100) * U
 
 
+@pytest.mark.parametrize(
+    "dtype, rows, chunk_rows", [(torch.float32, 300, None), (torch.float32, 300, 100), (torch.float32, 40, None), (torch.float64, 300, 100)]
+)
+def test_first_update_writes_the_bits_of_adding_to_zeros(dtype: torch.dtype, rows: int, chunk_rows: int | None) -> None:
+    """The scatter starts unset (no zeroing pass over fresh memory): the first update writes its
+    products, which gives the bits of the same updates added to a zeroed scatter, whatever the
+    memory held (float32 and float64 products, several chunks, a batch small enough for float64)."""
+    generator = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(rows, 150, generator=generator) * 3 + 1).to(dtype) for _ in range(2)]
+    written, zeroed = RunningMoments(150), RunningMoments(150)
+    written._scatter.fill_(float("nan"))  # whatever the fresh memory holds must not leak
+    zeroed._scatter.zero_()
+    zeroed._written = True  # the accumulation as it was: every update adds
+    for batch in batches:
+        written.update([batch[:, :70], batch[:, 70:]], chunk_rows=chunk_rows)
+        zeroed.update([batch[:, :70], batch[:, 70:]], chunk_rows=chunk_rows)
+    assert torch.equal(written.scatter, zeroed.scatter)
+    assert torch.equal(written.scatter, written.scatter.T)
+
+
+def test_moments_without_samples_have_a_zero_scatter() -> None:
+    moments = RunningMoments(5)
+    moments._scatter.fill_(float("nan"))
+    moments.update(torch.empty(0, 5))
+    assert moments.count == 0 and torch.equal(moments.scatter, torch.zeros(5, 5, dtype=torch.float64))
+
+
+def test_symmetric_gram_overwrites_the_buffer_it_is_given() -> None:
+    generator = torch.Generator().manual_seed(9)
+    blocks = [torch.randn(90, width, generator=generator) for width in (40, 7, 300)]
+    fresh = features.symmetric_gram(blocks)
+    garbage = torch.full((90, 90), float("nan"), dtype=torch.float64)
+    assert features.symmetric_gram(blocks, out=garbage) is garbage
+    assert torch.equal(garbage, fresh)
+    joined = torch.cat(blocks, dim=1).double()
+    assert torch.allclose(fresh, joined @ joined.T, rtol=1e-5, atol=1e-4)
+
+
 def test_float32_chunks_are_capped(monkeypatch) -> None:
     """At most FLOAT32_ROWS rows per float32 product, whatever the chunk budget; small batches are
     multiplied in float64."""
@@ -143,9 +181,9 @@ def test_float32_chunks_are_capped(monkeypatch) -> None:
     products = []
     original = features._add_upper_gram_
 
-    def recording(scatter, chunk, *args):
+    def recording(scatter, chunk, *args, **kwargs):
         products.append((len(chunk), chunk.dtype))
-        original(scatter, chunk, *args)
+        original(scatter, chunk, *args, **kwargs)
 
     monkeypatch.setattr(features, "_add_upper_gram_", recording)
     moments.update(torch.randn(FLOAT32_ROWS + 200, 4))

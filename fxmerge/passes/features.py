@@ -119,14 +119,20 @@ class RunningMoments:
         self.count = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         # Sum of centred outer products; updates write its upper block triangle only (``_panels``),
-        # ``scatter`` mirrors it into the lower one when read.
-        self._scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        # ``scatter`` mirrors it into the lower one when read. Left unset until the first update
+        # writes its products into it (``_written``): zeroing fresh memory and then adding to it
+        # makes three passes over it where one write does (a 134 MB matrix: 100 ms against 40 ms).
+        self._scatter = torch.empty(dim, dim, dtype=torch.float64, device=device)
+        self._written = False
         self._mirrored = True
         self.chunk_bytes = chunk_bytes
 
     @property
     def scatter(self) -> torch.Tensor:
         """The (d, d) sum of outer products of the samples centred at ``mean`` (symmetric)."""
+        if not self._written:  # no sample yet
+            self._scatter.zero_()
+            self._written = True
         if not self._mirrored:
             mirror_upper_gram_(self._scatter, _panels(self.dim))
             self._mirrored = True
@@ -202,6 +208,11 @@ class RunningMoments:
 
         # Pass 2: scatter += the Gram matrix of the centred samples, chunk by chunk.
         panels = _panels(self.dim)
+
+        def accumulate(chunk: torch.Tensor, other: torch.Tensor | None = None) -> None:
+            _add_upper_gram_(self._scatter, chunk, panels, other, overwrite=not self._written)
+            self._written = True
+
         buffer = torch.empty(rows + exact, self.dim, dtype=dtype, device=device)
         with _ieee_float32_matmul():
             for start in range(0, n, rows):
@@ -213,10 +224,10 @@ class RunningMoments:
                     half = max(1, rows // 2)
                     wide = torch.empty(half, self.dim, dtype=torch.float64, device=device)
                     for part in range(start, stop, half):
-                        _add_upper_gram_(self._scatter, load(wide, part, min(part + half, stop)), panels)
+                        accumulate(load(wide, part, min(part + half, stop)))
                     del wide
                     continue
-                _add_upper_gram_(self._scatter, chunk, panels)
+                accumulate(chunk)
         del buffer
         if not exact:
             # float64 rank-one terms: - n (m - r)(m - r)^T (the samples were centred at r, not m)
@@ -224,7 +235,7 @@ class RunningMoments:
             shift = (batch_mean - reference.double()).mul_(math.sqrt(n))
             left = torch.stack([shift, *([] if chan is None else [chan])])
             right = torch.stack([-shift, *([] if chan is None else [chan])])
-            _add_upper_gram_(self._scatter, left, panels, right)
+            accumulate(left, right)
         self._mirrored = False
         self.mean.add_(delta, alpha=n / total)
         self.count = total
@@ -264,16 +275,24 @@ def _in_float32_range(chunk: torch.Tensor) -> bool:
 
 
 def _add_upper_gram_(
-    scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]], other: torch.Tensor | None = None
+    scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]], other: torch.Tensor | None = None,
+    *, overwrite: bool = False,
 ) -> None:
     """scatter[lo:hi, lo:] += chunk[:, lo:hi]^T other[:, lo:] (``other``: ``chunk``) for every
-    panel, the product in ``chunk``'s dtype, the sum in float64."""
+    panel, the product in ``chunk``'s dtype, the sum in float64. ``overwrite``: the panels are
+    set to the products instead (``scatter`` holds no value yet), with the bits of adding them
+    to zeros."""
     other = chunk if other is None else other
     for lo, hi in panels:
+        target = scatter[lo:hi, lo:]
         if chunk.dtype == torch.float64:
-            scatter[lo:hi, lo:].addmm_(chunk[:, lo:hi].T, other[:, lo:])
+            if overwrite:
+                target.zero_()  # addmm_ onto zeros: the same bits as before the first write was a write
+            target.addmm_(chunk[:, lo:hi].T, other[:, lo:])
+        elif overwrite:
+            target.copy_(chunk[:, lo:hi].T @ other[:, lo:])  # 0.0 + x in float64 is x
         else:
-            scatter[lo:hi, lo:].add_(chunk[:, lo:hi].T @ other[:, lo:])
+            target.add_(chunk[:, lo:hi].T @ other[:, lo:])
 
 
 def mirror_upper_gram_(gram: torch.Tensor, panels: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -293,10 +312,10 @@ def symmetric_gram(blocks: Sequence[torch.Tensor], out: torch.Tensor | None = No
     float64 tensor on the blocks' device to hold it (overwritten) instead of a new one."""
     count = int(blocks[0].shape[0])
     panels = _panels(count)
-    gram = torch.zeros(count, count, dtype=torch.float64, device=blocks[0].device) if out is None else out.zero_()
+    gram = torch.empty(count, count, dtype=torch.float64, device=blocks[0].device) if out is None else out
     with _ieee_float32_matmul():
-        for block in blocks:
-            _add_upper_gram_(gram, block.T, panels)
+        for index, block in enumerate(blocks):
+            _add_upper_gram_(gram, block.T, panels, overwrite=index == 0)  # the first block sets it
     return mirror_upper_gram_(gram, panels)
 
 
