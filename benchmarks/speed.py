@@ -130,7 +130,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     recording = [False]  # the matchings are recorded in one more merge, after the peak is read
     zip_module.zip_matching = timed_zip_matching
     floor_seconds = {"taps": 0.0, "gram": 0.0}
-    restore_floor = _time_floor_parts(floor_seconds) if not device.startswith("cuda") else (lambda: None)
+    floor_measured = not device.startswith("cuda")  # the wrappers time without synchronising
+    restore_floor = _time_floor_parts(floor_seconds) if floor_measured else (lambda: None)
     matcher_per_merge: list[float] = []
     taps_per_merge: list[float] = []
     gram_per_merge: list[float] = []
@@ -155,7 +156,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "merge_s": merges,
         "stages_s": stages,
         "matcher_s": matcher_per_merge,
-        **({"taps_s": taps_per_merge, "gram_s": gram_per_merge} if not device.startswith("cuda") else {}),
+        **({"taps_s": taps_per_merge, "gram_s": gram_per_merge} if floor_measured else {}),
         "ratio": statistics.median(merges) / statistics.median(forwards),
         "rss_before_mib": rss_before,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB,
