@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 
 import numpy as np
@@ -314,6 +315,86 @@ def test_taps_are_the_values_the_consumers_read_despite_in_place_ops() -> None:
     assert "tanh" in tapped  # the value the in-place ReLU overwrites
     for name, expected in statistics[False].items():
         assert np.array_equal(statistics[True][name].correlation, expected.correlation), name
+
+
+class _AddsIntoItsInput(nn.Module):
+    """Writes into its input without being named in-place (a leaf: the static check cannot see it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.add_(1.0)
+        return x
+
+
+class _Writers(nn.Module):
+    """Every tapped value below is overwritten later: in place by name (``relu_``), through a view
+    of it, and by a leaf module that writes without saying so; ``u`` is never written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.leaf = _AddsIntoItsInput()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x * 2.0
+        b = a.relu_()
+        c = self.fc(b)
+        flat = c.view(-1)
+        c.mul_(3.0)
+        d = self.fc(x)
+        e = self.leaf(d)
+        u = torch.tanh(x)
+        return b.sum() + flat.sum() + e.sum() + u.sum()
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _AddsIntoItsInput) or super().is_leaf_module(m, qualname)
+
+
+def _writers_graph() -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    model = _Writers().eval()
+    return torch.fx.GraphModule(model, _LeafTracer().trace(model))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_tap_extractor_returns_the_values_the_nodes_produced_despite_later_writes(mode: str) -> None:
+    gm = _writers_graph()
+    x = torch.randn(5, 4)
+    names = ["mul", "view", "fc", "fc_1", "tanh"]
+    expected = {"mul": x * 2.0, "fc_1": gm.fc(x), "tanh": torch.tanh(x)}
+    expected["fc"] = gm.fc((x * 2.0).relu())
+    expected["view"] = expected["fc"].view(-1)
+    extractor = features.tap_extractor(gm, names)
+    # named writes are found before running: relu_ on mul; mul_ on fc, the base of the view
+    assert extractor.cloned == frozenset({"mul", "fc", "view"})
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    for _ in range(2):  # the leaf's write is seen at run time, and cloned from then on
+        with context:
+            values = extractor(x)
+        for name, value in zip(names, values):
+            assert torch.equal(value, expected[name]), name
+    assert "fc_1" in extractor.cloned  # the leaf wrote into it
+    assert ("tanh" in extractor.cloned) == (mode == "inference_mode")  # no version counter to check
+
+
+def test_tap_extractor_copies_nothing_that_is_not_written() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    gm = trace(zoo.vit(patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, image_size=16).eval(), x)
+    names = [  # tensor values (the attention module's is a tuple)
+        node.name for node in gm.graph.nodes
+        if (node.op == "call_module" and "attention" not in node.name) or node.target is operator.add
+    ]
+    extractor = features.tap_extractor(gm, names)
+    with torch.no_grad():
+        values = extractor(x)
+        copies = features._extractor_module(gm, names, frozenset(names))(x)[: len(names)]
+    assert extractor.cloned == frozenset() and len(names) > 10
+    assert not any(node.op == "call_method" and node.target == "clone" for node in extractor.module.graph.nodes)
+    assert len(values) == len(names)
+    for name, value, copy in zip(names, values, copies):
+        assert torch.equal(value, copy), name
 
 
 def test_taps_last_observes_only_the_last_place_a_layer_reads_the_channels() -> None:

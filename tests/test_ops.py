@@ -54,6 +54,39 @@ def test_lookup_by_class_subclass_function_method_and_aten_overload() -> None:
     assert ops.lookup(stochastic_depth).family == "torchvision"
 
 
+class _InPlaceForms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act, self.keep = nn.ReLU(inplace=True), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x + 1
+        a += 2  # traced as a new value (operator.add), not a write
+        a = a.add_(1).view(-1, 4).transpose(0, 1)
+        b = F.relu(a, inplace=True)
+        c = self.act(torch.relu_(b[0]))
+        return self.keep(torch.tanh(c) @ a)
+
+
+def test_writes_in_place_and_returns_view_name_pytorchs_in_place_and_view_ops() -> None:
+    gm = torch.fx.symbolic_trace(_InPlaceForms())
+    modules = dict(gm.named_modules())
+    nodes = {node.name: node for node in gm.graph.nodes}
+    writes = {name for name, node in nodes.items() if ops.writes_in_place(node, modules)}
+    views = {name for name, node in nodes.items() if ops.returns_view(node, modules)}
+    assert writes == {"add_", "relu", "relu_", "act"}, writes
+    assert views == writes | {"view", "transpose", "getitem"}, views  # an in-place op returns its input
+    graph = torch.fx.Graph()  # ATen ops: what their schemas say
+    x = graph.placeholder("x")
+    aten_nodes = {
+        "add_": graph.call_function(aten.add_.Tensor, (x, x)),
+        "view": graph.call_function(aten.view.default, (x, [-1])),
+        "mm": graph.call_function(aten.mm.default, (x, x)),
+    }
+    assert [ops.writes_in_place(n, {}) for n in aten_nodes.values()] == [True, False, False]
+    assert [ops.returns_view(n, {}) for n in aten_nodes.values()] == [True, True, False]
+
+
 def test_user_entries_take_precedence_and_unregister_restores() -> None:
     builtin = ops.lookup(nn.LayerNorm)
     entry = ops.register(nn.LayerNorm, ops.elementwise(), name="my layer norm")

@@ -36,10 +36,12 @@ from fxmerge.ops.registry import (
     register,
     rescale_params,
     resized_shape,
+    returns_view,
     rules,
     running_stats,
     unregister,
     update_attributes,
+    writes_in_place,
     zeroes_output,
 )
 from fxmerge.ops.templates import elementwise, linear, norm, preserve  # noqa: F811
@@ -72,9 +74,11 @@ __all__ = [
     "register",
     "rescale_params",
     "resized_shape",
+    "returns_view",
     "rules",
     "running_stats",
     "unregister",
     "update_attributes",
+    "writes_in_place",
     "zeroes_output",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ class OpEntry:
     normalised input), for the depth pass's identity post-norm units. ``rescale`` a module's
     (scaled..., shift) attribute names for the REPAIR pass: multiplying their entries of output
     channel c by a scales the layer's output channel c by a, and adding b to the last one's entry c
-    adds b to it (a linear layer's or a norm's ``("weight", "bias")``).
+    adds b to it (a linear layer's or a norm's ``("weight", "bias")``). ``views``: the op's value
+    may share storage with its first input (a view: reshape, permute, getitem, split).
     """
 
     name: str
@@ -120,6 +122,7 @@ class OpEntry:
     affine: tuple[tuple[int, str], ...] | None = None
     rescale: tuple[str, ...] | None = None
     user: bool = False
+    views: bool = False
 
     def __repr__(self) -> str:
         flags = "".join(
@@ -340,6 +343,56 @@ def _in(node: Node, table: set[Any], modules: dict[str, nn.Module] | None = None
 def is_eval_identity(node: Node, modules: dict[str, nn.Module] | None = None) -> bool:
     """Whether a node returns its first input unchanged in eval mode (``aten.dropout``, ``nn.Dropout``)."""
     return _in(node, _EVAL_IDENTITIES, modules)
+
+
+# ``x += y`` on a traced tensor and ``x[i] = v``
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem,
+})
+
+
+def _in_place_name(name: str) -> bool:
+    """PyTorch's naming of in-place forms: ``relu_``, ``add_`` (not a dunder)."""
+    return name.endswith("_") and not name.endswith("__")
+
+
+def writes_in_place(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node may write into a tensor it takes: an in-place method or function (a name
+    ending in one underscore), ``inplace=True``, an ``out=`` argument, a module whose ``inplace``
+    is set (``nn.ReLU(inplace=True)``), ``x += y`` / ``x[i] = v``, an ATen op whose schema
+    mutates. What PyTorch names as in-place; an op that writes without saying so (a leaf module
+    that adds into its input) is caught at run time by the tensors' version counters
+    (``fxmerge.passes.features.TapExtractor``)."""
+    if node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
+        return True
+    if node.op == "call_module":
+        return getattr(modules.get(str(node.target)), "inplace", False) is True
+    if node.op == "call_method":
+        return _in_place_name(str(node.target))
+    if node.op != "call_function":
+        return False
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)  # an ATen OpOverload
+    if schema is not None:
+        return bool(schema.is_mutable)
+    return _in_place_name(getattr(node.target, "__name__", ""))
+
+
+def returns_view(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node's value may share storage with its first input: a view op (``views``
+    entries: reshape, permute, getitem, split), an op that returns its input in eval mode
+    (dropout, contiguous), an in-place op (it returns what it wrote into), an ATen op whose schema
+    returns an alias."""
+    if writes_in_place(node, modules) or is_eval_identity(node, modules):
+        return True
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is not None:
+        return any(value.alias_info is not None for value in schema.returns)
+    entry = node_entry(node, modules)
+    return entry is not None and entry.views
 
 
 def affine_arguments(node: Node, modules: dict[str, nn.Module] | None = None) -> tuple[Any, ...] | None:

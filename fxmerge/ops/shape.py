@@ -80,23 +80,23 @@ builtin(getattr, "size", "dim", "numel", "nelement", "type", "is_contiguous", "g
 builtin(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
         "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zero_",
         name="fresh constants", family=FAMILY, rule=_constant)
-builtin(operator.getitem, "__getitem__", name="getitem", family=FAMILY, rule=_getitem)
+builtin(operator.getitem, "__getitem__", name="getitem", family=FAMILY, rule=_getitem, views=True)
 builtin(torch.cat, torch.concat, torch.concatenate, name="cat", family=FAMILY, rule=_cat)
 builtin(torch.stack, name="stack", family=FAMILY, rule=_stack)
-builtin(torch.reshape, "view", "reshape", name="view/reshape", family=FAMILY, rule=reshape_rule(True))
+builtin(torch.reshape, "view", "reshape", name="view/reshape", family=FAMILY, rule=reshape_rule(True), views=True)
 builtin(torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
         "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-        name="flatten/squeeze", family=FAMILY, rule=reshape_rule(False))
-builtin(torch.permute, "permute", name="permute", family=FAMILY, rule=permute_rule("permute"))
+        name="flatten/squeeze", family=FAMILY, rule=reshape_rule(False), views=True)
+builtin(torch.permute, "permute", name="permute", family=FAMILY, rule=permute_rule("permute"), views=True)
 builtin(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "swapdims",
-        name="transpose", family=FAMILY, rule=permute_rule("transpose"))
-builtin(torch.t, "t", name="t", family=FAMILY, rule=permute_rule("t"))
-builtin(torch.movedim, "movedim", "moveaxis", name="movedim", family=FAMILY, rule=permute_rule("movedim"))
+        name="transpose", family=FAMILY, rule=permute_rule("transpose"), views=True)
+builtin(torch.t, "t", name="t", family=FAMILY, rule=permute_rule("t"), views=True)
+builtin(torch.movedim, "movedim", "moveaxis", name="movedim", family=FAMILY, rule=permute_rule("movedim"), views=True)
 builtin(torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split",
-        name="split", family=FAMILY, rule=split_rule(False))
-builtin(torch.unbind, "unbind", name="unbind", family=FAMILY, rule=split_rule(True))
-builtin("expand", name="expand", family=FAMILY, rule=expand_rule(True))
-builtin(torch.broadcast_to, "expand_as", "broadcast_to", name="broadcast_to", family=FAMILY, rule=expand_rule(False))
+        name="split", family=FAMILY, rule=split_rule(False), views=True)
+builtin(torch.unbind, "unbind", name="unbind", family=FAMILY, rule=split_rule(True), views=True)
+builtin("expand", name="expand", family=FAMILY, rule=expand_rule(True), views=True)
+builtin(torch.broadcast_to, "expand_as", "broadcast_to", name="broadcast_to", family=FAMILY, rule=expand_rule(False), views=True)
 builtin(torch.roll, "roll", name="roll", family=FAMILY, rule=_roll)
 builtin(torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", "__matmul__",
         name="matmul", family=FAMILY, rule=_matmul)

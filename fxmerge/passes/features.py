@@ -403,25 +403,108 @@ def _flat_output_codegen(codegen: CodeGen) -> CodeGen:
     return CodeGen()
 
 
-def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> GraphModule:
-    """A copy of ``gm`` whose output is a tuple of clones of the named nodes' values.
+def _version(value: Any) -> int | None:
+    """A tensor's version counter (PyTorch bumps it at every in-place write to the tensor or to a
+    view of its storage); None where there is none to read (an inference tensor, not a tensor)."""
+    try:
+        return int(value._version)
+    except (AttributeError, RuntimeError):
+        return None
 
-    The clones are taken right after each node, before any in-place op can overwrite the value.
-    """
+
+def _may_be_overwritten(tap: Node, position: Mapping[Node, int], modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether an op that runs after node ``tap`` (``position``: the graph order) may write into
+    its value: an in-place op (``ops.writes_in_place``) on the value, on a view of it, or on what
+    it is a view of (``ops.returns_view``, followed both ways)."""
+    bases, stack = {tap}, [tap]
+    while stack:  # what the value may be a view of
+        node = stack.pop()
+        if node.op != "placeholder" and ops.returns_view(node, modules):
+            for source in node.all_input_nodes[:1]:
+                if source not in bases:
+                    bases.add(source)
+                    stack.append(source)
+    aliases, stack = set(bases), list(bases)
+    while stack:  # and every view of those
+        for user in stack.pop().users:
+            if ops.writes_in_place(user, modules) and position[user] > position[tap]:
+                return True
+            if user not in aliases and ops.returns_view(user, modules):
+                aliases.add(user)
+                stack.append(user)
+    return False
+
+
+def _extractor_module(gm: GraphModule, node_names: Sequence[str], cloned: frozenset[str]) -> GraphModule:
+    """A copy of ``gm`` whose output is (value of each named node..., its version right after the
+    node ran, or None...): the nodes in ``cloned`` give a clone taken right after them."""
     graph = Graph()
     value_map: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, value_map)
     graph._codegen = _flat_output_codegen(gm.graph._codegen)
     by_name = {old.name: new for old, new in value_map.items()}
-    outputs = []
+    values, versions = [], []
     for name in node_names:
         node = by_name[name]
         with graph.inserting_after(node):
-            outputs.append(graph.call_method("clone", (node,)))
-    graph.output(tuple(outputs))
+            if name in cloned:
+                values.append(graph.call_method("clone", (node,)))
+                versions.append(None)
+            else:
+                versions.append(graph.call_function(_version, (node,)))
+                values.append(node)
+    graph.output((*values, *versions))
     extractor = GraphModule(gm, graph)
     extractor.eval()
     return extractor
+
+
+class TapExtractor(torch.nn.Module):
+    """One forward of ``gm`` that returns the values of the named nodes (a tuple, in order) as
+    they were right after each node ran.
+
+    A value is kept as it is, not copied, unless an op after it may write into it
+    (``_may_be_overwritten``: in-place ops as PyTorch names them, through views): those are
+    cloned right after their node. Every value kept as is is checked after the forward by its
+    tensor's version counter: one that changed (an op that wrote into it without being named
+    in-place, a leaf module adding into its input) or that has no counter (inference tensors) is
+    cloned from then on, and the forward is run again, so what is returned is always the value
+    the node produced. ``cloned``: the node names whose values are copies.
+    """
+
+    def __init__(self, gm: GraphModule, node_names: Sequence[str]) -> None:
+        super().__init__()
+        self.node_names = tuple(node_names)
+        self._source = (gm,)  # in a tuple: not a submodule (``module`` holds gm's modules already)
+        modules = dict(gm.named_modules())
+        position = {node: index for index, node in enumerate(gm.graph.nodes)}
+        by_name = {node.name: node for node in position}
+        self.cloned = frozenset(
+            name for name in self.node_names if _may_be_overwritten(by_name[name], position, modules)
+        )
+        self.module = _extractor_module(gm, self.node_names, self.cloned)
+        self.eval()
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        count = len(self.node_names)
+        while True:  # at most once more per name: a name found overwritten is cloned from then on
+            outputs = self.module(*args, **kwargs)
+            values, versions = tuple(outputs[:count]), outputs[count:]
+            overwritten = frozenset(
+                name for name, value, version in zip(self.node_names, values, versions)
+                if name not in self.cloned and isinstance(value, torch.Tensor)
+                and (version is None or _version(value) != version)
+            )
+            if not overwritten:
+                return values
+            del outputs, values
+            self.cloned |= overwritten
+            self.module = _extractor_module(self._source[0], self.node_names, self.cloned)
+
+
+def tap_extractor(gm: GraphModule, node_names: Sequence[str]) -> TapExtractor:
+    """``TapExtractor(gm, node_names)``: the values of the named nodes of ``gm`` in one forward."""
+    return TapExtractor(gm, node_names)
 
 
 def _constant_units(moments: RunningMoments) -> torch.Tensor:
