@@ -182,9 +182,11 @@ def test_float32_chunks_are_capped(monkeypatch) -> None:
     products = []
     original = features._add_upper_gram_
 
-    def recording(scatter, chunk, *args, **kwargs):
+    def recording(scatter, chunk, *args, then=None, **kwargs):
         products.append((len(chunk), chunk.dtype))
-        original(scatter, chunk, *args, **kwargs)
+        if then is not None:  # added with the last chunk's products
+            products.append((len(then[0]), then[0].dtype))
+        original(scatter, chunk, *args, then=then, **kwargs)
 
     monkeypatch.setattr(features, "_add_upper_gram_", recording)
     moments.update(torch.randn(FLOAT32_ROWS + 200, 4))

@@ -198,9 +198,9 @@ class RunningMoments:
             """Rows start..stop of the joint samples minus ``reference``, in ``buffer``'s dtype;
             float64 products: with the ``chan`` row after the last sample."""
             chunk = buffer[: stop - start]
-            for block, lo, hi in spans:
-                chunk[:, lo:hi].copy_(block[start:stop])
-            chunk.sub_(reference)
+            centre = reference.to(buffer.dtype)  # the difference computed in the buffer's dtype
+            for block, lo, hi in spans:  # one pass: the bits of a copy and then a subtraction
+                torch.sub(block[start:stop], centre[lo:hi], out=chunk[:, lo:hi])
             if exact and stop == n and chan is not None:
                 buffer[stop - start].copy_(chan)
                 return buffer[: stop - start + 1]
@@ -209,8 +209,19 @@ class RunningMoments:
         # Pass 2: scatter += the Gram matrix of the centred samples, chunk by chunk.
         panels = _panels(self.dim)
 
-        def accumulate(chunk: torch.Tensor, other: torch.Tensor | None = None) -> None:
-            _add_upper_gram_(self._scatter, chunk, panels, other, overwrite=not self._written)
+        # float32 products: the float64 rank-one terms - n (m - r)(m - r)^T (the samples were
+        # centred at r, not m) and Chan's, one product per panel, added after the last chunk's
+        # products (with them, while the panel is in cache: the same additions in the same order)
+        rank_one = None
+        if not exact:
+            shift = (batch_mean - reference.double()).mul_(math.sqrt(n))
+            rank_one = (
+                torch.stack([shift, *([] if chan is None else [chan])]),
+                torch.stack([-shift, *([] if chan is None else [chan])]),
+            )
+
+        def accumulate(chunk: torch.Tensor, then: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            _add_upper_gram_(self._scatter, chunk, panels, overwrite=not self._written, then=then)
             self._written = True
 
         buffer = torch.empty(rows + exact, self.dim, dtype=dtype, device=device)
@@ -227,15 +238,12 @@ class RunningMoments:
                         accumulate(load(wide, part, min(part + half, stop)))
                     del wide
                     continue
-                accumulate(chunk)
+                accumulate(chunk, then=rank_one if stop == n else None)
+                if stop == n:
+                    rank_one = None  # added
         del buffer
-        if not exact:
-            # float64 rank-one terms: - n (m - r)(m - r)^T (the samples were centred at r, not m)
-            # and Chan's, in one product per panel
-            shift = (batch_mean - reference.double()).mul_(math.sqrt(n))
-            left = torch.stack([shift, *([] if chan is None else [chan])])
-            right = torch.stack([-shift, *([] if chan is None else [chan])])
-            accumulate(left, right)
+        if rank_one is not None:  # the last chunk was multiplied in float64
+            _add_upper_gram_(self._scatter, rank_one[0], panels, rank_one[1])
         self._mirrored = False
         self.mean.add_(delta, alpha=n / total)
         self.count = total
@@ -276,12 +284,13 @@ def _in_float32_range(chunk: torch.Tensor) -> bool:
 
 def _add_upper_gram_(
     scatter: torch.Tensor, chunk: torch.Tensor, panels: Sequence[tuple[int, int]], other: torch.Tensor | None = None,
-    *, overwrite: bool = False,
+    *, overwrite: bool = False, then: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """scatter[lo:hi, lo:] += chunk[:, lo:hi]^T other[:, lo:] (``other``: ``chunk``) for every
     panel, the product in ``chunk``'s dtype, the sum in float64. ``overwrite``: the panels are
     set to the products instead (``scatter`` holds no value yet), with the bits of adding them
-    to zeros."""
+    to zeros. ``then``: float64 (left, right), added as left[:, lo:hi]^T right[:, lo:] to each
+    panel right after its product (the bits of a second call, one pass over the panels fewer)."""
     other = chunk if other is None else other
     for lo, hi in panels:
         target = scatter[lo:hi, lo:]
@@ -293,6 +302,8 @@ def _add_upper_gram_(
             target.copy_(chunk[:, lo:hi].T @ other[:, lo:])  # 0.0 + x in float64 is x
         else:
             target.add_(chunk[:, lo:hi].T @ other[:, lo:])
+        if then is not None:
+            target.addmm_(then[0][:, lo:hi].T, then[1][:, lo:])
 
 
 def mirror_upper_gram_(gram: torch.Tensor, panels: Sequence[tuple[int, int]]) -> torch.Tensor:
