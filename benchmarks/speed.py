@@ -129,7 +129,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     recording = [False]  # the matchings are recorded in one more merge, after the peak is read
     zip_module.zip_matching = timed_zip_matching
-    floor_seconds = {"taps": 0.0, "gram": 0.0}
+    floor_seconds = {"taps": 0.0, "gram": 0.0, "gram_macs": 0.0}
     floor_measured = not device.startswith("cuda")  # the wrappers time without synchronising
     restore_floor = _time_floor_parts(floor_seconds) if floor_measured else (lambda: None)
     matcher_per_merge: list[float] = []
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for repeat in range(args.repeats):
         forwards.append(forward_passes())
         matcher_seconds[0] = 0.0
-        floor_seconds.update(taps=0.0, gram=0.0)
+        floor_seconds.update(taps=0.0, gram=0.0, gram_macs=0.0)
         _sync(device)
         start = time.perf_counter()
         result = merge(models, batches, method=args.method, quiet=True, threads=args.threads)
@@ -157,6 +157,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "stages_s": stages,
         "matcher_s": matcher_per_merge,
         **({"taps_s": taps_per_merge, "gram_s": gram_per_merge} if floor_measured else {}),
+        **({"gram_macs": floor_seconds["gram_macs"], "forward_macs": _forward_macs(models, batches)} if floor_measured else {}),
         "ratio": statistics.median(merges) / statistics.median(forwards),
         "rss_before_mib": rss_before,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB,
@@ -181,6 +182,20 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     zip_module.zip_matching = original
     restore_floor()
     return row
+
+
+def _forward_macs(models: list[Any], batches: list[Any]) -> float:
+    """Multiply-accumulates of the forward passes ``forward_passes`` times (torch's FlopCounterMode
+    over one batch of each model; every batch has the same shape)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    per_batch = []
+    for model in models:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(batches[0])
+        per_batch.append(counter.get_total_flops() / 2)
+    return (sum(per_batch) + per_batch[0]) * len(batches)  # K models and the merged architecture
 
 
 def _time_floor_parts(seconds: dict[str, float]) -> Any:
@@ -216,6 +231,7 @@ def _time_floor_parts(seconds: dict[str, float]) -> Any:
         start = time.perf_counter()
         original_gram(scatter, chunk, panels, **options)
         seconds["gram"] += time.perf_counter() - start
+        seconds["gram_macs"] += chunk.shape[0] * sum((hi - lo) * (scatter.shape[1] - lo) for lo, hi in panels)
 
     def flagged_update(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         inside_update[0] = True
@@ -246,13 +262,15 @@ def _rows_by_commit(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def _floor_cells(row: dict[str, Any], stages: dict[str, float]) -> str:
-    """tap forwards | statistics Gram | floor ratio: (tap forwards + Gram + matcher + repair) /
-    forward, the ratio of a merge that spent nothing else ("-": not measured in that row)."""
+    """tap forwards | statistics Gram | Gram / forward MACs | floor ratio: (tap forwards + Gram +
+    matcher + repair) / forward, the ratio of a merge that spent nothing else ("-": not measured
+    in that row)."""
     if "taps_s" not in row:
-        return "- | - | -"
+        return "- | - | - | -"
     taps, gram, matcher = (statistics.median(row[key]) for key in ("taps_s", "gram_s", "matcher_s"))
     floor = (taps + gram + matcher + stages["repair"]) / statistics.median(row["forward_s"])
-    return f"{taps:.2f} | {gram:.2f} | {floor:.2f}"
+    macs = f"{row['gram_macs'] / row['forward_macs']:.2f}" if "gram_macs" in row else "-"
+    return f"{taps:.2f} | {gram:.2f} | {macs} | {floor:.2f}"
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -270,7 +288,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "merged model's architecture over every batch (K + 1 passes, what a merge needs at least); "
         "ratio = merge / forward (goal: <= 2.0 for zip, <= 2.5 for mudsc, on resnet18 and vit-tiny). "
         "tap forwards = the models' forward passes inside the features stage, statistics Gram = its Gram "
-        "products and their float64 sums; floor ratio = (tap forwards + statistics Gram + matcher + repair) / "
+        "products and their float64 sums, Gram / forward MACs = the multiply-accumulates of those products "
+        "over those of the forward passes (FlopCounterMode); floor ratio = (tap forwards + statistics Gram + matcher + repair) / "
         "forward, the ratio of a merge that spent nothing else. "
         "Peak RSS = the process's peak (models, data, torch and the merge); before = resident size before "
         "the first merge (MiB).",
@@ -280,9 +299,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "| pair | method | params (M) | forward (s) | merge (s) | **ratio** | "
         + " | ".join(STAGES)
-        + " | matcher (s) | tap forwards (s) | statistics Gram (s) | floor ratio | peak RSS (MiB) | before (MiB) "
+        + " | matcher (s) | tap forwards (s) | statistics Gram (s) | Gram / forward MACs | floor ratio | peak RSS (MiB) | before (MiB) "
         "| ZipIt! matcher model (s) |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         stages = _median_stages(row)
