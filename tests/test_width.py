@@ -422,6 +422,28 @@ def test_similarities_made_in_a_workspace_equal_fresh_ones_and_reuse_its_memory(
     np.testing.assert_array_equal(similarity_of(wider, workspace), similarity_of(wider))
 
 
+@pytest.mark.parametrize("constant_unit", [False, True])
+def test_weight_similarity_is_the_pearson_correlation_of_the_feature_vectors(constant_unit: bool) -> None:
+    """similarity_of against numpy's float64 correlation of the concatenated feature vectors; a
+    unit whose features are constant correlates 0 with every other unit (the masked path)."""
+    from fxmerge.passes.width import similarity_of
+
+    generator = torch.Generator().manual_seed(0)
+    features = [[torch.randn(10, w, generator=generator) for w in (7, 5)] for _ in range(2)]
+    if constant_unit:
+        for block in features[1]:
+            block[3] = 0.25
+    got = similarity_of(features)
+    vectors = torch.cat([torch.cat(blocks, dim=1) for blocks in features]).double().numpy()  # (20, 12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = np.nan_to_num(np.corrcoef(vectors), nan=0.0)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    if constant_unit:
+        assert not got[13].any()  # unit 3 of model 1: constant, no variance; its self-term too
+    else:
+        assert np.abs(got).min() > 0  # no entry masked
+
+
 def test_the_weighted_merge_leaves_its_inputs_alone() -> None:
     """Terms are accumulated in place, but a tensor no transform changes is the caller's own."""
     from types import SimpleNamespace

@@ -279,12 +279,18 @@ def similarity_of(features: Sequence[Sequence[torch.Tensor]], workspace: "_Works
     sums = torch.stack([block.sum(dim=1) for block in stacked]).to(torch.float64).sum(dim=0)
     squares = torch.stack([torch.linalg.vector_norm(block, dim=1) for block in stacked]).to(torch.float64).pow(2).sum(dim=0)
     variance = (squares - sums * sums / count).clamp_min(0.0)  # (N,) times count
+    # every variance above 1e-20, so every denominator above 1e-20 (far from the 1e-24 floor):
+    # no masks, and clamping would change nothing (the same bits)
+    every_positive = bool(variance.min() > 1e-20)
     # in place, by blocks of rows: (N, N) temporaries would be several times the result
     for start in range(0, len(sums), _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         block = dot[rows]
         block.sub_(torch.outer(sums[rows], sums) / count)  # the covariance
         denominator = torch.sqrt(torch.outer(variance[rows], variance))
+        if every_positive:
+            block.div_(denominator)
+            continue
         positive = denominator > 1e-24
         block.div_(denominator.clamp_min_(1e-24)).masked_fill_(~positive, 0.0)
     return dot.clamp_(-1, 1).cpu().numpy()  # symmetric: the Gram matrix is mirrored
@@ -588,7 +594,10 @@ def unit_similarity(
     # in place in the weight similarity (a fresh array): (N, N) temporaries are large
     if activation is not None and weight_similarity_ is not None and method == "mudsc":
         weight_similarity_ *= balance
-        weight_similarity_ += (1 - balance) * activation.correlation
+        correlation = activation.correlation
+        for start in range(0, len(correlation), _ROW_BLOCK):  # (1 - b) corr a block of rows at a time, in cache
+            rows = slice(start, start + _ROW_BLOCK)
+            weight_similarity_[rows] += (1 - balance) * correlation[rows]
         return weight_similarity_, f"mudsc(balance={balance})"
     if activation is not None and weight_similarity_ is not None:
         weight_similarity_ *= _TIE_BREAK
