@@ -430,7 +430,7 @@ def _may_be_overwritten(tap: Node, position: Mapping[Node, int], modules: dict[s
     bases, stack = {tap}, [tap]
     while stack:  # what the value may be a view of
         node = stack.pop()
-        if node.op != "placeholder" and ops.returns_view(node, modules):
+        if ops.returns_view(node, modules):  # False for a placeholder
             for source in node.all_input_nodes[:1]:
                 if source not in bases:
                     bases.add(source)
